@@ -1,0 +1,119 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`), so sharding is a
+matter of the rules table in the config (see `depthvlm_jax/sharding.py`), never of model code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical_init(init_fn, names: Sequence[str | None]):
+  """An initializer whose parameter is annotated with logical axis `names`."""
+  return nn.with_logical_partitioning(init_fn, tuple(names))
+
+
+class Dense(nn.Module):
+  """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear."""
+
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", logical_init(default_kernel_init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (as torch does for fp32 weights), with logical axes."""
+
+  eps: float = 1e-6
+  axis_name: str = "norm"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)), (d,),
+                       self.param_dtype)
+    bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axis_name,)), (d,),
+                      self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Qwen3 RMSNorm: normalise in float32, cast back, then scale (HF `Qwen3VLTextRMSNorm`)."""
+
+  eps: float = 1e-6
+  axis_name: str = "norm"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("scale", logical_init(nn.initializers.ones_init(), (self.axis_name,)),
+                        (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+    return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """(..., d) -> (-x[d/2:], x[:d/2]) concatenated, the usual RoPE helper."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x` (..., heads, head_dim) by angles given as cos/sin (..., head_dim), in float32."""
+  xf = x.astype(jnp.float32)
+  out = xf * cos[..., None, :] + rotate_half(xf) * sin[..., None, :]
+  return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads and a boolean mask.
+
+  Args:
+    q: (batch, q_len, heads, head_dim).
+    k, v: (batch, kv_len, kv_heads, head_dim); heads must be a multiple of kv_heads.
+    mask: bool, broadcastable to (batch, 1 or heads, q_len, kv_len), True = attend; None = full attention.
+
+  Returns:
+    (batch, q_len, heads, head_dim); softmax runs in float32.
+  """
+  b, lq, h, d = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, lq, kvh, h // kvh, d)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, k.shape[1]))
+    m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(b, kvh, h // kvh, lq, -1)
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, lq, h, d)
