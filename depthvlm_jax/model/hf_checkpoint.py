@@ -1,0 +1,118 @@
+"""Reading Hugging Face model directories (config.json + safetensors, single or sharded).
+
+Tensors stream one at a time from the safetensors files through the key map in `hf_params.py`,
+each converted, cast and placed (optionally onto a sharding) before the next is read, so loading
+needs about one model's worth of memory, not two. Pickle checkpoints (`*.bin`, `*.pt`) are refused
+unless `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+
+from depthvlm_jax.model import hf_params
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
+
+
+class CheckpointError(ValueError):
+  """A model directory that cannot be read; the message names the file and what was expected."""
+
+
+def weight_files(model_dir: str | pathlib.Path, allow_pickle: bool = False) -> list[pathlib.Path]:
+  """The weight files of a HF directory, in index order."""
+  d = pathlib.Path(model_dir)
+  if not d.is_dir():
+    raise CheckpointError(f"{d}: not a directory (expected a Hugging Face model directory)")
+  index = d / "model.safetensors.index.json"
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: unreadable index ({e!r}); expected a 'weight_map' object") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (d / f).exists()]
+    if missing:
+      raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
+    return [d / f for f in files]
+  if (d / "model.safetensors").exists():
+    return [d / "model.safetensors"]
+  pickles = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
+  if pickles:
+    if not allow_pickle:
+      raise CheckpointError(f"{d}: only pickle weights {[p.name for p in pickles]} found; pickle files can run "
+                            "arbitrary code, pass allow_pickle=True if you trust them (or convert to safetensors)")
+    return pickles
+  raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or *.bin weights")
+
+
+def iter_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (key, np.ndarray) one tensor at a time (bf16 stays bf16 via ml_dtypes)."""
+  for f in files:
+    if f.suffix == ".safetensors":
+      try:
+        with safetensors.safe_open(str(f), framework="flax") as reader:
+          for key in reader.keys():
+            yield key, np.asarray(reader.get_tensor(key))
+      except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
+    else:
+      import torch  # only for explicitly allowed pickle checkpoints
+      state = torch.load(f, map_location="cpu", weights_only=True)
+      for key, t in state.items():
+        yield key, t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def read_config_dict(model_dir: str | pathlib.Path) -> dict[str, Any]:
+  path = pathlib.Path(model_dir) / "config.json"
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: missing (a Hugging Face model directory needs config.json)") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
+  """A `place` hook: cast to `dtype` and put on the sharding of that path (if given)."""
+  flat = hf_params.flatten(shardings) if shardings is not None else {}
+
+  def place(path, arr):
+    arr = np.asarray(arr).astype(dtype)
+    sharding = flat.get(path)
+    return jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+
+  return place
+
+
+def abstract_params(model: nn.Module, inputs: dict[str, Any] | None = None):
+  """Shapes/dtypes of the parameter tree without allocating it."""
+  inputs = dummy_inputs(model.config) if inputs is None else inputs
+  return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), **inputs)["params"]))
+
+
+def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: Any | None = None,
+                  allow_pickle: bool = False, other_prefixes: tuple[str, ...] = ()):
+  """Loads a HF Qwen3-VL directory. Returns (config, params).
+
+  Args:
+    model_dir: directory with config.json and safetensors weights.
+    dtype: parameter dtype (float32 master weights or bfloat16).
+    shardings: optional tree of `jax.sharding.Sharding` matching the params (load straight into shards).
+    allow_pickle: accept `*.bin`/`*.pt` weights.
+    other_prefixes: key prefixes (e.g. "depth_head.") handled by another loader and skipped here.
+  """
+  config = Qwen3VLConfig.from_hf_dict(read_config_dict(model_dir))
+  expected = abstract_params(Qwen3VL(config))
+  files = weight_files(model_dir, allow_pickle)
+  params = hf_params.hf_to_params(iter_tensors(files), config, expected, placer(dtype, shardings),
+                                  other_prefixes=other_prefixes)
+  return config, params
