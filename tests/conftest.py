@@ -1,9 +1,11 @@
-"""Shared test settings: exact fp32 matmuls so parity tests compare like with like."""
+"""Shared test settings: 8 simulated CPU devices (for sharding tests) and exact fp32 matmuls."""
 
 import os
 import pathlib
 
-import jax
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

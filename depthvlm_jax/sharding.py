@@ -1,0 +1,102 @@
+"""Device mesh and logical-axis sharding rules: sharding is data, not model code.
+
+Every parameter is annotated with logical axis names in the model files; one rules table maps those
+names (and activation names) onto mesh axes. The same code runs on 1 CPU, 8 simulated devices or a
+pod slice: only the mesh shape changes. A dimension that does not divide evenly over its mesh
+axes is replicated instead of failing (e.g. a vocabulary of 151936 over 3 devices).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axes). Weights: FSDP over the model width, tensor parallel over heads/MLP/vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("images", ("data", "fsdp")),
+    ("length", None),
+    # text decoder weights
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    # vision tower weights
+    ("vision_embed", "fsdp"),
+    ("vision_qkv", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merged", "fsdp"),
+    ("vision_merged_mlp", "tensor"),
+    ("vision_patch", None),
+    ("vision_pos", None),
+    # depth head weights (small: keep convolutions replicated, shard the wide channel axis)
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("depth_patch", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes data/fsdp/tensor; one size may be -1 (auto-fill)."""
+  devices = list(jax.devices() if devices is None else devices)
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected a subset of {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(shape)}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} available")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops mesh axes from dims they do not divide evenly."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = tuple(a for a in axes_t if mesh.shape[a] > 1)
+    while kept and dim % math.prod(mesh.shape[a] for a in kept):
+      kept = kept[:-1]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return PartitionSpec(*out)
+
+
+def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """NamedShardings for a tree of (boxed) parameters, from their logical axis names."""
+  specs = nn.get_partition_spec(boxed_abstract)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = nn.unbox(boxed_abstract)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit_spec(s, x.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | None = None,
+                        rules=DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding for an activation given logical names per dim (e.g. "batch", "length")."""
+  spec = nn.logical_to_mesh(PartitionSpec(*names), rules)
+  if shape is not None:
+    spec = _fit_spec(spec, shape, mesh)
+  return NamedSharding(mesh, spec)

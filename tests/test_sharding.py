@@ -1,0 +1,66 @@
+"""Sharded == unsharded on 8 simulated devices, and mesh/rule edge cases."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from depthvlm_jax import sharding
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
+from tests.model import hf_reference as ref
+
+
+def test_make_mesh_autofill_and_errors():
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ValueError, match="needs 12 devices"):
+    sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match="unknown"):
+    sharding.make_mesh({"model": 8})
+
+
+def test_every_parameter_has_logical_names_and_shards():
+  config = Qwen3VLConfig.tiny()
+  model = Qwen3VL(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = sharding.logical_shardings(boxed, mesh)
+  flat = {"/".join(str(k.key) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  assert flat["language_model/layers_0/mlp/gate_proj/kernel"].spec == P("fsdp", "tensor")
+  assert flat["language_model/embed_tokens"].spec == P("tensor", "fsdp")
+  # norms are never sharded
+  assert flat["language_model/layers_0/self_attn/q_norm/scale"].spec == P(None)
+
+
+def test_sharded_forward_equals_unsharded():
+  config = Qwen3VLConfig.tiny()
+  hf = ref.make_hf_model(config, seed=11)
+  model, params = ref.jax_params_from_hf(hf, config)
+  rng = np.random.default_rng(3)
+  grids = [(4, 6), (6, 4), (4, 4), (8, 4)]
+  toks = [ref.build_prompt(rng, config, [g], (3, 2)) for g in grids]
+  batch = make_model_inputs(toks, config, [ref.random_image_patches(rng, g, config) for g in grids], grids)
+  batch.pop("rope_deltas")
+  fwd = jax.jit(lambda p, b: model.apply({"params": p}, **b))
+  expected = fwd(params, batch)
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  sharded_params = jax.device_put(params, param_sh)
+  batch_sh = {k: sharding.activation_sharding(mesh, *(("batch",) if k not in ("position_ids",) else (None, "batch")),
+                                               shape=v.shape) for k, v in batch.items()}
+  batch_sh["pixel_values"] = sharding.activation_sharding(mesh, "images", shape=batch["pixel_values"].shape)
+  batch_sh["image_grid_hw"] = sharding.activation_sharding(mesh, "images", shape=batch["image_grid_hw"].shape)
+  sharded_batch = jax.device_put(batch, batch_sh)
+  got = fwd(sharded_params, sharded_batch)
+  assert len(sharded_params["language_model"]["embed_tokens"].sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(expected.logits), atol=1e-5, rtol=1e-5)
+  for a, b in zip(got.image_features.deepstack, expected.image_features.deepstack):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
