@@ -1,0 +1,76 @@
+"""Bilinear resizing with `align_corners=True` (torch `F.interpolate(mode="bilinear", align_corners=True)`).
+
+`jax.image.resize` uses half-pixel centres (align_corners=False), which is not what the DepthVLM depth
+head and SILog loss use. Here output pixel i samples the input at `i * (n_in - 1) / (n_out - 1)`, so
+the corner pixels of input and output coincide.
+
+The sampling positions depend only on the static sizes, so they are computed once on the host in
+float32 exactly as torch's CPU kernel does (`area_pixel_compute_scale` / `..._source_index`), and
+the resize is two separable gather-and-lerp passes: O(output) work and memory, jit-friendly, exact in
+float32 (no matmul precision involved), differentiable (the gathers' transposes are scatter-adds).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=256)
+def align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source taps of a 1-D align_corners=True linear resize.
+
+  Args:
+    n_in: input length (>= 1).
+    n_out: output length (>= 1).
+
+  Returns:
+    (i0, i1, lam): int32 (n_out,) left/right source indices and float32 (n_out,) weight of `i1`;
+    output[o] = (1 - lam[o]) * x[i0[o]] + lam[o] * x[i1[o]].
+  """
+  if n_in < 1 or n_out < 1:
+    raise ValueError(f"resize sizes must be >= 1, got n_in={n_in}, n_out={n_out}")
+  # torch: scale = (in - 1) / (out - 1) in float (0 when out == 1); src = scale * i in float.
+  scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0.0)
+  src = scale * np.arange(n_out, dtype=np.float32)
+  i0 = np.minimum(src.astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = (src - i0.astype(np.float32)).astype(np.float32)
+  lam = np.where(i1 == i0, np.float32(0.0), lam).astype(np.float32)
+  return i0, i1, lam
+
+
+def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+  n_in = x.shape[axis]
+  if n_in == n_out:
+    return x
+  i0, i1, lam = align_corners_taps(n_in, n_out)
+  shape = [1] * x.ndim
+  shape[axis] = n_out
+  lam = jnp.asarray(lam.reshape(shape), x.dtype)
+  x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
+  x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
+  return x0 * (1 - lam) + x1 * lam
+
+
+def resize_bilinear_align_corners(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """Bilinear resize of NHWC maps with align_corners=True.
+
+  Matches `torch.nn.functional.interpolate(x_nchw, size=out_hw, mode="bilinear",
+  align_corners=True)` (transposed to NHWC) to float32 rounding.
+
+  Args:
+    x: (B, H, W, C) array (any float dtype; the lerp runs in that dtype).
+    out_hw: static (H_out, W_out).
+
+  Returns:
+    (B, H_out, W_out, C) array of `x.dtype`.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"expected (B, H, W, C), got shape {x.shape}")
+  h_out, w_out = (int(s) for s in out_hw)
+  x = _resize_axis(x, h_out, axis=1)
+  return _resize_axis(x, w_out, axis=2)

@@ -1,0 +1,102 @@
+"""DepthVLM end to end: logits and depth maps equal the PyTorch composition (HF Qwen3-VL + a torch
+DPT head from SPEC.md); one compilation per image-size bucket."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from depthvlm_jax.model import depth_head as dh
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM
+from depthvlm_jax.model.inputs import make_model_inputs
+from tests.model import hf_reference as ref
+from tests.model.test_depth_head import SMALL, TorchDPT, Wrapper, randomize
+
+
+@pytest.fixture(scope="module")
+def composed():
+  config = Qwen3VLConfig.tiny()
+  hf = ref.make_hf_model(config, seed=21)
+  torch_head = randomize(Wrapper(TorchDPT(config.text.hidden_size, **SMALL)).eval(), seed=4)
+  _, backbone = ref.jax_params_from_hf(hf, config)
+  params = dict(backbone, depth_head=jax.tree.map(jax.numpy.asarray, dh.torch_state_dict_to_flax(torch_head.state_dict())))
+  model = DepthVLM(config, head=DepthHeadConfig.tiny())
+  return config, hf, torch_head.depth_head, model, params
+
+
+def _torch_depth(config, hf, head, batch, patches, grids, bucket, output_size=None):
+  """Reference: HF features at the image tokens -> torch DPT head, image by image."""
+  ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+  with torch.no_grad():
+    out = hf(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]),
+             mm_token_type_ids=(ids == config.image_token_id).int(),
+             pixel_values=torch.tensor(np.concatenate(patches)),
+             image_grid_thw=torch.tensor([[1, h, w] for h, w in grids]), output_hidden_states=True)
+    feats = hf.model.get_image_features(torch.tensor(np.concatenate(patches)),
+                                        torch.tensor([[1, h, w] for h, w in grids]))
+    last = out.hidden_states[-1][ids == config.image_token_id]
+    counts = [(h // 2) * (w // 2) for h, w in grids]
+    starts = np.cumsum([0] + counts)
+    depths = {}
+    for i, (h, w) in enumerate(grids):
+      if (h // 2, w // 2) != bucket:
+        continue
+      maps = [lvl[i][None] for lvl in feats.deepstack_features] + [last[starts[i]:starts[i + 1]][None]]
+      depths[i] = head(maps, h // 2, w // 2, output_size)[0].numpy()
+  return out.logits.numpy(), depths
+
+
+def test_logits_and_depth_match_pytorch_composition(composed):
+  config, hf, head, model, params = composed
+  rng = np.random.default_rng(0)
+  grids = [(6, 8), (6, 8), (4, 4)]  # two bucket images (3x4 tokens) and one other size
+  toks = [ref.build_prompt(rng, config, grids[:1]), ref.build_prompt(rng, config, grids[1:], (4, 3))]
+  patches = [ref.random_image_patches(rng, g, config) for g in grids]
+  batch = make_model_inputs(toks, config, patches, grids, padding_side="right")
+  batch.pop("rope_deltas")
+  out = jax.jit(lambda p, b: model.apply({"params": p}, **b, depth_grid=(3, 4)))(params, batch)
+  ref_logits, ref_depth = _torch_depth(config, hf, head, batch, patches, grids, (3, 4))
+  real = batch["attention_mask"].astype(bool)
+  assert np.abs(np.asarray(out.logits)[real] - ref_logits[real]).max() < 1e-4
+  assert out.depth.shape == (3, 96, 128)
+  np.testing.assert_array_equal(np.asarray(out.depth_valid), [True, True, False])
+  for i, d in ref_depth.items():
+    rel = np.abs(np.asarray(out.depth[i]) - d) / d
+    assert rel.max() < 1e-4, rel.max()
+  assert np.all(np.asarray(out.depth) > 0)
+
+
+def test_requested_output_size(composed):
+  config, hf, head, model, params = composed
+  rng = np.random.default_rng(1)
+  grids = [(4, 6)]
+  patches = [ref.random_image_patches(rng, g, config) for g in grids]
+  batch = make_model_inputs([ref.build_prompt(rng, config, grids)], config, patches, grids)
+  batch.pop("rope_deltas")
+  out = model.apply({"params": params}, **batch, depth_grid=(2, 3), depth_output_size=(50, 70),
+                    compute_logits=False)
+  _, ref_depth = _torch_depth(config, hf, head, batch, patches, grids, (2, 3), output_size=(50, 70))
+  assert out.logits is None and out.depth.shape == (1, 50, 70)
+  assert (np.abs(np.asarray(out.depth[0]) - ref_depth[0]) / ref_depth[0]).max() < 1e-4
+
+
+def test_one_compilation_per_bucket(composed):
+  config, _, _, model, params = composed
+  traces = []
+
+  def forward(p, b, grid):
+    traces.append(grid)
+    return model.apply({"params": p}, **b, depth_grid=grid, compute_logits=False).depth
+
+  fwd = jax.jit(forward, static_argnums=2)
+  rng = np.random.default_rng(2)
+  for _ in range(2):
+    for grid in [(4, 4), (6, 8), (8, 6)]:
+      toks = [ref.build_prompt(rng, config, [grid], (3, 2))] * 2
+      patches = [ref.random_image_patches(rng, grid, config) for _ in range(2)]
+      batch = make_model_inputs(toks, config, patches, [grid] * 2)
+      batch.pop("rope_deltas")
+      depth = fwd(params, batch, (grid[0] // 2, grid[1] // 2))
+      assert depth.shape == (2, 16 * grid[0], 16 * grid[1])
+  assert traces == [(2, 2), (3, 4), (4, 3)]
