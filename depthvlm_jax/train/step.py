@@ -1,0 +1,110 @@
+"""The pure, jitted train step: masked losses as (sum, count), gradient accumulation, NaN guard.
+
+`make_train_step` returns `train_step(state, batch) -> (state, metrics)`:
+  * the batch (global_batch examples) is split into `micro_batches` slices scanned with
+    `lax.scan`; loss numerators and denominators are summed across slices and divided once, so K
+    micro-batches give the same update as one full batch;
+  * only the trainable subtree is differentiated (frozen towers get no gradient or optimizer state);
+  * a non-finite loss or gradient leaves params and optimizer state untouched and increments
+    `state["nonfinite"]` (reset by the next good step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from depthvlm_jax.losses import lm_cross_entropy, silog_loss
+from depthvlm_jax.model.depthvlm import DepthVLM
+from depthvlm_jax.train.optim import merge_params
+
+
+def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid: tuple[int, int],
+               with_lm: bool) -> dict[str, jax.Array]:
+  """Numerators and denominators of both losses for one (micro-)batch."""
+  out = model.apply({"params": params}, batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                    batch["pixel_values"], batch["image_grid_hw"], compute_logits=with_lm, depth_grid=depth_grid)
+  depth_mask = (batch["has_depth"] & out.depth_valid)[:, None, None]
+  depth_sum, depth_count = silog_loss(out.depth, batch["depth"], valid_mask=depth_mask & (batch["depth"] > 0))
+  terms = {"depth_sum": depth_sum, "depth_count": depth_count}
+  if with_lm:
+    terms["lm_sum"], terms["lm_count"] = lm_cross_entropy(out.logits, batch["labels"])
+  else:
+    terms["lm_sum"] = terms["lm_count"] = jnp.zeros((), jnp.float32)
+  return terms
+
+
+def supervised_depth_images(batch: dict[str, jax.Array], depth_grid: tuple[int, int], merge: int = 2) -> jax.Array:
+  """(B,) bool: images that carry depth supervision (has depth, bucket grid, >= 1 valid pixel)."""
+  h, w = depth_grid
+  grid_ok = (batch["image_grid_hw"][:, 0] == merge * h) & (batch["image_grid_hw"][:, 1] == merge * w)
+  any_valid = jnp.any(batch["depth"] > 0, axis=(1, 2))
+  return batch["has_depth"] & grid_ok & any_valid
+
+
+def combine(terms: dict[str, jax.Array], depth_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """total = lm_mean + w * depth_mean; a term with no supervision contributes 0."""
+  depth = terms["depth_sum"] / jnp.maximum(terms["depth_count"], 1)
+  lm = terms["lm_sum"] / jnp.maximum(terms["lm_count"], 1)
+  return lm + depth_weight * depth, {"depth_loss": depth, "lm_loss": lm}
+
+
+def _split_micro(batch, k: int):
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch dim {x.shape[0]} not divisible by micro_batches={k}")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+  out = {n: split(v) for n, v in batch.items() if n != "position_ids"}
+  pos = batch["position_ids"]  # (3, B, L)
+  out["position_ids"] = jnp.moveaxis(pos.reshape(3, k, -1, pos.shape[-1]), 1, 0)
+  return out
+
+
+def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
+                    micro_batches: int, depth_weight: float, with_lm: bool) -> Callable:
+  # As the reference: the weight balances depth against LM; depth alone is used unweighted.
+  depth_weight = depth_weight if with_lm else 1.0
+  def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
+    trainable = state["params"]
+    # Global denominators come from the batch itself, so every micro-batch can be scaled up front
+    # and one scalar differentiated per micro-batch.
+    depth_den = jnp.maximum(supervised_depth_images(batch, depth_grid, model.config.vision.spatial_merge_size).sum(), 1).astype(jnp.float32)
+    lm_den = jnp.maximum((batch["labels"][:, 1:] != -100).sum(), 1).astype(jnp.float32) if with_lm else 1.0
+
+    def scaled_loss(tp, mb):
+      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm)
+      return depth_weight * terms["depth_sum"] / depth_den + terms["lm_sum"] / lm_den, terms
+
+    grad_fn = jax.grad(scaled_loss, has_aux=True)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("depth_sum", "depth_count", "lm_sum", "lm_count")}
+
+    def body(carry, mb):
+      g, t = carry
+      g2, t2 = grad_fn(trainable, mb)
+      return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g, g2), {k: t[k] + t2[k] for k in t}), None
+
+    (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), _split_micro(batch, micro_batches))
+    loss, parts = combine(terms, depth_weight)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
+    new_params = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, trainable),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+        "skipped_updates": state["skipped_updates"] + (~finite).astype(jnp.int32),
+    }
+    metrics = dict(parts, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable),
+                   update_norm=optax.tree.norm(updates), depth_images=terms["depth_count"],
+                   lm_tokens=terms["lm_count"], finite=finite)
+    return new_state, metrics
+
+  return train_step

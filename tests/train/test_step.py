@@ -1,0 +1,109 @@
+"""The train step: stage-1 freezing, accumulation == full batch, NaN guard, sharded == unsharded."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from depthvlm_jax import sharding
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.train import optim
+from depthvlm_jax.train.step import make_train_step
+from tests.model import hf_reference as ref
+
+GRID = (4, 6)  # patches -> 2x3 tokens -> 64x96 depth
+STAGE1 = [("depth_head/.*", True), (".*", False)]
+STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = Qwen3VLConfig.tiny(vocab_size=151936)
+  model = DepthVLM(config, head=DepthHeadConfig.tiny())
+  params = nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
+  return config, model, params
+
+
+def make_batch(config, n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  toks = [ref.build_prompt(rng, config, [GRID], (3, 4 + i)) for i in range(n)]
+  b = make_model_inputs(toks, config, [ref.random_image_patches(rng, GRID, config) for _ in range(n)],
+                        [GRID] * n, padding_side="right")
+  b.pop("rope_deltas")
+  labels = np.where(rng.random(b["input_ids"].shape) < 0.3, b["input_ids"], -100)
+  b["labels"] = np.where(b["attention_mask"] > 0, labels, -100).astype(np.int32)
+  depth = rng.uniform(0.5, 10.0, (n, 64, 96)).astype(np.float32)
+  depth[:, :10] = 0.0  # some invalid pixels
+  b["depth"] = depth
+  b["has_depth"] = np.array([True] * (n - 1) + [False])
+  return b
+
+
+def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=None):
+  mask = optim.trainable_mask(params, rules)
+  trainable, frozen = optim.split_params(params, mask)
+  opt = opt or optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
+  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt.init(trainable),
+           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  step = jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm))
+  for _ in range(steps):
+    state, metrics = step(state, frozen, batch)
+  return optim.merge_params(state["params"], frozen), state, metrics
+
+
+def test_stage1_changes_only_the_depth_head(setup):
+  config, model, params = setup
+  new, state, m = run(model, params, STAGE1, make_batch(config))
+  assert bool(m["finite"]) and float(m["depth_loss"]) > 0 and float(m["depth_images"]) == 3
+  before, after = optim.flatten(params), optim.flatten(new)
+  changed = {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
+  assert changed and all(p[0] == "depth_head" for p in changed)
+  frozen_paths = [p for p in before if p[0] != "depth_head"]
+  assert all(np.array_equal(np.asarray(before[p]), np.asarray(after[p])) for p in frozen_paths)
+  # frozen towers carry no optimizer state
+  opt_leaves = jax.tree.leaves(state["opt_state"])
+  assert sum(x.size for x in opt_leaves) <= 2 * sum(x.size for x in jax.tree.leaves(state["params"])) + 10
+
+
+@pytest.mark.parametrize("micro", [2, 4])
+def test_micro_batches_equal_full_batch(setup, micro):
+  config, model, params = setup
+  batch = make_batch(config, n=4, seed=1)
+  sgd = optax.sgd(1.0)  # linear in the gradient, so params compare the accumulated gradients
+  full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=sgd)
+  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=sgd)
+  np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_step_is_skipped(setup):
+  config, model, params = setup
+  batch = make_batch(config, seed=2)
+  batch["pixel_values"] = batch["pixel_values"].copy()
+  batch["pixel_values"][0, 0, 0] = np.nan
+  new, state, m = run(model, params, STAGE1, batch)
+  assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["skipped_updates"]) == 1
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_step_equals_unsharded(setup):
+  config, model, params = setup
+  batch = make_batch(config, n=4, seed=3)
+  sgd = optax.sgd(1.0)  # Adam's first step divides by |g| and amplifies rounding in tiny gradients
+  expected, _, m1 = run(model, params, STAGE2, batch, with_lm=True, opt=sgd)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
+  sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+  sharded_batch = {k: jax.device_put(v, sharding.activation_sharding(
+      mesh, *((None, "batch") if k == "position_ids" else ("batch",)), shape=v.shape)) for k, v in batch.items()}
+  got, _, m8 = run(model, sharded_params, STAGE2, sharded_batch, with_lm=True, opt=sgd)
+  assert len(jax.tree.leaves(got)[0].sharding.device_set) == 8
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
