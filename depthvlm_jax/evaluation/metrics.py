@@ -1,6 +1,9 @@
 """Depth metrics over valid pixels (gt > 0 and pred > 0), per image; jit-friendly.
 
-δ1 (the benchmark's headline): fraction of valid points with max(pred/gt, gt/pred) < 1.25.
+δ1 (the benchmark's headline): fraction of valid points with max(pred/gt, gt/pred) < 1.25;
+δ2, δ3 use 1.25² and 1.25³. AbsRel = mean |p-g|/g, SqRel = mean (p-g)²/g, RMSE, RMSE-log =
+sqrt(mean (log p - log g)²), SILog = sqrt(mean d² - mean(d)²)·100 with d = log p - log g (the KITTI
+convention, λ = 1). Each image is reduced on its own; datasets average the per-image values.
 """
 
 from __future__ import annotations
@@ -8,18 +11,47 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+METRIC_NAMES = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
 
-def delta1_per_image(pred, gt, valid=None):
-  """(N, H, W) pred/gt -> (N,) δ1 and (N,) valid-pixel counts (δ1 = 0 where count is 0)."""
+
+def depth_metrics_per_image(pred, gt, valid=None) -> dict[str, jnp.ndarray]:
+  """(N, H, W) pred/gt (+ optional bool mask) -> {name: (N,)} and "count" (N,) valid pixels."""
   mask = (gt > 0) & (pred > 0)
   if valid is not None:
     mask = mask & valid
-  safe_pred = jnp.where(mask, pred, 1.0)
-  safe_gt = jnp.where(mask, gt, 1.0)
-  ratio = jnp.maximum(safe_pred / safe_gt, safe_gt / safe_pred)
   count = mask.sum(axis=(1, 2))
-  hits = ((ratio < 1.25) & mask).sum(axis=(1, 2))
-  return hits / jnp.maximum(count, 1), count
+  n = jnp.maximum(count, 1).astype(jnp.float32)
+  p = jnp.where(mask, pred, 1.0).astype(jnp.float32)
+  g = jnp.where(mask, gt, 1.0).astype(jnp.float32)
+  m = mask.astype(jnp.float32)
+  mean = lambda x: (x * m).sum(axis=(1, 2)) / n
+  ratio = jnp.maximum(p / g, g / p)
+  d = jnp.log(p) - jnp.log(g)
+  out = {
+      "delta1": mean(ratio < 1.25),
+      "delta2": mean(ratio < 1.25**2),
+      "delta3": mean(ratio < 1.25**3),
+      "abs_rel": mean(jnp.abs(p - g) / g),
+      "sq_rel": mean((p - g)**2 / g),
+      "rmse": jnp.sqrt(mean((p - g)**2)),
+      "rmse_log": jnp.sqrt(mean(d**2)),
+      "silog": jnp.sqrt(jnp.maximum(mean(d**2) - mean(d)**2, 0.0)) * 100.0,
+  }
+  out["count"] = count
+  return out
+
+
+def delta1_per_image(pred, gt, valid=None):
+  """(N,) δ1 and (N,) valid-pixel counts (δ1 = 0 where count is 0)."""
+  m = depth_metrics_per_image(pred, gt, valid)
+  return m["delta1"], m["count"]
+
+
+def sparse_metrics(pred_at_points: np.ndarray, gt_at_points: np.ndarray) -> dict[str, float]:
+  """The same metrics over sparse points of one image (1-D arrays)."""
+  out = depth_metrics_per_image(jnp.asarray(pred_at_points, jnp.float32)[None, None],
+                                jnp.asarray(gt_at_points, jnp.float32)[None, None])
+  return {k: float(v[0]) for k, v in out.items()}
 
 
 def best_constant_delta1(gts: list[np.ndarray], num: int = 400) -> tuple[float, float]:
