@@ -100,3 +100,29 @@ def test_one_compilation_per_bucket(composed):
       depth = fwd(params, batch, (grid[0] // 2, grid[1] // 2))
       assert depth.shape == (2, 16 * grid[0], 16 * grid[1])
   assert traces == [(2, 2), (3, 4), (4, 3)]
+
+
+def test_remat_and_bf16_options(composed):
+  config, _, _, model, params = composed
+  rng = np.random.default_rng(5)
+  grids = [(4, 6)]
+  batch = make_model_inputs([ref.build_prompt(rng, config, grids)], config,
+                            [ref.random_image_patches(rng, g, config) for g in grids], grids)
+  batch.pop("rope_deltas")
+
+  def loss(p, m):
+    out = m.apply({"params": p}, **batch, depth_grid=(2, 3))
+    return out.depth.mean() + out.logits.astype(jax.numpy.float32).std()
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g_plain = grad(params, model)
+  g_remat = grad(params, DepthVLM(config, head=DepthHeadConfig.tiny(), remat=True))
+  for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  bf16 = DepthVLM(config, head=DepthHeadConfig.tiny(), dtype=jax.numpy.bfloat16)
+  fwd = jax.jit(lambda p, m: m.apply({"params": p}, **batch, depth_grid=(2, 3)), static_argnums=1)
+  out16, out32 = fwd(params, bf16), fwd(params, model)
+  assert out16.logits.dtype == jax.numpy.bfloat16 and out16.depth.dtype == jax.numpy.float32
+  rel = np.abs(np.asarray(out16.depth) - np.asarray(out32.depth)) / np.asarray(out32.depth)
+  assert np.median(rel) < 0.05
+  assert all(x.dtype == jax.numpy.float32 for x in jax.tree.leaves(grad(params, bf16)))
