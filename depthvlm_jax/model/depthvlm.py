@@ -54,11 +54,16 @@ class DepthHeadConfig:
     """Reads the official top-level keys (`depth_head_type`, `depth_head_feature_mode`, ...)."""
     return cls(head_type=d.get("depth_head_type", "dpt"),
                mlp_feature_mode=d.get("depth_head_feature_mode", "llm_last"),
-               mlp_hidden=int(d.get("depth_head_mlp_hidden", 1024)))
+               mlp_hidden=int(d.get("depth_head_mlp_hidden", 1024)),
+               features=int(d.get("depth_head_features", 256)),
+               out_channels=tuple(d.get("depth_head_out_channels", (256, 512, 1024, 1024))),
+               head_features=int(d.get("depth_head_head_features", 32)))
 
   def to_hf_dict(self) -> dict[str, Any]:
+    """Top-level config.json fields (the official ones plus our DPT widths)."""
     return {"depth_head_type": self.head_type, "depth_head_feature_mode": self.mlp_feature_mode,
-            "depth_head_mlp_hidden": self.mlp_hidden}
+            "depth_head_mlp_hidden": self.mlp_hidden, "depth_head_features": self.features,
+            "depth_head_out_channels": list(self.out_channels), "depth_head_head_features": self.head_features}
 
 
 class DepthVLMOutput(NamedTuple):

@@ -116,3 +116,28 @@ def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: A
   params = hf_params.hf_to_params(iter_tensors(files), config, expected, placer(dtype, shardings),
                                   other_prefixes=other_prefixes)
   return config, params
+
+
+def load_depthvlm(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: Any | None = None,
+                  allow_pickle: bool = False):
+  """Loads a DepthVLM directory (Qwen3-VL layout plus `depth_head.*`). Returns (model, params).
+
+  A plain Qwen3-VL directory (no `depth_head.*` keys) is refused here: use `load_qwen3_vl` and a
+  fresh head (stage-1 training) instead.
+  """
+  from depthvlm_jax.model import depth_head as dh
+  from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+
+  d = read_config_dict(model_dir)
+  config = Qwen3VLConfig.from_hf_dict(d)
+  model = DepthVLM(config, head=DepthHeadConfig.from_hf_dict(d))
+  expected = abstract_params(model, depthvlm_dummy_inputs(config))
+  files = weight_files(model_dir, allow_pickle)
+  place = placer(dtype, shardings)
+  backbone_expected = {k: v for k, v in expected.items() if k != "depth_head"}
+  params = hf_params.hf_to_params(iter_tensors(files), config, backbone_expected, place,
+                                  other_prefixes=("depth_head.",))
+  head_tensors = ((k, v) for k, v in iter_tensors(files) if k.startswith("depth_head."))
+  head_place = (lambda path, arr: place(("depth_head",) + path, arr))
+  params["depth_head"] = dh.torch_state_dict_to_flax(head_tensors, expected["depth_head"], place=head_place)
+  return model, params

@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from depthvlm_jax.torch_export import DPTDepthHead as TorchDPT, MLPDepthHead as TorchMLP
+from depthvlm_jax.torch_export import ResidualConvUnit as TorchRCU
+
 from depthvlm_jax.model.depth_head import (DPTDepthHead, KeyMapError, MLPDepthHead, abstract_head_params,
                                            depth_head_key_map, flax_to_torch_state_dict, make_depth_head,
                                            torch_state_dict_to_flax)
@@ -22,93 +25,7 @@ SMALL = dict(features=32, out_channels=(16, 32, 48, 64), head_features=8)
 
 
 # ----------------------------------------------------------------------------- torch references
-class TorchRCU(torch.nn.Module):
-
-  def __init__(self, f):
-    super().__init__()
-    self.conv1 = torch.nn.Conv2d(f, f, 3, padding=1)
-    self.conv2 = torch.nn.Conv2d(f, f, 3, padding=1)
-    self.act = torch.nn.ReLU(inplace=True)  # as in the official head: also rectifies the residual x
-
-  def forward(self, x):
-    y = self.act(x)
-    y = self.conv2(self.act(self.conv1(y)))
-    return y + x
-
-
-class TorchFusion(torch.nn.Module):
-
-  def __init__(self, f, residual):
-    super().__init__()
-    if residual:
-      self.resConfUnit1 = TorchRCU(f)
-    self.resConfUnit2 = TorchRCU(f)
-    self.out_conv = torch.nn.Conv2d(f, f, 1)
-
-  def forward(self, x, skip=None, size=None):
-    if skip is not None:
-      x = x + self.resConfUnit1(skip)
-    x = self.resConfUnit2(x)
-    if size is None:
-      x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-    else:
-      x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-    return self.out_conv(x)
-
-
-class TorchDPT(torch.nn.Module):
-
-  def __init__(self, c, features=256, out_channels=(256, 512, 1024, 1024), head_features=32):
-    super().__init__()
-    self.norm = torch.nn.LayerNorm(c)
-    self.projects = torch.nn.ModuleList([torch.nn.Conv2d(c, o, 1) for o in out_channels])
-    self.resize_layers = torch.nn.ModuleList(
-        [torch.nn.ConvTranspose2d(out_channels[i], out_channels[i], k, stride=k) for i, k in enumerate((8, 4, 2))]
-        + [torch.nn.Identity()])
-    s = torch.nn.Module()
-    for i in range(4):
-      setattr(s, f"layer{i + 1}_rn", torch.nn.Conv2d(out_channels[i], features, 3, padding=1, bias=False))
-      setattr(s, f"refinenet{i + 1}", TorchFusion(features, residual=i < 3))
-    s.output_conv1 = torch.nn.Conv2d(features, features // 2, 3, padding=1)
-    s.output_conv2 = torch.nn.Sequential(torch.nn.Conv2d(features // 2, head_features, 3, padding=1),
-                                         torch.nn.ReLU(inplace=True), torch.nn.Conv2d(head_features, 1, 1),
-                                         torch.nn.Softplus())
-    self.scratch = s
-
-  def forward(self, feats, h, w, output_size=None):  # feats: 4 x (B, h*w, C)
-    pyr = []
-    for i, x in enumerate(feats):
-      x = self.norm(x).permute(0, 2, 1).reshape(x.shape[0], -1, h, w)
-      pyr.append(self.resize_layers[i](self.projects[i](x)))
-    s = self.scratch
-    rn = [getattr(s, f"layer{i + 1}_rn")(x) for i, x in enumerate(pyr)]
-    out = s.refinenet4(rn[3], size=rn[2].shape[2:])
-    out = s.refinenet3(out, rn[2], size=rn[1].shape[2:])
-    out = s.refinenet2(out, rn[1], size=rn[0].shape[2:])
-    out = s.refinenet1(out, rn[0])
-    out = s.output_conv1(out)
-    out = F.interpolate(out, size=output_size or (32 * h, 32 * w), mode="bilinear", align_corners=True)
-    return s.output_conv2(out)[:, 0]
-
-
-class TorchMLP(torch.nn.Module):
-
-  def __init__(self, c, mode, hidden=1024, patch=32):
-    super().__init__()
-    self.mode, self.p = mode, patch
-    c_in = 4 * c if mode == "concat" else c
-    self.norm = torch.nn.LayerNorm(c_in)
-    self.mlp = torch.nn.Sequential(torch.nn.Linear(c_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, patch ** 2))
-
-  def forward(self, feats, h, w, output_size=None):
-    x = {"llm_last": lambda: feats[3], "concat": lambda: torch.cat(feats, -1), "sum": lambda: sum(feats)}[self.mode]()
-    b, p = x.shape[0], self.p
-    x = self.mlp(self.norm(x)).view(b, h, w, p, p).permute(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
-    if output_size is not None and tuple(output_size) != (h * p, w * p):
-      x = F.interpolate(x[:, None], size=output_size, mode="bilinear", align_corners=True)[:, 0]
-    return F.softplus(x)
-
-
+# The PyTorch heads live in depthvlm_jax/torch_export.py (written from SPEC.md, shipped for export).
 class Wrapper(torch.nn.Module):
   """Gives the reference head the official `depth_head.` prefix."""
 

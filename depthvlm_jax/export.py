@@ -1,0 +1,122 @@
+"""Export DepthVLM parameters as a Hugging Face-layout directory that PyTorch loads.
+
+  python -m depthvlm_jax.export --checkpoint WORKDIR --out DIR [--dtype bfloat16] [--max_shard_gb 5]
+
+writes config.json (Qwen3-VL config + `depth_head_*` fields), model.safetensors (or shards plus
+model.safetensors.index.json), the tokenizer files and preprocessor_config.json, with the official
+key names: `transformers.Qwen3VLForConditionalGeneration.from_pretrained(DIR)` loads every backbone
+weight, and `depthvlm_jax.torch_export.DepthVLMForConditionalGeneration` loads everything strictly.
+The directory is written next to DIR and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import safetensors.numpy
+from absl import app, flags
+
+from depthvlm_jax.model import depth_head as dh
+from depthvlm_jax.model import hf_params
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig
+
+
+def hf_tensors(params: dict[str, Any], config: Qwen3VLConfig) -> Iterator[tuple[str, np.ndarray]]:
+  """(official key, torch-layout array) for the backbone and, if present, the depth head."""
+  backbone = {k: v for k, v in params.items() if k != "depth_head"}
+  yield from hf_params.params_to_hf(backbone, config)
+  if "depth_head" in params:
+    yield from dh.flax_to_torch_state_dict(params["depth_head"]).items()
+
+
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "bfloat16":
+    import ml_dtypes
+    return np.asarray(a, dtype=ml_dtypes.bfloat16)
+  return np.asarray(a, dtype=np.float32)
+
+
+def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadConfig | None, out_dir: str | pathlib.Path,
+                 tokenizer_dir: str | pathlib.Path | None = None, dtype: str = "float32",
+                 max_shard_bytes: int = 5 * 2**30, processing_files: bool = True) -> pathlib.Path:
+  """Writes the HF directory atomically (tokenizer/processor files unless `processing_files=False`)."""
+  out = pathlib.Path(out_dir).absolute()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    cfg = config.to_hf_dict()
+    cfg["torch_dtype"] = dtype
+    if head is not None:
+      cfg.update(head.to_hf_dict())
+      cfg["architectures"] = ["DepthVLMForConditionalGeneration"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in hf_tensors(params, config):
+      arr = np.ascontiguousarray(_cast(value, dtype))
+      if shards[-1] and size + arr.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][key] = arr
+      size += arr.nbytes
+    if len(shards) == 1:
+      safetensors.numpy.save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+      weight_map, total = {}, 0
+      for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(a.nbytes for a in shard.values())
+      (tmp / "model.safetensors.index.json").write_text(
+          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if processing_files:
+      _write_processing_files(tmp, tokenizer_dir)
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def _write_processing_files(out: pathlib.Path, tokenizer_dir) -> None:
+  from depthvlm_jax.processing.image_processor import ImageProcessorConfig
+  from depthvlm_jax.processing.tokenizer import load_tokenizer
+  load_tokenizer(str(tokenizer_dir) if tokenizer_dir else None).save_pretrained(str(out))
+  ImageProcessorConfig().save(out) if tokenizer_dir is None else None
+  for name in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja"):
+    if tokenizer_dir and (pathlib.Path(tokenizer_dir) / name).exists():
+      shutil.copy(pathlib.Path(tokenizer_dir) / name, out / name)
+
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (orbax checkpoints + config.json).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above this size.")
+
+
+def main(argv):
+  del argv
+  from depthvlm_jax.train import checkpoints, optim, trainer
+  import ml_collections
+  workdir = pathlib.Path(_CHECKPOINT.value)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  model = trainer.build_model(config)
+  trainable, frozen = checkpoints.restore_params(workdir)
+  params = optim.merge_params(trainable, frozen)
+  out = write_hf_dir(params, model.config, model.head, _OUT.value, config.model.hf_dir or None, _DTYPE.value,
+                     int(_MAX_SHARD_GB.value * 2**30))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint", "out"])
+  app.run(main)

@@ -1,0 +1,93 @@
+"""PyTorch interop: JAX -> export -> PyTorch gives the same logits and depth; PyTorch -> import -> JAX;
+export -> import is bit-identical."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from depthvlm_jax import export
+from depthvlm_jax.model import hf_checkpoint, hf_params
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.torch_export import DepthVLMForConditionalGeneration
+from tests.model import hf_reference as ref
+
+
+@pytest.fixture(scope="module")
+def jax_model():
+  config = Qwen3VLConfig.tiny()
+  model = DepthVLM(config, head=DepthHeadConfig.tiny())
+  params = jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x,  # livelier random logits
+                        jax.jit(lambda: __import__("flax").linen.unbox(
+                            model.init(jax.random.key(3), **depthvlm_dummy_inputs(config))["params"]))())
+  return config, model, params
+
+
+def _inputs(config, seed=0):
+  rng = np.random.default_rng(seed)
+  grids = [(4, 6), (4, 6)]
+  toks = [ref.build_prompt(rng, config, grids[:1]), ref.build_prompt(rng, config, grids[1:], (6, 2))]
+  patches = [ref.random_image_patches(rng, g, config) for g in grids]
+  batch = make_model_inputs(toks, config, patches, grids, padding_side="right")
+  batch.pop("rope_deltas")
+  return batch, patches, grids
+
+
+def _compare(config, model, params, torch_model, tol=1e-4):
+  batch, patches, grids = _inputs(config)
+  out = model.apply({"params": params}, **batch, depth_grid=(2, 3))
+  logits, depths = torch_model.depth_forward(torch.tensor(batch["input_ids"], dtype=torch.long),
+                                             torch.tensor(batch["attention_mask"]),
+                                             torch.tensor(np.concatenate(patches)),
+                                             torch.tensor([[1, h, w] for h, w in grids]))
+  real = batch["attention_mask"].astype(bool)
+  lj, lt = np.asarray(out.logits)[real], logits.numpy()[real]
+  assert np.abs(lj - lt).max() / np.abs(lt).max() < tol
+  for i, d in enumerate(depths):
+    assert (np.abs(np.asarray(out.depth[i]) - d.numpy()) / d.numpy()).max() < tol
+
+
+def test_export_loads_in_pytorch_and_matches(tmp_path, jax_model):
+  config, model, params = jax_model
+  out = export.write_hf_dir(params, config, model.head, tmp_path / "hf", max_shard_bytes=2**20,
+                            processing_files=False)
+  assert (out / "model.safetensors.index.json").exists()
+  torch_model = DepthVLMForConditionalGeneration.from_pretrained(out).eval()  # strict: every key
+  _compare(config, model, params, torch_model)
+  # the plain transformers class loads every backbone weight; only depth_head.* is unexpected
+  plain, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and all(k.startswith("depth_head.") for k in info["unexpected_keys"])
+  # export -> import is bit-identical
+  model2, params2 = hf_checkpoint.load_depthvlm(out)
+  assert model2.head == model.head and model2.config == config
+  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def test_pytorch_to_jax(tmp_path, jax_model):
+  config, model, _ = jax_model
+  hf_cfg = transformers.Qwen3VLConfig(**config.to_hf_dict())
+  for k, v in model.head.to_hf_dict().items():
+    setattr(hf_cfg, k, v)
+  torch.manual_seed(0)
+  torch_model = DepthVLMForConditionalGeneration(hf_cfg).eval()
+  with torch.no_grad():
+    for name, p in torch_model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  torch_model.save_pretrained(tmp_path / "pt")
+  model2, params2 = hf_checkpoint.load_depthvlm(tmp_path / "pt")
+  _compare(config, model2, params2, torch_model)
+
+
+def test_bf16_export(tmp_path, jax_model):
+  config, model, params = jax_model
+  out = export.write_hf_dir(params, config, model.head, tmp_path / "bf16", dtype="bfloat16",
+                            processing_files=False)
+  _, params2 = hf_checkpoint.load_depthvlm(out, dtype=np.float32)
+  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  for k in a:
+    np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-2, atol=1e-6)
