@@ -59,9 +59,9 @@ def iter_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
   for f in files:
     if f.suffix == ".safetensors":
       try:
-        with safetensors.safe_open(str(f), framework="flax") as reader:
+        with safetensors.safe_open(str(f), framework="numpy") as reader:
           for key in reader.keys():
-            yield key, np.asarray(reader.get_tensor(key))
+            yield key, reader.get_tensor(key)
       except safetensors.SafetensorError as e:
         raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
     else:
@@ -86,7 +86,7 @@ def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarra
   flat = hf_params.flatten(shardings) if shardings is not None else {}
 
   def place(path, arr):
-    arr = np.asarray(arr).astype(dtype)
+    arr = np.asarray(arr).astype(dtype, copy=False)
     sharding = flat.get(path)
     return jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
