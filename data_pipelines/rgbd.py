@@ -1,0 +1,258 @@
+"""DepthVLM annotation records (JSON Lines) and RGB-D readers with focal-length unification.
+
+SPEC §4: every image is resized so that its focal length becomes `canonical_fx` (RGB bilinear,
+depth nearest) to `canonical_size` = original size * canonical_fx / original_fx (rounded);
+Taskonomy and HM3D are centre-cropped to a 1024-pixel edge (cropping keeps fx); depth outside
+the dataset's range becomes 0 (invalid); a sample without a valid depth pixel is skipped.
+
+Errors: `RecordError` (a bad JSON line: file, line, field, what was expected) and `SampleError`
+(an unusable sample, with a `reason` from `data_pipelines.skips.SKIP_REASONS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from depthvlm_jax.processing.image_processor import to_rgb
+
+DATASET_DEPTH_RANGES = {
+    "argoverse": (0.05, 120.0), "waymo": (0.05, 70.0), "nuscenes": (0.05, 80.0), "ddad": (0.05, 120.0),
+    "scannetpp": (0.001, 10.0), "taskonomy": (0.005, 15.0), "hm3d": (0.01, 10.0), "matterport": (0.01, 10.0),
+    "sunrgbd": (0.005, 8.0), "ibims": (0.005, 25.0), "nyuv2": (0.005, 10.0), "eth3d": (0.01, 50.0),
+    "synthetic": (0.05, 80.0),
+}
+CENTRE_CROP_1024 = frozenset({"taskonomy", "hm3d"})
+
+
+class RecordError(ValueError):
+  """A JSON line that is not a valid annotation record."""
+
+
+class SampleError(ValueError):
+  """A sample that cannot be used; `reason` names the skip counter it increments."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class RGBDRecord:
+  image: str
+  depth_path: str | None = None
+  depth_scale: float = 1.0
+  depth_format: str = "png"
+  mask_valid_path: str | None = None
+  mask_transp_path: str | None = None
+  original_rgb_size: tuple[int, int] | None = None  # (W, H)
+  original_depth_size: tuple[int, int] | None = None
+  original_fx: float | None = None
+  original_fy: float | None = None
+  original_cx: float | None = None
+  original_cy: float | None = None
+  canonical_fx: float = 1000.0
+  canonical_size: tuple[int, int] | None = None  # (W, H)
+  prompt: str | None = None
+  solution: str | None = None
+  pixel_coords: tuple[tuple[float, float], ...] | None = None
+  depth: tuple[float, ...] | None = None
+  depth_type: str | None = None
+  source: str = ""  # "file:line", for messages
+
+
+_STR = ("image", "depth_path", "mask_valid_path", "mask_transp_path", "prompt", "solution", "depth_type")
+_NUM = ("depth_scale", "original_fx", "original_fy", "original_cx", "original_cy", "canonical_fx")
+_SIZE = ("original_rgb_size", "original_depth_size", "canonical_size")
+
+
+def parse_record(obj: Any, where: str) -> RGBDRecord:
+  """Validates one decoded JSON object; `where` is "file:line" for messages."""
+  if not isinstance(obj, dict):
+    raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  kw: dict[str, Any] = {"source": where}
+  for k in _STR:
+    if obj.get(k) is not None:
+      if not isinstance(obj[k], str):
+        raise RecordError(f"{where}: field {k!r} must be a string, got {obj[k]!r}")
+      kw[k] = obj[k]
+  for k in _NUM:
+    if obj.get(k) is not None:
+      v = obj[k]
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise RecordError(f"{where}: field {k!r} must be a positive number, got {v!r}")
+      kw[k] = float(v)
+  for k in _SIZE:
+    if obj.get(k) is not None:
+      v = obj[k]
+      if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                          for x in v)):
+        raise RecordError(f"{where}: field {k!r} must be [W, H] positive integers, got {v!r}")
+      kw[k] = (v[0], v[1])
+  if "image" not in kw:
+    raise RecordError(f"{where}: missing required field 'image'")
+  fmt = obj.get("depth_format", "png")
+  if fmt not in ("png", "binary_float32"):
+    raise RecordError(f"{where}: field 'depth_format' must be 'png' or 'binary_float32', got {fmt!r}")
+  kw["depth_format"] = fmt
+  if obj.get("pixel_coords") is not None:
+    pc = obj["pixel_coords"]
+    if not isinstance(pc, list) or not all(isinstance(p, list) and len(p) == 2 and
+                                           all(isinstance(x, (int, float)) for x in p) for p in pc):
+      raise RecordError(f"{where}: field 'pixel_coords' must be a list of [x, y], got {str(pc)[:80]}")
+    kw["pixel_coords"] = tuple((float(x), float(y)) for x, y in pc)
+  if obj.get("depth") is not None:
+    d = obj["depth"]
+    if not isinstance(d, list) or not all(isinstance(x, (int, float)) for x in d):
+      raise RecordError(f"{where}: field 'depth' must be a list of numbers")
+    if kw.get("pixel_coords") is not None and len(d) != len(kw["pixel_coords"]):
+      raise RecordError(f"{where}: 'depth' has {len(d)} values for {len(kw['pixel_coords'])} pixel_coords")
+    kw["depth"] = tuple(float(x) for x in d)
+  return RGBDRecord(**kw)
+
+
+def read_jsonl(path: str | pathlib.Path) -> tuple[list[RGBDRecord], list[RecordError]]:
+  """All valid records of a JSON Lines file, and an error per bad line (never raises for a line)."""
+  path = pathlib.Path(path)
+  records, errors = [], []
+  with path.open() as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(parse_record(json.loads(line), f"{path}:{n}"))
+      except json.JSONDecodeError as e:
+        errors.append(RecordError(f"{path}:{n}: invalid JSON ({e.msg})"))
+      except RecordError as e:
+        errors.append(e)
+  return records, errors
+
+
+def resolve_path(root: str | pathlib.Path, rel: str) -> pathlib.Path:
+  """`root / rel`, refusing absolute paths and paths that escape `root`."""
+  root_p = pathlib.Path(root).resolve()
+  if pathlib.PurePath(rel).is_absolute():
+    raise SampleError("bad_record", f"path {rel!r} is absolute; annotation paths must be relative to {root_p}")
+  p = (root_p / rel).resolve()
+  if root_p not in p.parents and p != root_p:
+    raise SampleError("bad_record", f"path {rel!r} escapes the data root {root_p}")
+  return p
+
+
+def load_rgb(path: pathlib.Path) -> np.ndarray:
+  """(H, W, 3) uint8 RGB; EXIF rotation applied; grey/RGBA/16-bit converted."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return np.asarray(to_rgb(im))
+  except FileNotFoundError:
+    raise SampleError("unreadable_image", f"{path}: image file not found") from None
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise SampleError("unreadable_image", f"{path}: cannot decode image ({e})") from None
+
+
+def load_depth(path: pathlib.Path, scale: float, fmt: str = "png", size_wh: tuple[int, int] | None = None) -> np.ndarray:
+  """(H, W) float32 metres; non-finite or negative values become 0 (invalid)."""
+  if not path.exists():
+    raise SampleError("missing_depth", f"{path}: depth file not found")
+  try:
+    if fmt == "binary_float32":
+      if size_wh is None:
+        raise SampleError("bad_record", f"{path}: binary_float32 depth needs original_depth_size or original_rgb_size")
+      raw = np.fromfile(path, np.float32)
+      w, h = size_wh
+      if raw.size != w * h:
+        raise SampleError("corrupt_depth", f"{path}: {raw.size} float32 values, expected {w}x{h}={w * h}")
+      depth = raw.reshape(h, w)
+    else:
+      with Image.open(path) as im:
+        im.load()
+        depth = np.asarray(im)
+      if depth.ndim != 2:
+        raise SampleError("corrupt_depth", f"{path}: depth PNG has shape {depth.shape}, expected one channel")
+    depth = depth.astype(np.float32) / np.float32(scale)
+  except SampleError:
+    raise
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise SampleError("corrupt_depth", f"{path}: cannot decode depth ({e})") from None
+  return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+
+
+def load_mask(path: pathlib.Path) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      im.load()
+      m = np.asarray(im)
+  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    raise SampleError("corrupt_depth", f"{path}: cannot read mask ({e})") from None
+  return m if m.ndim == 2 else m[..., 0]
+
+
+def canonical_size(original_wh: tuple[int, int], original_fx: float, canonical_fx: float) -> tuple[int, int]:
+  s = canonical_fx / original_fx
+  return int(round(original_wh[0] * s)), int(round(original_wh[1] * s))
+
+
+@dataclasses.dataclass
+class CanonicalSample:
+  image: np.ndarray  # (Hc, Wc, 3) uint8
+  depth: np.ndarray  # (Hc, Wc) float32 metres, 0 = invalid
+  crop_offset: tuple[int, int]  # (x0, y0) of the centre crop in the resized image
+  size_before_crop: tuple[int, int]  # (W, H) canonical size
+
+
+def resize_nearest(depth: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+  """Nearest-neighbour resize with pixel centres: output pixel i reads input floor((i + 0.5) * in / out)."""
+  h, w = depth.shape[:2]
+  ys = np.minimum(((np.arange(size_wh[1]) + 0.5) * h / size_wh[1]).astype(np.int64), h - 1)
+  xs = np.minimum(((np.arange(size_wh[0]) + 0.5) * w / size_wh[0]).astype(np.int64), w - 1)
+  return depth[ys][:, xs]
+
+
+def unify_focal(rgb: np.ndarray, depth: np.ndarray, record: RGBDRecord, dataset: str) -> CanonicalSample:
+  """Resizes RGB (bilinear) and depth (nearest) to the canonical focal length, crops, range-masks."""
+  h, w = rgb.shape[:2]
+  if record.canonical_size is not None:
+    size = record.canonical_size
+  elif record.original_fx is not None:
+    size = canonical_size(record.original_rgb_size or (w, h), record.original_fx, record.canonical_fx)
+  else:
+    raise SampleError("bad_record", f"{record.source}: needs canonical_size or original_fx")
+  if record.original_rgb_size is not None and record.original_rgb_size != (w, h):
+    raise SampleError("bad_record", f"{record.source}: image is {w}x{h}, record says original_rgb_size "
+                      f"{list(record.original_rgb_size)}")
+  image = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+  depth = resize_nearest(depth, size)
+  x0 = y0 = 0
+  if dataset in CENTRE_CROP_1024:
+    cw, ch = min(size[0], 1024), min(size[1], 1024)
+    x0, y0 = (size[0] - cw) // 2, (size[1] - ch) // 2
+    image, depth = image[y0:y0 + ch, x0:x0 + cw], depth[y0:y0 + ch, x0:x0 + cw]
+  lo, hi = DATASET_DEPTH_RANGES.get(dataset, (0.0, np.inf))
+  depth = np.where((depth >= lo) & (depth <= hi), depth, 0.0).astype(np.float32)
+  if not np.any(depth > 0):
+    raise SampleError("no_valid_depth", f"{record.source}: no valid depth pixel in [{lo}, {hi}] m")
+  return CanonicalSample(image, depth, (x0, y0), tuple(size))
+
+
+def load_sample(record: RGBDRecord, image_root: str | pathlib.Path, depth_root: str | pathlib.Path,
+                dataset: str) -> CanonicalSample:
+  """Reads and focal-unifies one RGB-D record (raises `SampleError` with a skip reason)."""
+  rgb = load_rgb(resolve_path(image_root, record.image))
+  if record.depth_path is None:
+    raise SampleError("missing_depth", f"{record.source}: record has no depth_path")
+  depth = load_depth(resolve_path(depth_root, record.depth_path), record.depth_scale, record.depth_format,
+                     record.original_depth_size or record.original_rgb_size)
+  if record.mask_valid_path:
+    m = load_mask(resolve_path(depth_root, record.mask_valid_path))
+    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1]) > 0, depth, 0.0)
+  if record.mask_transp_path:  # iBims-1: 0 marks transparent/invalid surfaces
+    m = load_mask(resolve_path(depth_root, record.mask_transp_path))
+    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1]) == 0, 0.0, depth)
+  return unify_focal(rgb, depth.astype(np.float32), record, dataset)
