@@ -1,0 +1,84 @@
+"""Settings shared by both stages. A stage file calls `base_config(preset)` and changes what differs.
+
+Presets (`--config=configs/stage1.py:PRESET`):
+  default   tiny random-init Qwen3-VL + DPT head on the embedded synthetic RGB-D set; 2-core CPU, minutes.
+  paper_4b  the paper's settings on Qwen3-VL-4B-Instruct read from `model.hf_dir` (bf16, remat).
+  paper_8b  the same on Qwen3-VL-8B-Instruct.
+"""
+
+import ml_collections
+
+PRESETS = ("default", "paper_4b", "paper_8b")
+
+
+def parse_preset(arg):
+  preset = arg or "default"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown config preset {preset!r}; expected one of {PRESETS}")
+  return preset
+
+
+def base_config(preset):
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.stage = 0  # set by the stage file
+
+  # ---- model
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "tiny" if preset == "default" else preset.split("_")[1]  # tiny | 4b | 8b
+  c.model.hf_dir = ""  # Qwen3-VL(-Instruct) or DepthVLM HF directory; "" = random init (tiny only)
+  c.model.head_type = "dpt"  # dpt | mlp
+  c.model.mlp_feature_mode = "llm_last"  # llm_last | concat | sum (mlp head only)
+  # DPT widths: the official (256, (256, 512, 1024, 1024), 32) for the paper; narrow for the CPU default.
+  c.model.dpt_features = 64 if preset == "default" else 256
+  c.model.dpt_out_channels = (32, 64, 128, 128) if preset == "default" else (256, 512, 1024, 1024)
+  c.model.dpt_head_features = 16 if preset == "default" else 32
+  c.model.compute_dtype = "float32" if preset == "default" else "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = preset != "default"
+
+  # ---- initialisation / resumption (own workdir first, then `resume`, then `model_init`)
+  c.model_init = ""  # checkpoint dir of a previous stage, or "" (fresh head on `model.hf_dir`)
+  c.resume = ""
+
+  # ---- data
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "synthetic"  # synthetic | jsonl
+  c.data.synthetic_dir = ""  # "" = <workdir>/synthetic_data (generated on first use)
+  c.data.synthetic_train = 512
+  c.data.synthetic_test = 48
+  c.data.synthetic_seed = 0
+  c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
+  c.data.eval_files = ml_collections.ConfigDict()
+  c.data.image_size = (192, 256) if preset == "default" else (768, 1024)  # (H, W) bucket, multiples of 32
+  c.data.seq_len = 128 if preset == "default" else 4096
+  c.data.qa_weight = 0.0  # mixing weight of caption/QA samples (stage 2)
+  c.data.num_workers = 0 if preset == "default" else 16
+  c.data.shuffle_seed = 0
+
+  # ---- optimisation
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch = 8
+  c.train.micro_batches = 1  # gradient accumulation steps per update
+  c.train.epochs = 1.0
+  c.train.total_steps = 0  # 0 = from epochs
+  c.train.lr = 1e-3
+  c.train.warmup_fraction = 0.04
+  c.train.grad_clip = 1.0
+  c.train.weight_decay = 0.0
+  c.train.depth_loss_weight = 1.0
+  c.train.seed = 0
+  c.train.max_nonfinite_steps = 5  # consecutive skipped updates before the run stops
+  c.train.trainable = []  # [(regex over param path, trainable?)], first match wins
+
+  # ---- logging, evaluation, checkpoints
+  c.log_every = 10
+  c.eval_every = 0  # 0 = only at the end
+  c.ckpt_every = 50
+  c.keep_ckpts = 2
+
+  # ---- devices
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  if preset != "default":
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  return c

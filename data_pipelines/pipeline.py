@@ -1,0 +1,149 @@
+"""grain input pipeline: annotation records -> canonical RGB-D -> tokenised chat examples -> batches.
+
+  MapDataset.source(records) ─ shuffle ─ repeat ─ random_map(prepare: load, focal-unify, crop to the
+  bucket, patchify, tokenise) ─┐
+  (caption/QA source, same steps, no depth) ─────────────────────────────────────┴─ mix(weights)
+  ─ to_iter_dataset ─ DropSkipped ─ batch ─ [mp_prefetch]
+
+Every example has the static shapes of one bucket (`image_size`, `seq_len`), so a batch never
+recompiles the train step. Unusable samples become `Skipped` markers, are dropped and counted
+(`skip_counts`), never trained on. The iterator state (grain) is checkpointed with the train state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from data_pipelines import rgbd
+from data_pipelines.skips import DropSkipped, Skipped
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.rope_index import get_rope_index
+from depthvlm_jax.processing import chat
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
+
+DEFAULT_PROMPT = ("Given this image, estimate the metric depth (in meters, rounded to two decimal places) "
+                  "for every pixel of the image.")
+DEFAULT_REPLY = "OK, I will estimate the depth map of this image."
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One annotation file with its roots; `dataset` picks the depth range (SPEC §4)."""
+
+  jsonl: str
+  image_root: str
+  depth_root: str = ""
+  dataset: str = "synthetic"
+  with_depth: bool = True  # False: caption/QA records (image + prompt + solution)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+  """Static shapes and text settings of the examples."""
+
+  image_size: tuple[int, int]  # (H, W) pixels, multiples of 32
+  seq_len: int
+  with_answer: bool  # stage 2: supervise the assistant reply; stage 1: prompt only
+  random_crop: bool = True
+
+  def token_grid(self, merge_px: int = 32) -> tuple[int, int]:
+    return self.image_size[0] // merge_px, self.image_size[1] // merge_px
+
+
+def _crop(array: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
+  h, w = size
+  dy, dx = array.shape[0] - h, array.shape[1] - w
+  y0 = int(rng.integers(0, dy + 1)) if rng is not None else dy // 2
+  x0 = int(rng.integers(0, dx + 1)) if rng is not None else dx // 2
+  return array[y0:y0 + h, x0:x0 + w]
+
+
+class PrepareExample:
+  """Record -> example dict (or `Skipped`). Picklable, for grain worker processes."""
+
+  def __init__(self, source: SourceSpec, spec: ExampleSpec, model_config: Qwen3VLConfig, tokenizer,
+               processor: ImageProcessorConfig):
+    self.source, self.spec, self.model_config = source, spec, model_config
+    self.tokenizer, self.processor = tokenizer, processor
+
+  def __call__(self, record: Any, rng: np.random.Generator | None = None):
+    if isinstance(record, Skipped):
+      return record
+    h, w = self.spec.image_size
+    try:
+      if self.source.with_depth:
+        sample = rgbd.load_sample(record, self.source.image_root, self.source.depth_root, self.source.dataset)
+        image, depth = sample.image, sample.depth
+      else:
+        image = rgbd.load_rgb(rgbd.resolve_path(self.source.image_root, record.image))
+        depth = None
+    except rgbd.SampleError as e:
+      return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
+    if image.shape[0] < h or image.shape[1] < w:
+      return Skipped("too_small", f"{record.image}: {image.shape[:2]} < bucket {(h, w)}")
+    crop_rng = rng if self.spec.random_crop else None
+    state = crop_rng.bit_generator.state if crop_rng is not None else None
+    image = _crop(image, (h, w), crop_rng)
+    if depth is not None:
+      if crop_rng is not None:
+        crop_rng.bit_generator.state = state  # same crop window for depth
+      depth = _crop(depth, (h, w), crop_rng)
+      if not np.any(depth > 0):
+        return Skipped("no_valid_depth", f"{record.image}: no valid depth in the crop")
+    pixel_values, grid_thw = normalize_and_patchify(image, self.processor)
+    merge = self.model_config.vision.spatial_merge_size
+    n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
+    prompt = record.prompt or DEFAULT_PROMPT
+    answer = (record.solution or DEFAULT_REPLY) if self.spec.with_answer else None
+    enc = chat.encode_sample(self.tokenizer, prompt, [n_tokens], answer=answer)
+    ids, labels = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["labels"], np.int32)
+    if len(ids) > self.spec.seq_len:
+      return Skipped("too_long", f"{record.image}: {len(ids)} tokens > seq_len {self.spec.seq_len}")
+    pad = self.spec.seq_len - len(ids)
+    mask = np.concatenate([np.ones(len(ids), np.int32), np.zeros(pad, np.int32)])
+    ids = np.concatenate([ids, np.full(pad, self.tokenizer.pad_token_id, np.int32)])
+    labels = np.concatenate([labels, np.full(pad, -100, np.int32)])
+    positions, _ = get_rope_index(ids[None], mask[None], [grid_thw[1:]], self.model_config.image_token_id, merge)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
+                pixel_values=pixel_values.astype(np.float32), image_grid_hw=np.asarray(grid_thw[1:], np.int32),
+                depth=(depth if depth is not None else np.zeros((h, w))).astype(np.float32),
+                has_depth=np.asarray(depth is not None))
+
+
+_REASONS = ("bad_record", "unreadable_image", "missing_depth", "corrupt_depth", "no_valid_depth")
+
+
+def load_records(source: SourceSpec) -> tuple[list[Any], list[Skipped]]:
+  """Parses an annotation file; bad lines become `Skipped` (counted), never crash."""
+  records, errors = rgbd.read_jsonl(source.jsonl)
+  return records, [Skipped("bad_record", str(e)) for e in errors]
+
+
+def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float], spec: ExampleSpec,
+                 model_config: Qwen3VLConfig, tokenizer, processor: ImageProcessorConfig, seed: int,
+                 num_epochs: int | None = None) -> grain.MapDataset:
+  """Shuffled, repeated, weighted mix of prepared examples (MapDataset; random access)."""
+  parts = []
+  for source in sources:
+    records, bad = load_records(source)
+    items = bad + records
+    if not items:
+      raise ValueError(f"{source.jsonl}: no records")
+    prepare = PrepareExample(source, spec, model_config, tokenizer, processor)
+    ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs)
+    parts.append(ds.random_map(prepare, seed=seed))
+  if len(parts) == 1:
+    return parts[0]
+  return grain.MapDataset.mix(parts, weights=list(weights))
+
+
+def batched(ds: grain.MapDataset, batch_size: int, num_workers: int = 0) -> grain.IterDataset:
+  """Drops/counts skipped samples, batches, and optionally loads in worker processes."""
+  it = DropSkipped(ds.to_iter_dataset()).batch(batch_size, drop_remainder=True)
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it

@@ -1,0 +1,273 @@
+"""`train_and_evaluate(config, workdir)`: one readable trainer for both stages.
+
+Order of work: validate the config (fail before any work) → data → mesh → abstract params and
+their shardings → params from (own workdir checkpoint | `resume` | `model_init` | `model.hf_dir` |
+random init) → jitted, donated train step → loop with logging, periodic δ1 evaluation and
+asynchronous checkpoints (train state + frozen params + grain iterator).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from data_pipelines import pipeline, synthetic
+from data_pipelines.skips import SKIP_REASONS, counts_to_dict
+from depthvlm_jax import sharding
+from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_image
+from depthvlm_jax.model import hf_params
+from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
+from depthvlm_jax.processing.tokenizer import load_tokenizer
+from depthvlm_jax.train import checkpoints, optim
+from depthvlm_jax.train.step import make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- config checks
+def validate_config(config) -> None:
+  """Raises ConfigError listing every problem, before any data or model work starts."""
+  errors = []
+  h, w = config.data.image_size
+  if h % 32 or w % 32 or h <= 0 or w <= 0:
+    errors.append(f"data.image_size={tuple(config.data.image_size)}: both sides must be positive multiples of 32")
+  if config.train.global_batch % config.train.micro_batches:
+    errors.append(f"train.global_batch={config.train.global_batch} not divisible by "
+                  f"train.micro_batches={config.train.micro_batches}")
+  if config.stage not in (1, 2):
+    errors.append(f"stage={config.stage}: expected 1 or 2")
+  if not config.train.trainable:
+    errors.append("train.trainable is empty: give (regex, trainable) rules")
+  for name in ("compute_dtype", "param_dtype"):
+    if config.model[name] not in DTYPES:
+      errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
+  if config.model.size != "tiny" and not config.model.hf_dir and not config.model_init and not config.resume:
+    errors.append(f"model.size={config.model.size!r} needs model.hf_dir (a local Qwen3-VL-Instruct directory)")
+  if config.model.hf_dir and not (pathlib.Path(config.model.hf_dir) / "config.json").exists():
+    errors.append(f"model.hf_dir={config.model.hf_dir!r}: no config.json there")
+  if config.data.kind not in ("synthetic", "jsonl"):
+    errors.append(f"data.kind={config.data.kind!r}: expected 'synthetic' or 'jsonl'")
+  if config.data.kind == "jsonl" and not config.data.train_files:
+    errors.append("data.kind='jsonl' needs data.train_files")
+  if not 0 <= config.data.qa_weight < 1:
+    errors.append(f"data.qa_weight={config.data.qa_weight}: expected 0 <= w < 1")
+  try:
+    DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode)
+  except ConfigError as e:
+    errors.append(str(e))
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(config) -> DepthVLM:
+  if config.model.hf_dir:
+    d = read_config_dict(config.model.hf_dir)
+    backbone = Qwen3VLConfig.from_hf_dict(d)
+  else:
+    backbone = {"tiny": Qwen3VLConfig.tiny, "4b": Qwen3VLConfig.qwen3_vl_4b,
+                "8b": Qwen3VLConfig.qwen3_vl_8b}[config.model.size]()
+  head = DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode,
+                         features=config.model.dpt_features, out_channels=tuple(config.model.dpt_out_channels),
+                         head_features=config.model.dpt_head_features)
+  return DepthVLM(backbone, head=head, dtype=DTYPES[config.model.compute_dtype],
+                  param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
+
+
+def abstract_boxed_params(model: DepthVLM):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), **depthvlm_dummy_inputs(model.config))["params"])
+
+
+def initial_params(config, model: DepthVLM, shardings, rng):
+  """Params from `model_init` (previous stage) or HF backbone + fresh head, or random (tiny)."""
+  init = jax.jit(lambda r: nn.unbox(model.init(r, **depthvlm_dummy_inputs(model.config))["params"]),
+                 out_shardings=shardings)
+  if config.model_init:
+    trainable, frozen = checkpoints.restore_params(config.model_init)
+    flat = hf_params.flatten(optim.merge_params(trainable, frozen))
+    target = hf_params.flatten(shardings)
+    if set(flat) != set(target):
+      raise ConfigError(f"model_init={config.model_init!r}: parameter tree does not match this model "
+                        f"(differs at {sorted(set(flat) ^ set(target))[:5]})")
+    return hf_params.unflatten({p: jax.device_put(np.asarray(v), target[p]) for p, v in flat.items()})
+  params = init(rng)
+  if config.model.hf_dir:  # pretrained backbone, fresh depth head
+    head = params.pop("depth_head")
+    _, backbone = load_qwen3_vl(config.model.hf_dir, DTYPES[config.model.param_dtype],
+                                {k: v for k, v in shardings.items() if k != "depth_head"},
+                                other_prefixes=("depth_head.",))
+    params = dict(backbone, depth_head=head)
+  return params
+
+
+# ----------------------------------------------------------------------------- data
+def data_sources(config, workdir: pathlib.Path):
+  """(train sources, weights, eval sources) from the config; writes the synthetic set if needed."""
+  if config.data.kind == "synthetic":
+    root = pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
+    paths = synthetic.ensure_synthetic_dataset(root, config.data.synthetic_train, config.data.synthetic_test,
+                                               config.data.synthetic_seed)
+    train = [pipeline.SourceSpec(str(paths["train"]), str(root), str(root), "synthetic")]
+    evals = {"synthetic_test": pipeline.SourceSpec(str(paths["test"]), str(root), str(root), "synthetic")}
+    qa = pipeline.SourceSpec(str(paths["qa"]), str(root), "", "synthetic", with_depth=False)
+  else:
+    def spec(value, with_depth=True):
+      jsonl, image_root, depth_root, *rest = str(value).split("|") + ["", ""]
+      return pipeline.SourceSpec(jsonl, image_root, depth_root, rest[0] or "unknown", with_depth)
+
+    train = [spec(v) for v in config.data.train_files.values()]
+    evals = {k: spec(v) for k, v in config.data.eval_files.items()}
+    qa = None
+  weights = [1.0] * len(train)
+  if config.data.qa_weight > 0 and qa is not None:
+    total = sum(weights)
+    train = train + [qa]
+    weights = weights + [total * config.data.qa_weight / (1 - config.data.qa_weight)]
+  return train, weights, evals
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_grid, batch_size: int):
+  """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1."""
+  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
+                                         b["pixel_values"], b["image_grid_hw"], compute_logits=False,
+                                         depth_grid=depth_grid).depth)
+  scores = []
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # pad: one program for every batch
+    b = {k: np.stack([e[k] for e in chunk]) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                      "image_grid_hw", "depth")}
+    b["position_ids"] = np.stack([e["position_ids"] for e in chunk], 1)
+    pred = fwd(params, b)
+    d1, count = delta1_per_image(pred, jnp.asarray(b["depth"]))
+    n_real = min(batch_size, len(examples) - i)
+    scores += [float(x) for x, c in zip(np.asarray(d1)[:n_real], np.asarray(count)[:n_real]) if c > 0]
+  constant, constant_d1 = best_constant_delta1([e["depth"] for e in examples])
+  return {"delta1": float(np.mean(scores)), "images": len(scores), "best_constant_m": constant,
+          "best_constant_delta1": constant_d1}
+
+
+def prepared_eval_examples(source, spec, model_config, tokenizer, processor) -> list[dict[str, np.ndarray]]:
+  prepare = pipeline.PrepareExample(source, spec, model_config, tokenizer, processor)
+  records, _ = pipeline.load_records(source)
+  out = [prepare(r) for r in records]
+  return [e for e in out if isinstance(e, dict)]
+
+
+# ----------------------------------------------------------------------------- main loop
+def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  out = {}
+  for k, v in batch.items():
+    if k == "skip_counts":
+      continue
+    names = (None, "batch") if k == "position_ids" else ("batch",)
+    if k == "position_ids":
+      v = np.moveaxis(v, 0, 1)  # (B, 3, L) -> (3, B, L)
+    out[k] = jax.device_put(v, sharding.activation_sharding(mesh, *names, shape=v.shape))
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  model = build_model(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tokenizer = load_tokenizer(config.model.hf_dir or None)
+  processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
+  spec = pipeline.ExampleSpec(tuple(config.data.image_size), config.data.seq_len, with_answer=config.stage == 2)
+  depth_grid = spec.token_grid(model.config.vision.image_token_pixels)
+  train_sources, weights, eval_sources = data_sources(config, workdir)
+  num_train = sum(len(pipeline.load_records(s)[0]) for s in train_sources[:1])
+  total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
+  ds = pipeline.make_dataset(train_sources, weights, spec, model.config, tokenizer, processor,
+                             seed=config.data.shuffle_seed)
+  data_iter = iter(pipeline.batched(ds, config.train.global_batch, config.data.num_workers))
+
+  boxed = abstract_boxed_params(model)
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
+  train_sh, frozen_sh = optim.split_params(param_sh, mask)
+  schedule = optim.learning_rate_schedule(config.train.lr, total_steps, config.train.warmup_fraction)
+  optimizer = optim.make_optimizer(schedule, config.train.grad_clip, config.train.weight_decay)
+
+  rng = jax.random.key(config.train.seed)
+  mgr = checkpoints.manager(workdir / "checkpoints", config.keep_ckpts)
+  params = initial_params(config, model, param_sh, rng) if mgr.latest_step() is None else None
+  if params is None:  # own checkpoint: build shapes only, restore below
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), param_sh)
+  trainable, frozen = optim.split_params(params, mask)
+  opt_state = jax.jit(optimizer.init)(trainable) if not isinstance(jax.tree.leaves(trainable)[0],
+                                                                     jax.ShapeDtypeStruct) else \
+      jax.eval_shape(optimizer.init, trainable)
+  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
+           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  start = mgr.latest_step()
+  if start is not None:
+    state, frozen = checkpoints.restore(mgr, start, state, frozen, data_iter)
+    logging.info("resumed from %s step %d", workdir, start)
+  elif config.resume:
+    rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
+    state, frozen = checkpoints.restore(rmgr, rmgr.latest_step(), state, frozen, data_iter)
+
+  step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
+                            config.train.depth_loss_weight, with_lm=config.stage == 2)
+  train_step = jax.jit(step_fn, donate_argnums=(0,))
+  eval_examples = {name: prepared_eval_examples(src, pipeline.ExampleSpec(spec.image_size, spec.seq_len, False,
+                                                                          random_crop=False),
+                                                model.config, tokenizer, processor)
+                   for name, src in eval_sources.items()}
+  skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
+  metrics_path = workdir / "metrics.jsonl"
+  first = int(state["step"])
+  results: dict[str, Any] = {}
+  bar = tqdm.tqdm(range(first, total_steps), initial=first, total=total_steps, desc=f"stage {config.stage}",
+                  dynamic_ncols=True)
+  t0 = time.time()
+  for step in bar:
+    batch = next(data_iter)
+    skip_totals += batch["skip_counts"].sum(0)
+    state, m = train_step(state, frozen, _to_global(batch, mesh))
+    if int(state["nonfinite"]) >= config.train.max_nonfinite_steps:
+      raise NonFiniteError(f"{int(state['nonfinite'])} consecutive non-finite steps at step {step + 1}; "
+                           f"stopping with the last good checkpoint at step {mgr.latest_step()}")
+    done = step + 1
+    if done % config.log_every == 0 or done == total_steps:
+      row = {k: float(v) for k, v in m.items()}
+      row.update(step=done, lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(skip_totals),
+                 skipped_updates=int(state["skipped_updates"]), steps_per_s=(done - first) / (time.time() - t0))
+      bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}")
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
+      full = optim.merge_params(state["params"], frozen)
+      for name, examples in eval_examples.items():
+        results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch)
+        logging.info("step %d eval %s: %s", done, name, results[name])
+        with metrics_path.open("a") as f:
+          f.write(json.dumps({"step": done, "eval": name, **results[name]}) + "\n")
+    if done % config.ckpt_every == 0 or done == total_steps:
+      checkpoints.save(mgr, done, state, frozen, data_iter)
+  mgr.wait_until_finished()
+  results["skipped_samples"] = counts_to_dict(skip_totals)
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return results
