@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthvlm_jax.model.hf_params import KeyMapError, flatten, unflatten
+from depthvlm_jax.model.hf_params import KeyMapError, flatten, raise_if_mismatched, unflatten
 from depthvlm_jax.model.layers import Dense, LayerNorm, logical_init
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
@@ -460,15 +460,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any] | Iterable[tuple[str,
     arr = np.asarray(arr).astype(target.dtype)
     got[path] = place(path, arr) if place else jnp.asarray(arr)
   missing = [f"{prefix}{path_to_torch_key(p)} ({'/'.join(p)})" for p in want if p not in got]
-  if unexpected or mismatched or missing:
-    lines = []
-    if unexpected:
-      lines.append(f"{len(unexpected)} unexpected checkpoint keys: {sorted(unexpected)}")
-    if mismatched:
-      lines.append(f"{len(mismatched)} shape mismatches: {mismatched}")
-    if missing:
-      lines.append(f"{len(missing)} model parameters not in the checkpoint: {sorted(missing)}")
-    raise KeyMapError("depth-head state dict does not match the model:\n  " + "\n  ".join(lines))
+  raise_if_mismatched("depth-head state dict does not match the model", unexpected, mismatched, missing)
   return unflatten(got)
 
 

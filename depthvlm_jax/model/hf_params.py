@@ -38,6 +38,19 @@ class KeyMapError(ValueError):
   """Checkpoint keys or shapes that do not match the model; lists every offending key."""
 
 
+def raise_if_mismatched(what: str, unexpected: list[str], mismatched: list[str], missing: list[str]) -> None:
+  """Raises one `KeyMapError` naming every unexpected key, shape mismatch and unfilled parameter."""
+  lines = []
+  if unexpected:
+    lines.append(f"{len(unexpected)} unexpected checkpoint keys: {sorted(unexpected)}")
+  if mismatched:
+    lines.append(f"{len(mismatched)} shape mismatches: {mismatched}")
+  if missing:
+    lines.append(f"{len(missing)} model parameters not in the checkpoint: {sorted(missing)}")
+  if lines:
+    raise KeyMapError(f"{what}:\n  " + "\n  ".join(lines))
+
+
 def _kind(hf_key: str) -> str:
   for pattern, kind in _RULES:
     if pattern.search(hf_key):
@@ -145,15 +158,7 @@ def hf_to_params(tensors: Iterable[tuple[str, Any]], config: Qwen3VLConfig, expe
       continue
     got[path] = place(path, arr) if place else arr
   missing = ["/".join(p) for p in want if p not in got]
-  if unexpected or mismatched or missing:
-    lines = []
-    if unexpected:
-      lines.append(f"{len(unexpected)} unexpected checkpoint keys: {sorted(unexpected)}")
-    if mismatched:
-      lines.append(f"{len(mismatched)} shape mismatches: {mismatched}")
-    if missing:
-      lines.append(f"{len(missing)} model parameters not in the checkpoint: {sorted(missing)}")
-    raise KeyMapError("checkpoint does not match the Qwen3-VL config:\n  " + "\n  ".join(lines))
+  raise_if_mismatched("checkpoint does not match the Qwen3-VL config", unexpected, mismatched, missing)
   return unflatten(got)
 
 
