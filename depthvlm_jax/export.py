@@ -1,6 +1,6 @@
 """Export DepthVLM parameters as a Hugging Face-layout directory that PyTorch loads.
 
-  python -m depthvlm_jax.export --checkpoint WORKDIR --out DIR [--dtype bfloat16] [--max_shard_gb 5]
+  python -m depthvlm_jax.export --checkpoint WORKDIR_OR_HF_DIR --out DIR [--dtype bfloat16] [--max_shard_gb 5]
 
 writes config.json (Qwen3-VL config + `depth_head_*` fields), model.safetensors (or shards plus
 model.safetensors.index.json), the tokenizer files and preprocessor_config.json, with the official
@@ -43,9 +43,15 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadConfig | None, out_dir: str | pathlib.Path,
-                 tokenizer_dir: str | pathlib.Path | None = None, dtype: str = "float32",
-                 max_shard_bytes: int = 5 * 2**30, processing_files: bool = True) -> pathlib.Path:
-  """Writes the HF directory atomically (tokenizer/processor files unless `processing_files=False`)."""
+                 tokenizer=None, processor=None, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
+                 processing_files: bool = True) -> pathlib.Path:
+  """Writes the HF directory atomically.
+
+  Args:
+    tokenizer, processor: a Hugging Face tokenizer and an `ImageProcessorConfig` whose files are
+      written beside the weights (defaults: the embedded offline Qwen tokenizer and default
+      processor settings); skipped when `processing_files=False`.
+  """
   out = pathlib.Path(out_dir).absolute()
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -77,7 +83,10 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
       (tmp / "model.safetensors.index.json").write_text(
           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if processing_files:
-      _write_processing_files(tmp, tokenizer_dir)
+      from depthvlm_jax.processing.image_processor import ImageProcessorConfig
+      from depthvlm_jax.processing.tokenizer import load_tokenizer
+      (tokenizer or load_tokenizer(None)).save_pretrained(str(tmp))
+      (processor or ImageProcessorConfig()).save(tmp)
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)
@@ -87,17 +96,8 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
   return out
 
 
-def _write_processing_files(out: pathlib.Path, tokenizer_dir) -> None:
-  from depthvlm_jax.processing.image_processor import ImageProcessorConfig
-  from depthvlm_jax.processing.tokenizer import load_tokenizer
-  load_tokenizer(str(tokenizer_dir) if tokenizer_dir else None).save_pretrained(str(out))
-  ImageProcessorConfig().save(out) if tokenizer_dir is None else None
-  for name in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja"):
-    if tokenizer_dir and (pathlib.Path(tokenizer_dir) / name).exists():
-      shutil.copy(pathlib.Path(tokenizer_dir) / name, out / name)
-
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (orbax checkpoints + config.json).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (orbax checkpoints + config.json) or a "
+                                   "Hugging Face-layout DepthVLM directory (to re-shard or cast it).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above this size.")
@@ -105,15 +105,10 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above
 
 def main(argv):
   del argv
-  from depthvlm_jax.train import checkpoints, optim, trainer
-  import ml_collections
-  workdir = pathlib.Path(_CHECKPOINT.value)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  model = trainer.build_model(config)
-  trainable, frozen = checkpoints.restore_params(workdir)
-  params = optim.merge_params(trainable, frozen)
-  out = write_hf_dir(params, model.config, model.head, _OUT.value, config.model.hf_dir or None, _DTYPE.value,
-                     int(_MAX_SHARD_GB.value * 2**30))
+  from depthvlm_jax.evaluation.loading import load_model
+  loaded = load_model(_CHECKPOINT.value)
+  out = write_hf_dir(loaded.params, loaded.model.config, loaded.model.head, _OUT.value, loaded.tokenizer,
+                     loaded.processor, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30))
   print(f"wrote {out}")
 
 

@@ -91,3 +91,38 @@ def test_bf16_export(tmp_path, jax_model):
   a, b = hf_params.flatten(params), hf_params.flatten(params2)
   for k in a:
     np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-2, atol=1e-6)
+
+
+def test_export_cli_from_training_workdir(tmp_path):
+  """`python -m depthvlm_jax.export --checkpoint WORKDIR` writes a directory PyTorch loads strictly,
+  holding exactly the run's parameters."""
+  import subprocess
+  import sys
+
+  import flax.linen as nn
+  from configs import stage1
+  from depthvlm_jax.train import checkpoints, optim, trainer
+
+  config = stage1.get_config()
+  model = trainer.build_model(config)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(1), **depthvlm_dummy_inputs(model.config))["params"]))()
+  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, list(map(tuple, config.train.trainable))))
+  workdir = tmp_path / "run"
+  (workdir).mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mgr = checkpoints.manager(workdir / "checkpoints", 1, async_save=False)
+  checkpoints.save(mgr, 3, {"step": np.int32(3), "params": trainable}, frozen, None)
+  mgr.wait_until_finished()
+  mgr.close()
+
+  out = tmp_path / "exported"
+  proc = subprocess.run([sys.executable, "-m", "depthvlm_jax.export", f"--checkpoint={workdir}", f"--out={out}"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+    assert (out / name).exists(), name
+  DepthVLMForConditionalGeneration.from_pretrained(out)  # strict: every key present, none unexpected
+  model2, params2 = hf_checkpoint.load_depthvlm(out)
+  assert model2.head == model.head
+  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
