@@ -57,9 +57,10 @@ def init_cache(model: Qwen3VL, batch: int, slots: int, dtype=None) -> list[tuple
   return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling"))
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "depth_grid", "depth_output_size"))
 def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids, rng,
-                    pixel_values=None, image_grid_hw=None, *, sampling: SamplingConfig):
+                    pixel_values=None, image_grid_hw=None, *, sampling: SamplingConfig,
+                    depth_grid: tuple[int, int] | None = None, depth_output_size: tuple[int, int] | None = None):
   """Generates `sampling.max_new_tokens` tokens after a left-padded prompt.
 
   Args:
@@ -69,18 +70,22 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
     position_ids: (3, B, L) MRoPE positions of the prompt.
     rng: PRNG key (unused for greedy).
     pixel_values, image_grid_hw: padded images or None.
+    depth_grid, depth_output_size: for a `DepthVLM`, the static depth bucket (see
+      `DepthVLM.__call__`): the prefill then also runs the depth head, so the returned prefill output
+      carries `depth` (N, H, W) computed from the same pass that seeded the KV cache.
 
   Returns:
-    tokens (B, max_new_tokens) int32 (`pad_token_id` after a row's EOS) and the prefill
-    `Qwen3VLOutput` (hidden states and image features; logits not computed).
+    tokens (B, max_new_tokens) int32 (`pad_token_id` after a row's EOS) and the prefill output
+    (`Qwen3VLOutput` or `DepthVLMOutput`; logits not computed, cache dropped).
   """
   b, l = input_ids.shape
   n_new = sampling.max_new_tokens
   cache = init_cache(model, b, l + n_new)
   key_valid = jnp.concatenate([attention_mask, jnp.ones((b, n_new), attention_mask.dtype)], 1)
   variables = {"params": params}
+  depth_kw = {} if depth_grid is None else dict(depth_grid=depth_grid, depth_output_size=depth_output_size)
   prefill = model.apply(variables, input_ids, position_ids, key_valid, pixel_values, image_grid_hw,
-                        cache=cache, cache_index=0, compute_logits=False)
+                        cache=cache, cache_index=0, compute_logits=False, **depth_kw)
   last_logits = model.apply(variables, prefill.hidden_states[:, -1:], method=Qwen3VL.logits)[:, 0]
   next_pos = jnp.max(position_ids, axis=(0, 2)) + 1  # (B,)
   eos = jnp.asarray(sampling.eos_token_ids, jnp.int32)

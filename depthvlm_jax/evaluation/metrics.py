@@ -14,28 +14,31 @@ import numpy as np
 METRIC_NAMES = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
 
 
-def depth_metrics_per_image(pred, gt, valid=None) -> dict[str, jnp.ndarray]:
-  """(N, H, W) pred/gt (+ optional bool mask) -> {name: (N,)} and "count" (N,) valid pixels."""
+def depth_metrics_per_image(pred, gt, valid=None, xp=jnp) -> dict[str, jnp.ndarray]:
+  """(N, H, W) pred/gt (+ optional bool mask) -> {name: (N,)} and "count" (N,) valid pixels.
+
+  `xp=numpy` runs the same formulas on the host (no compilation for each new image size).
+  """
   mask = (gt > 0) & (pred > 0)
   if valid is not None:
     mask = mask & valid
   count = mask.sum(axis=(1, 2))
-  n = jnp.maximum(count, 1).astype(jnp.float32)
-  p = jnp.where(mask, pred, 1.0).astype(jnp.float32)
-  g = jnp.where(mask, gt, 1.0).astype(jnp.float32)
-  m = mask.astype(jnp.float32)
+  n = xp.maximum(count, 1).astype(xp.float32)
+  p = xp.where(mask, pred, 1.0).astype(xp.float32)
+  g = xp.where(mask, gt, 1.0).astype(xp.float32)
+  m = mask.astype(xp.float32)
   mean = lambda x: (x * m).sum(axis=(1, 2)) / n
-  ratio = jnp.maximum(p / g, g / p)
-  d = jnp.log(p) - jnp.log(g)
+  ratio = xp.maximum(p / g, g / p)
+  d = xp.log(p) - xp.log(g)
   out = {
       "delta1": mean(ratio < 1.25),
       "delta2": mean(ratio < 1.25**2),
       "delta3": mean(ratio < 1.25**3),
       "abs_rel": mean(jnp.abs(p - g) / g),
       "sq_rel": mean((p - g)**2 / g),
-      "rmse": jnp.sqrt(mean((p - g)**2)),
-      "rmse_log": jnp.sqrt(mean(d**2)),
-      "silog": jnp.sqrt(jnp.maximum(mean(d**2) - mean(d)**2, 0.0)) * 100.0,
+      "rmse": xp.sqrt(mean((p - g)**2)),
+      "rmse_log": xp.sqrt(mean(d**2)),
+      "silog": xp.sqrt(xp.maximum(mean(d**2) - mean(d)**2, 0.0)) * 100.0,
   }
   out["count"] = count
   return out
@@ -48,10 +51,14 @@ def delta1_per_image(pred, gt, valid=None):
 
 
 def sparse_metrics(pred_at_points: np.ndarray, gt_at_points: np.ndarray) -> dict[str, float]:
-  """The same metrics over sparse points of one image (1-D arrays)."""
-  out = depth_metrics_per_image(jnp.asarray(pred_at_points, jnp.float32)[None, None],
-                                jnp.asarray(gt_at_points, jnp.float32)[None, None])
-  return {k: float(v[0]) for k, v in out.items()}
+  """The same metrics over sparse points of one image (1-D arrays), on the host."""
+  return image_metrics(np.asarray(pred_at_points)[None], np.asarray(gt_at_points)[None])
+
+
+def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+  """Metrics of one (H, W) map pair on the host, as Python floats (and the int "count")."""
+  out = depth_metrics_per_image(np.asarray(pred, np.float32)[None], np.asarray(gt, np.float32)[None], xp=np)
+  return {k: (int(v[0]) if k == "count" else float(v[0])) for k, v in out.items()}
 
 
 def best_constant_delta1(gts: list[np.ndarray], num: int = 400) -> tuple[float, float]:

@@ -1,0 +1,217 @@
+"""Depth maps, point clouds and text answers for images (SPEC §6).
+
+  python -m depthvlm_jax.predict --model DIR_OR_CKPT --image PATH [--fx F] [--prompt TEXT] --out DIR
+
+PATH is an image, a folder (every .jpg/.jpeg/.png/.bmp/.webp/.tif in it, sorted) or a list file
+(.txt/.lst: one image per line, optionally followed by its fx; relative paths are relative to the list
+file). For an image `NAME` it writes into DIR:
+  NAME_depth.npy   (H, W) float32 metres at the original resolution
+  NAME_depth.png   (H, W) uint16 millimetres (0 = invalid)
+  NAME_vis.png     (H, 2W, 3) RGB | Turbo depth (2nd-98th percentile range)
+  NAME.ply         binary PLY point cloud (x, y, z float32 metres; red, green, blue uint8)
+  NAME.json        the answer text, intrinsics, sizes and depth statistics
+and `predictions.jsonl` with one summary line per image.
+
+Camera: `--fx` is the focal length in pixels of the image as given; fy = fx and the principal point is
+the image centre. Without it, fx = DEFAULT_FX_FRACTION * width (a 60° horizontal field of view,
+typical of phone and webcam cameras; metric depth scales with this guess). The image is resized so
+its focal length becomes `canonical_fx` (1000 px, as in training), then to the processor's multiple
+of 32; the model's depth map is resized back to the original size (bilinear, align_corners=True).
+
+Depth and text come from one prefill: `generate.generate_tokens(..., depth_grid=...)` runs the
+DepthVLM forward once over image + prompt, returns its depth map, and decodes the answer from the
+KV cache that same pass filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from data_pipelines import rgbd
+from data_pipelines.pipeline import DEFAULT_PROMPT
+from depthvlm_jax import generate as gen
+from depthvlm_jax.evaluation import outputs, protocol
+from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.processing import chat
+from depthvlm_jax.processing.image_processor import preprocess_image, smart_resize
+
+CANONICAL_FX = 1000.0
+DEFAULT_FX_FRACTION = 0.5 / math.tan(math.radians(30.0))  # fx / width for a 60° horizontal FoV
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class PredictError(ValueError):
+  """Bad input (message names the file or option and what was expected)."""
+
+
+def default_fx(width: int) -> float:
+  return DEFAULT_FX_FRACTION * width
+
+
+def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple[pathlib.Path, float | None]]:
+  """(image path, fx or None) for an image, a folder of images, or a list file ("path [fx]" lines)."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+      raise PredictError(f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [(q, fx) for q in found]
+  if not p.exists():
+    raise PredictError(f"{p}: no such image, folder or list file")
+  if p.suffix.lower() in (".txt", ".lst"):
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+      parts = line.split()
+      if not parts or parts[0].startswith("#"):
+        continue
+      q = pathlib.Path(parts[0])
+      q = q if q.is_absolute() else p.parent / q
+      try:
+        f = float(parts[1]) if len(parts) > 1 else fx
+      except ValueError:
+        raise PredictError(f"{p}:{n}: expected 'path [fx]', got {line!r}") from None
+      if not q.exists():
+        raise PredictError(f"{p}:{n}: image {q} not found")
+      out.append((q, f))
+    return out
+  return [(p, fx)]
+
+
+def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | None = None,
+                  prompt: str | None = None, out_dir: str | pathlib.Path | None = None, name: str | None = None,
+                  max_new_tokens: int = 64, seq_multiple: int = 64) -> dict[str, Any]:
+  """Depth (metres, original resolution), point cloud and text answer for one image.
+
+  Args:
+    loaded: `evaluation.loading.load_model(...)` result.
+    image: a path or an (H, W, 3) uint8 RGB array.
+    fx: focal length in pixels of this image (default `default_fx(W)`).
+    prompt: user prompt (default: the DepthVLM depth prompt).
+    out_dir: when given, the files listed in the module docstring are written there.
+    name: file stem (default: the image file's stem, or "image").
+    max_new_tokens: length of the greedy answer.
+    seq_multiple: prompt length is padded to a multiple of this (fewer recompiles across sizes).
+
+  Returns:
+    dict with depth (H, W) float32, text, fx, intrinsics (3, 3), canonical_size / processed_size
+    (H, W), points (N, 3) float32, colours (N, 3) uint8, and files {kind: path} when written.
+  """
+  if isinstance(image, (str, pathlib.Path)):
+    try:
+      rgb = rgbd.load_rgb(pathlib.Path(image))
+    except rgbd.SampleError as e:
+      raise PredictError(str(e)) from None
+    name = name or pathlib.Path(image).stem
+  else:
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+      raise PredictError(f"image array of shape {rgb.shape} and dtype {rgb.dtype}: expected (H, W, 3) uint8")
+    name = name or "image"
+  h0, w0 = rgb.shape[:2]
+  fx = float(fx) if fx else default_fx(w0)
+  if not (fx > 0 and math.isfinite(fx)):
+    raise PredictError(f"fx={fx!r}: expected a positive focal length in pixels")
+  model, params, tok, proc = loaded.model, loaded.params, loaded.tokenizer, loaded.processor
+  cw, ch = rgbd.canonical_size((w0, h0), fx, CANONICAL_FX)
+  canonical = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.Resampling.BILINEAR))
+  hp, wp = smart_resize(ch, cw, proc.factor, proc.min_pixels, proc.max_pixels)
+  patches, grid = preprocess_image(canonical, proc, size=(hp, wp))
+  grid_tokens = (hp // proc.factor, wp // proc.factor)
+  ids = chat.encode_sample(tok, prompt or DEFAULT_PROMPT, [grid_tokens[0] * grid_tokens[1]])["input_ids"]
+  seq_len = -(-len(ids) // seq_multiple) * seq_multiple
+  batch = make_model_inputs([ids], model.config, [patches], [grid[1:]], padding_side="left", seq_len=seq_len,
+                            pad_id=tok.pad_token_id)
+  eos = tuple(i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+              if i is not None)
+  sampling = gen.SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tok.pad_token_id)
+  tokens, prefill = gen.generate_tokens(model, params, batch["input_ids"], batch["attention_mask"],
+                                        batch["position_ids"], jax.random.key(0), batch["pixel_values"],
+                                        batch["image_grid_hw"], sampling=sampling, depth_grid=grid_tokens)
+  text = tok.decode(gen.strip_after_eos(np.asarray(tokens), eos)[0], skip_special_tokens=True)
+  depth = protocol.resize_map(np.asarray(prefill.depth[0], np.float32), (h0, w0))
+  k = outputs.intrinsics(w0, h0, fx)
+  points, colours = outputs.backproject(depth, k, rgb)
+  result = dict(name=name, depth=depth, text=text, fx=fx, intrinsics=k, original_size=(h0, w0),
+                canonical_size=(ch, cw), processed_size=(hp, wp), points=points, colours=colours)
+  if out_dir is not None:
+    result["files"] = write_outputs(out_dir, name, rgb, result)
+  return result
+
+
+def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, result: dict[str, Any]) -> dict[str, str]:
+  """Writes NAME_depth.npy/.png, NAME_vis.png, NAME.ply, NAME.json; returns {kind: path}."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  depth = result["depth"]
+  files = {"npy": out / f"{name}_depth.npy", "png": out / f"{name}_depth.png", "vis": out / f"{name}_vis.png",
+           "ply": out / f"{name}.ply", "json": out / f"{name}.json"}
+  np.save(files["npy"], depth)
+  outputs.save_depth_png_mm(files["png"], depth)
+  Image.fromarray(outputs.side_by_side(rgb, depth)).save(files["vis"])
+  outputs.write_ply(files["ply"], result["points"], result["colours"])
+  lo, hi = outputs.percentile_range(depth)
+  info = {"name": name, "text": result["text"], "fx": result["fx"], "intrinsics": result["intrinsics"].tolist(),
+          "original_size": list(result["original_size"]), "canonical_size": list(result["canonical_size"]),
+          "processed_size": list(result["processed_size"]), "points": int(len(result["points"])),
+          "depth_min": float(depth.min()), "depth_max": float(depth.max()), "depth_p2": lo, "depth_p98": hi,
+          "files": {k: str(v) for k, v in files.items()}}
+  files["json"].write_text(json.dumps(info, indent=2))
+  return {k: str(v) for k, v in files.items()}
+
+
+def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], out_dir: str | pathlib.Path,
+                 prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True) -> list[dict[str, Any]]:
+  """`predict_image` over (path, fx) pairs; appends a summary line per image to predictions.jsonl."""
+  import tqdm
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  names = [p.stem for p, _ in images]
+  if len(set(names)) != len(names):  # same stem in different folders: keep files apart
+    names = [f"{i:05d}_{n}" for i, n in enumerate(names)]
+  summaries = []
+  with (out / "predictions.jsonl").open("a") as f:
+    for (path, fx), name in tqdm.tqdm(list(zip(images, names)), desc="predict", disable=not progress):
+      r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens)
+      row = {"image": str(path), "name": name, "text": r["text"], "fx": r["fx"], "files": r["files"]}
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      summaries.append(row)
+  return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.predict", description=__doc__.split("\n")[0])
+  ap.add_argument("--model", required=True, help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir")
+  ap.add_argument("--image", required=True, help="image, folder of images, or list file (.txt/.lst)")
+  ap.add_argument("--out", required=True, help="output directory")
+  ap.add_argument("--fx", type=float, default=None, help="focal length in pixels (default: 60° horizontal FoV)")
+  ap.add_argument("--prompt", default=None, help="user prompt (default: the DepthVLM depth prompt)")
+  ap.add_argument("--max_new_tokens", type=int, default=64)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  args = ap.parse_args(argv)
+  import jax.numpy as jnp
+  from depthvlm_jax.evaluation.loading import load_model
+  images = list_images(args.image, args.fx)
+  loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
+  rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens)
+  for r in rows:
+    print(f"{r['image']}: {r['text']!r} -> {r['files']['vis']}")
+  return rows
+
+
+if __name__ == "__main__":
+  from depthvlm_jax.evaluation.loading import ModelLoadError
+  from depthvlm_jax.model.hf_checkpoint import CheckpointError
+  try:
+    main()
+  except (PredictError, ModelLoadError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
