@@ -8,15 +8,20 @@
 Every example has the static shapes of one bucket (`image_size`, `seq_len`), so a batch never
 recompiles the train step. Unusable samples become `Skipped` markers, are dropped and counted
 (`skip_counts`), never trained on. The iterator state (grain) is checkpointed with the train state.
+A source is a JSON Lines annotation file, or (`tfds_source`) a split converted to ArrayRecord by
+`data_pipelines.tfds_builder`, which stores examples already decoded and focal-unified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import flags
+from PIL import Image
 
 from data_pipelines import rgbd
 from data_pipelines.skips import DropSkipped, Skipped
@@ -32,13 +37,25 @@ DEFAULT_REPLY = "OK, I will estimate the depth map of this image."
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-  """One annotation file with its roots; `dataset` picks the depth range (SPEC §4)."""
+  """One annotation file with its roots; `dataset` picks the depth range (SPEC §4).
+
+  With `format="array_record"`, `jsonl` is instead a directory written by
+  `data_pipelines.tfds_builder.convert` (examples already loaded and focal-unified) and `split` picks
+  its split; the roots are then unused. See `tfds_source`.
+  """
 
   jsonl: str
   image_root: str
   depth_root: str = ""
   dataset: str = "synthetic"
   with_depth: bool = True  # False: caption/QA records (image + prompt + solution)
+  format: str = "jsonl"  # "jsonl" | "array_record"
+  split: str = "train"  # array_record only
+
+
+def tfds_source(directory: str, split: str, dataset: str = "synthetic", with_depth: bool = True) -> SourceSpec:
+  """A source reading split `split` of a converted ArrayRecord dataset (see `tfds_builder`)."""
+  return SourceSpec(str(directory), "", "", dataset, with_depth, format="array_record", split=split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +79,35 @@ def _crop(array: np.ndarray, size: tuple[int, int], rng: np.random.Generator | N
   return array[y0:y0 + h, x0:x0 + w]
 
 
+def load_canonical(record: rgbd.RGBDRecord, source: SourceSpec) -> rgbd.CanonicalSample:
+  """Reads one record as the pipeline uses it (raises `rgbd.SampleError`).
+
+  RGB-D sources: focal-unified image and depth (SPEC §4). Caption/QA sources (`depth` None): the
+  image focal-unified too when the record gives `canonical_size` or `original_fx` (same geometry
+  as the depth data), else as stored.
+  """
+  if source.with_depth:
+    return rgbd.load_sample(record, source.image_root, source.depth_root, source.dataset)
+  image = rgbd.load_rgb(rgbd.resolve_path(source.image_root, record.image))
+  if record.canonical_size is not None or record.original_fx is not None:
+    return rgbd.unify_focal(image, None, record, source.dataset)
+  return rgbd.CanonicalSample(image, None, (0, 0), (image.shape[1], image.shape[0]))
+
+
+def _cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear upscale keeping the aspect ratio until (H, W) >= `size` (image-only samples)."""
+  h, w = image.shape[:2]
+  s = max(size[0] / h, size[1] / w)
+  new_wh = (max(size[1], math.ceil(w * s)), max(size[0], math.ceil(h * s)))
+  return np.asarray(Image.fromarray(image).resize(new_wh, Image.Resampling.BILINEAR))
+
+
 class PrepareExample:
-  """Record -> example dict (or `Skipped`). Picklable, for grain worker processes."""
+  """Record -> example dict (or `Skipped`). Picklable, for grain worker processes.
+
+  A record is an `rgbd.RGBDRecord` (read from its files) or, for `format="array_record"` sources, a
+  converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key`.
+  """
 
   def __init__(self, source: SourceSpec, spec: ExampleSpec, model_config: Qwen3VLConfig, tokenizer,
                processor: ImageProcessorConfig):
@@ -74,15 +118,21 @@ class PrepareExample:
     if isinstance(record, Skipped):
       return record
     h, w = self.spec.image_size
-    try:
-      if self.source.with_depth:
-        sample = rgbd.load_sample(record, self.source.image_root, self.source.depth_root, self.source.dataset)
+    if isinstance(record, dict):  # converted example: already loaded and focal-unified
+      image = record["image"]
+      depth = record["depth"] if self.source.with_depth else None
+      if self.source.with_depth and not record["has_depth"]:
+        return Skipped("missing_depth", f"{record['key']}: converted example has no depth")
+      record = rgbd.RGBDRecord(image=record["key"], prompt=record["prompt"] or None,
+                               solution=record["solution"] or None)
+    else:
+      try:
+        sample = load_canonical(record, self.source)
         image, depth = sample.image, sample.depth
-      else:
-        image = rgbd.load_rgb(rgbd.resolve_path(self.source.image_root, record.image))
-        depth = None
-    except rgbd.SampleError as e:
-      return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
+      except rgbd.SampleError as e:
+        return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
+    if depth is None and (image.shape[0] < h or image.shape[1] < w):
+      image = _cover(image, (h, w))  # no depth to keep metric: upscaling is harmless
     if image.shape[0] < h or image.shape[1] < w:
       return Skipped("too_small", f"{record.image}: {image.shape[:2]} < bucket {(h, w)}")
     crop_rng = rng if self.spec.random_crop else None
@@ -117,8 +167,16 @@ class PrepareExample:
 _REASONS = ("bad_record", "unreadable_image", "missing_depth", "corrupt_depth", "no_valid_depth")
 
 
-def load_records(source: SourceSpec) -> tuple[list[Any], list[Skipped]]:
-  """Parses an annotation file; bad lines become `Skipped` (counted), never crash."""
+def load_records(source: SourceSpec) -> tuple[Sequence[Any], list[Skipped]]:
+  """Parses an annotation file; bad lines become `Skipped` (counted), never crash.
+
+  For an `array_record` source: (its random-access data source of converted examples, []).
+  """
+  if source.format == "array_record":
+    from data_pipelines import tfds_builder  # optional dependency: tensorflow-datasets
+    return tfds_builder.data_source(source.jsonl, source.split), []
+  if source.format != "jsonl":
+    raise ValueError(f"{source.jsonl}: unknown source format {source.format!r}; expected 'jsonl' or 'array_record'")
   records, errors = rgbd.read_jsonl(source.jsonl)
   return records, [Skipped("bad_record", str(e)) for e in errors]
 
@@ -130,8 +188,8 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float], spec: 
   parts = []
   for source in sources:
     records, bad = load_records(source)
-    items = bad + records
-    if not items:
+    items = bad + records if bad else records
+    if not len(items):
       raise ValueError(f"{source.jsonl}: no records")
     prepare = PrepareExample(source, spec, model_config, tokenizer, processor)
     ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs)
@@ -145,5 +203,7 @@ def batched(ds: grain.MapDataset, batch_size: int, num_workers: int = 0) -> grai
   """Drops/counts skipped samples, batches, and optionally loads in worker processes."""
   it = DropSkipped(ds.to_iter_dataset()).batch(batch_size, drop_remainder=True)
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use their defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it

@@ -202,7 +202,7 @@ def canonical_size(original_wh: tuple[int, int], original_fx: float, canonical_f
 @dataclasses.dataclass
 class CanonicalSample:
   image: np.ndarray  # (Hc, Wc, 3) uint8
-  depth: np.ndarray  # (Hc, Wc) float32 metres, 0 = invalid
+  depth: np.ndarray | None  # (Hc, Wc) float32 metres, 0 = invalid; None: image-only (caption/QA)
   crop_offset: tuple[int, int]  # (x0, y0) of the centre crop in the resized image
   size_before_crop: tuple[int, int]  # (W, H) canonical size
 
@@ -215,8 +215,12 @@ def resize_nearest(depth: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
   return depth[ys][:, xs]
 
 
-def unify_focal(rgb: np.ndarray, depth: np.ndarray, record: RGBDRecord, dataset: str) -> CanonicalSample:
-  """Resizes RGB (bilinear) and depth (nearest) to the canonical focal length, crops, range-masks."""
+def unify_focal(rgb: np.ndarray, depth: np.ndarray | None, record: RGBDRecord, dataset: str) -> CanonicalSample:
+  """Resizes RGB (bilinear) and depth (nearest) to the canonical focal length, crops, range-masks.
+
+  rgb (H, W, 3) uint8, depth (Hd, Wd) float32 metres or None (image-only record: RGB only, no
+  range check) -> CanonicalSample at `canonical_size` (after any centre crop).
+  """
   h, w = rgb.shape[:2]
   if record.canonical_size is not None:
     size = record.canonical_size
@@ -228,12 +232,15 @@ def unify_focal(rgb: np.ndarray, depth: np.ndarray, record: RGBDRecord, dataset:
     raise SampleError("bad_record", f"{record.source}: image is {w}x{h}, record says original_rgb_size "
                       f"{list(record.original_rgb_size)}")
   image = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-  depth = resize_nearest(depth, size)
   x0 = y0 = 0
+  cw, ch = size
   if dataset in CENTRE_CROP_1024:
     cw, ch = min(size[0], 1024), min(size[1], 1024)
     x0, y0 = (size[0] - cw) // 2, (size[1] - ch) // 2
-    image, depth = image[y0:y0 + ch, x0:x0 + cw], depth[y0:y0 + ch, x0:x0 + cw]
+  image = image[y0:y0 + ch, x0:x0 + cw]
+  if depth is None:
+    return CanonicalSample(image, None, (x0, y0), tuple(size))
+  depth = resize_nearest(depth, size)[y0:y0 + ch, x0:x0 + cw]
   lo, hi = DATASET_DEPTH_RANGES.get(dataset, (0.0, np.inf))
   depth = np.where((depth >= lo) & (depth <= hi), depth, 0.0).astype(np.float32)
   if not np.any(depth > 0):

@@ -99,26 +99,74 @@ def test_paths_escaping_the_root_are_refused(tmp_path):
       rgbd.resolve_path(tmp_path, rel)
 
 
-@pytest.mark.parametrize("mode", ["L", "I;16", "RGBA", "exif"])
-def test_image_modes(tmp_path, mode):
-  if mode == "L":
-    img = Image.fromarray(np.full((40, 60), 100, np.uint8))
-  elif mode == "I;16":
-    img = Image.fromarray(np.full((40, 60), 65535, np.uint16))
-  elif mode == "RGBA":
-    img = Image.fromarray(np.full((40, 60, 4), 100, np.uint8), "RGBA")
-  else:
-    img = Image.fromarray(np.zeros((60, 40, 3), np.uint8))  # stored portrait, EXIF says rotate to landscape
-    exif = img.getexif()
-    exif[0x0112] = 6
-    img.save(tmp_path / "e.jpg", exif=exif)
-  path = tmp_path / "e.jpg" if mode == "exif" else tmp_path / "i.png"
-  if mode != "exif":
-    img.save(path)
-  out = rgbd.load_rgb(path)
-  assert out.shape == (40, 60, 3) and out.dtype == np.uint8
-  if mode == "I;16":
-    assert out.max() == 255
+def test_image_modes_are_converted_to_8bit_rgb(tmp_path):
+  grey = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) % 256
+  wide = (np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) * 27 % 65536).astype(np.uint16)
+  rgba = np.random.default_rng(0).integers(0, 256, (40, 60, 4), dtype=np.uint8)
+  cases = {"L": (Image.fromarray(grey.astype(np.uint8)), np.repeat(grey[..., None], 3, -1)),
+           "I;16": (Image.fromarray(wide), np.repeat(np.round(wide / 257.0)[..., None], 3, -1)),
+           "RGBA": (Image.fromarray(rgba, "RGBA"), rgba[..., :3])}  # alpha dropped, colour kept
+  for mode, (img, want) in cases.items():
+    assert img.mode == mode
+    img.save(tmp_path / f"{mode}.png")
+    out = rgbd.load_rgb(tmp_path / f"{mode}.png")
+    assert out.dtype == np.uint8 and out.shape == (40, 60, 3), mode
+    np.testing.assert_array_equal(out, want.astype(np.uint8), err_msg=mode)
+
+
+@pytest.mark.parametrize("orientation, rotate", [(6, -1), (8, 1), (3, 2)])
+def test_exif_rotation_is_applied(tmp_path, orientation, rotate):
+  """A JPEG stored sideways with an EXIF Orientation tag is read as displayed (np.rot90 reference)."""
+  stored = np.zeros((64, 48, 3), np.uint8)  # blocks of flat colour survive JPEG compression
+  stored[:32, :24] = (255, 0, 0)
+  stored[:32, 24:] = (0, 255, 0)
+  stored[32:, :24] = (0, 0, 255)
+  stored[32:, 24:] = (255, 255, 255)
+  img = Image.fromarray(stored)
+  exif = img.getexif()
+  exif[0x0112] = orientation
+  img.save(tmp_path / "e.jpg", exif=exif, quality=95)
+  assert Image.open(tmp_path / "e.jpg").getexif()[0x0112] == orientation
+  out = rgbd.load_rgb(tmp_path / "e.jpg")
+  want = np.rot90(stored, k=rotate)  # k=-1: clockwise
+  assert out.shape == want.shape
+  assert np.abs(out.astype(int) - want).mean() < 3
+
+  # through the full reader: the record's original_rgb_size is the displayed size
+  depth = np.full(want.shape[:2], 1500, np.uint16)
+  Image.fromarray(depth).save(tmp_path / "d.png")
+  r = rgbd.parse_record({"image": "e.jpg", "depth_path": "d.png", "depth_scale": 1000.0, "original_fx": 100.0,
+                         "canonical_fx": 100.0, "original_rgb_size": [want.shape[1], want.shape[0]]}, "t:1")
+  s = rgbd.load_sample(r, tmp_path, tmp_path, "nyuv2")
+  assert s.image.shape[:2] == want.shape[:2] and np.abs(s.image.astype(int) - want).mean() < 3
+
+
+def test_missing_image_and_escaping_paths_in_records(tmp_path):
+  r = _write(tmp_path, BASE, None, DEPTH)
+  with pytest.raises(rgbd.SampleError, match="not found") as e:
+    rgbd.load_sample(r, tmp_path / "rgb", tmp_path / "depth", "nyuv2")
+  assert e.value.reason == "unreadable_image"
+  RGB.save(tmp_path / "rgb" / "a.png")
+  (tmp_path / "outside.png").write_bytes((tmp_path / "depth" / "a.png").read_bytes())
+  (tmp_path / "depth" / "link.png").symlink_to(tmp_path / "outside.png")  # a link out of the root
+  for field, rel in [("image", "../depth/a.png"), ("depth_path", "../outside.png"), ("depth_path", "link.png"),
+                     ("mask_valid_path", "/etc/hostname")]:
+    r = rgbd.parse_record(dict(BASE, **{field: rel}), "t:1")
+    with pytest.raises(rgbd.SampleError, match="escapes|absolute") as e:
+      rgbd.load_sample(r, tmp_path / "rgb", tmp_path / "depth", "nyuv2")
+    assert e.value.reason == "bad_record" and rel in str(e.value)
+
+
+def test_all_nan_or_inf_depth_is_skipped(tmp_path):
+  RGB.save(tmp_path / "a.png")
+  raw = np.full((40, 60), np.nan, np.float32)
+  raw[::2] = np.inf
+  raw.tofile(tmp_path / "d.bin")
+  r = rgbd.parse_record(dict(BASE, image="a.png", depth_path="d.bin", depth_format="binary_float32", depth_scale=1.0,
+                             original_rgb_size=[60, 40]), "t:1")
+  with pytest.raises(rgbd.SampleError, match="no valid depth") as e:
+    rgbd.load_sample(r, tmp_path, tmp_path, "nyuv2")
+  assert e.value.reason == "no_valid_depth"
 
 
 def test_ibims_masks(tmp_path):

@@ -1,0 +1,196 @@
+"""Input pipeline throughput next to the train step's consumption rate (default stage-1/2 configs).
+
+  python -m benchmarks.loader_throughput [--batches 30] [--steps 6] [--workers 0,2] [--array_record]
+
+For each stage's `default` config (tiny model, synthetic RGB-D set, bucket 192x256, seq 128,
+batch 8; stage 2 mixes caption/QA samples), measured in one process, one after the other:
+  loader       samples/s of `pipeline.batched(make_dataset(...))` with 0 and 2 worker processes,
+               after the first batch (worker start-up is reported separately);
+  train step   examples/s of the jitted train step (`trainer` helpers, after compilation) on a
+               batch from that loader;
+  end to end   examples/s of the step fed by the 2-worker loader (the two share the CPU).
+The loader is not the bottleneck when its rate exceeds the train step's. With `--array_record` it
+also converts the synthetic set with `tfds_builder` and reports conversion time, size on disk and
+the 0-worker loader rate reading the ArrayRecord files.
+The synthetic set is smaller than the config's (`--synthetic_train`); the loader's per-sample cost
+does not depend on the set's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import stage1, stage2
+from data_pipelines import pipeline
+from depthvlm_jax import sharding
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
+from depthvlm_jax.processing.tokenizer import load_tokenizer
+from depthvlm_jax.train import distributed, optim, trainer
+from depthvlm_jax.train.step import make_train_step
+
+
+FRAMES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "scannetpp_examples"
+
+
+def stage_config(stage: int, synthetic_train: int, synthetic_dir: str):
+  c = (stage1 if stage == 1 else stage2).get_config("default").copy_and_resolve_references()
+  c.unlock()
+  c.model_init = ""  # random init: same speed as the stage-1 checkpoint
+  c.data.synthetic_train, c.data.synthetic_test, c.data.synthetic_dir = synthetic_train, 4, synthetic_dir
+  return c
+
+
+def loader(config, model_config, tokenizer, workdir, num_workers: int, sources=None):
+  spec = pipeline.ExampleSpec(tuple(config.data.image_size), config.data.seq_len, with_answer=config.stage == 2)
+  if sources is None:
+    sources, weights, _ = trainer.data_sources(config, workdir)
+  else:
+    weights = [1.0] * len(sources)
+  ds = pipeline.make_dataset(sources, weights, spec, model_config, tokenizer, ImageProcessorConfig(),
+                             seed=config.data.shuffle_seed)
+  return iter(pipeline.batched(ds, config.train.global_batch, num_workers))
+
+
+def time_loader(it, batches: int) -> tuple[float, float, dict]:
+  """(start-up seconds to the first batch, samples/s over `batches` more, last batch)."""
+  t0 = time.perf_counter()
+  batch = next(it)
+  startup = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  n = 0
+  for _ in range(batches):
+    batch = next(it)
+    n += len(batch["input_ids"])
+  return startup, n / (time.perf_counter() - t0), batch
+
+
+def train_step(config):
+  """(jitted step, state, frozen, (mesh, data shard), model) for the config, built with the trainer's helpers."""
+  model = trainer.build_model(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  boxed = trainer.abstract_boxed_params(model)
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
+  params = trainer.initial_params(config, model, param_sh, jax.random.key(0))
+  trainable, frozen = optim.split_params(params, mask)
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(config.train.lr, 1000, 0.04),
+                                   config.train.grad_clip, config.train.weight_decay)
+  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": jax.jit(optimizer.init)(trainable),
+           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  depth_grid = pipeline.ExampleSpec(tuple(config.data.image_size), 1, False).token_grid(
+      model.config.vision.image_token_pixels)
+  fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches, config.train.depth_loss_weight,
+                       with_lm=config.stage == 2, lm_positions=config.train.lm_positions)
+  shard = distributed.data_shard(mesh, config.train.global_batch)
+  return jax.jit(fn, donate_argnums=(0,)), state, frozen, (mesh, shard), model
+
+
+def time_steps(step, state, frozen, mesh, batches, steps: int) -> tuple[float, float, object]:
+  """(compile+first-step seconds, examples/s over `steps` steps, state); `batches` yields host batches."""
+  t0 = time.perf_counter()
+  state, m = step(state, frozen, trainer._to_global(next(batches), *mesh))
+  jax.block_until_ready(m)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  n = 0
+  for _ in range(steps):
+    batch = next(batches)
+    n += len(batch["input_ids"])
+    state, m = step(state, frozen, trainer._to_global(batch, *mesh))
+  jax.block_until_ready(m)
+  return first, n / (time.perf_counter() - t0), state
+
+
+def dir_size(path: pathlib.Path, pattern: str = "*") -> int:
+  return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batches", type=int, default=30, help="timed loader batches")
+  ap.add_argument("--steps", type=int, default=6, help="timed train steps")
+  ap.add_argument("--workers", default="0,2")
+  ap.add_argument("--stages", default="1,2")
+  ap.add_argument("--synthetic_train", type=int, default=64)
+  ap.add_argument("--array_record", action="store_true")
+  ap.add_argument("--workdir", default="")
+  args = ap.parse_args()
+  workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="loader_bench_"))
+  syn = workdir / "synthetic"
+  workers = [int(w) for w in args.workers.split(",")]
+  tokenizer = load_tokenizer(None)
+  rows, notes = [], []
+  for stage in [int(s) for s in args.stages.split(",")]:
+    config = stage_config(stage, args.synthetic_train, str(syn))
+    model = trainer.build_model(config)
+    row = {"stage": stage, "batch": config.train.global_batch, "step": float("nan"), "e2e": float("nan"),
+           "compile_s": float("nan"), "e2e_workers": 0}
+    for w in workers:
+      it = loader(config, model.config, tokenizer, workdir, w)
+      startup, rate, _ = time_loader(it, args.batches)
+      row[f"loader_{w}w"], row[f"startup_{w}w"] = rate, startup
+      del it
+    if args.steps > 0:  # --steps 0: loader figures only
+      step, state, frozen, mesh, model = train_step(config)
+      compile_s, row["step"], state = time_steps(step, state, frozen, mesh,
+                                                 loader(config, model.config, tokenizer, workdir, 0), args.steps)
+      row["compile_s"] = compile_s
+      row["e2e_workers"] = max(workers)
+      it = loader(config, model.config, tokenizer, workdir, row["e2e_workers"])
+      next(it)  # worker start-up
+      _, row["e2e"], state = time_steps(step, state, frozen, mesh, it, args.steps)
+      del it, state
+    rows.append(row)
+    if args.array_record and stage == 1:
+      from data_pipelines import tfds_builder
+      t0 = time.perf_counter()
+      out = tfds_builder.convert(workdir / "array_record", tfds_builder.synthetic_splits(syn))
+      conv = time.perf_counter() - t0
+      n_conv = sum(len(tfds_builder.data_source(out, s)) for s in ("train", "test", "qa", "qa_test"))
+      rates = {}
+      for name, sources in (("jsonl", None), ("array_record", [pipeline.tfds_source(out, "train")])):
+        it = loader(config, model.config, tokenizer, workdir, 0, sources)
+        rates[name] = time_loader(it, args.batches)[1]
+      raw = dir_size(syn, "*.png") + dir_size(syn, "*.jsonl")
+      notes.append(f"ArrayRecord conversion of the synthetic set ({n_conv} examples, 4 splits): {conv:.1f} s "
+                   f"({n_conv / conv:.1f} examples/s); {dir_size(out) / 2**20:.1f} MiB vs "
+                   f"{raw / 2**20:.1f} MiB of PNG + jsonl")
+      notes.append(f"stage-1 loader, 0 workers, synthetic: jsonl {rates['jsonl']:.1f} samples/s, ArrayRecord "
+                   f"{rates['array_record']:.1f} samples/s")
+      if FRAMES.exists():  # full-size real frames (1920x1440 JPEG): where conversion pays off
+        frames = pipeline.SourceSpec(str(FRAMES / "examples.jsonl"), str(FRAMES / "rgb"), str(FRAMES / "depth"),
+                                     "scannetpp")
+        out = tfds_builder.convert(workdir / "array_record_scannetpp", {"train": [frames]})
+        for name, sources in (("jsonl", [frames]), ("array_record", [pipeline.tfds_source(out, "train", "scannetpp")])):
+          rates[name] = time_loader(loader(config, model.config, tokenizer, workdir, 0, sources), args.batches)[1]
+        notes.append(f"stage-1 loader, 0 workers, ScanNet++ 1920x1440 frames: jsonl {rates['jsonl']:.1f} samples/s, "
+                     f"ArrayRecord {rates['array_record']:.1f} samples/s")
+
+  cols = [f"loader {w}w (samples/s)" for w in workers] + ["train step (ex/s)", "end to end (ex/s)", "bottleneck"]
+  print(f"\nloader throughput vs train step, {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"image {tuple(config.data.image_size)}, seq {config.data.seq_len}")
+  print("| stage | batch | " + " | ".join(cols) + " |")
+  print("|" + "---|" * (len(cols) + 2))
+  for r in rows:
+    best = max(r[f"loader_{w}w"] for w in workers)
+    bottleneck = "-" if np.isnan(r["step"]) else "loader" if best < r["step"] else "train step"
+    cells = [f"{r[f'loader_{w}w']:.1f}" for w in workers] + [f"{r['step']:.2f}", f"{r['e2e']:.2f}", bottleneck]
+    print(f"| {r['stage']} | {r['batch']} | " + " | ".join(cells) + " |")
+  for r in rows:
+    print(f"stage {r['stage']}: first batch after " + ", ".join(f"{r[f'startup_{w}w']:.1f} s ({w} workers)"
+                                                                for w in workers)
+          + f"; compile + first step {r['compile_s']:.1f} s; end to end with {r['e2e_workers']} workers")
+  for n in notes:
+    print(n)
+
+
+if __name__ == "__main__":
+  main()
