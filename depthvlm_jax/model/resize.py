@@ -7,7 +7,8 @@ the corner pixels of input and output coincide.
 The sampling positions depend only on the static sizes, so they are computed once on the host in
 float32 exactly as torch's CPU kernel does (`area_pixel_compute_scale` / `..._source_index`), and
 the resize is two separable gather-and-lerp passes: O(output) work and memory, jit-friendly, exact in
-float32 (no matmul precision involved), differentiable (the gathers' transposes are scatter-adds).
+float32 (no matmul precision involved), differentiable: the backward pass is a few gathers too
+(`align_corners_transpose_taps`), not the scatter-add autodiff would emit, which is slow on CPU.
 """
 
 from __future__ import annotations
@@ -43,17 +44,68 @@ def align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, n
   return i0, i1, lam
 
 
-def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
-  n_in = x.shape[axis]
-  if n_in == n_out:
-    return x
+@functools.lru_cache(maxsize=256)
+def align_corners_transpose_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """The transpose of the 1-D resize as a gather: every input index and the outputs it feeds.
+
+  Returns:
+    (idx, wt): int32 and float32 (n_in, K); the gradient of input i is
+    sum_k wt[i, k] * g[idx[i, k]] for an output gradient g (padding taps have weight 0).
+  """
   i0, i1, lam = align_corners_taps(n_in, n_out)
+  taps: list[list[tuple[int, float]]] = [[] for _ in range(n_in)]
+  for o in range(n_out):
+    taps[i0[o]].append((o, float(np.float32(1) - lam[o])))
+    if lam[o] != 0:
+      taps[i1[o]].append((o, float(lam[o])))
+  k = max(1, max(len(t) for t in taps))
+  idx = np.zeros((n_in, k), np.int32)
+  wt = np.zeros((n_in, k), np.float32)
+  for i, t in enumerate(taps):
+    for j, (o, w) in enumerate(t):
+      idx[i, j], wt[i, j] = o, w
+  return idx, wt
+
+
+def _lerp_gather(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+  i0, i1, lam = align_corners_taps(x.shape[axis], n_out)
   shape = [1] * x.ndim
   shape[axis] = n_out
   lam = jnp.asarray(lam.reshape(shape), x.dtype)
   x0 = jnp.take(x, jnp.asarray(i0), axis=axis)
   x1 = jnp.take(x, jnp.asarray(i1), axis=axis)
   return x0 * (1 - lam) + x1 * lam
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _resize_axis_op(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+  return _lerp_gather(x, n_out, axis)
+
+
+def _resize_axis_fwd(x, n_out, axis):
+  return _lerp_gather(x, n_out, axis), x.shape[axis]
+
+
+def _resize_axis_bwd(n_out, axis, n_in, g):
+  # The autodiff transpose of a gather is a scatter-add, which XLA:CPU runs element by element;
+  # each input index receives from at most K nearby outputs, so the transpose is K gathers instead.
+  idx, wt = align_corners_transpose_taps(n_in, n_out)
+  out = None
+  for k in range(idx.shape[1]):
+    shape = [1] * g.ndim
+    shape[axis] = n_in
+    term = jnp.take(g, jnp.asarray(idx[:, k]), axis=axis) * jnp.asarray(wt[:, k].reshape(shape), g.dtype)
+    out = term if out is None else out + term
+  return (out,)
+
+
+_resize_axis_op.defvjp(_resize_axis_fwd, _resize_axis_bwd)
+
+
+def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+  if x.shape[axis] == n_out:
+    return x
+  return _resize_axis_op(x, n_out, axis)
 
 
 def resize_bilinear_align_corners(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
