@@ -30,8 +30,9 @@ def base_config(preset):
   c.model.head_type = "dpt"  # dpt | mlp
   c.model.mlp_feature_mode = "llm_last"  # llm_last | concat | sum (mlp head only)
   # DPT widths: the official (256, (256, 512, 1024, 1024), 32) for the paper; narrow for the CPU default.
-  c.model.dpt_features = 64 if preset == "default" else 256
-  c.model.dpt_out_channels = (32, 64, 128, 128) if preset == "default" else (256, 512, 1024, 1024)
+  # (64, (32, 64, 128, 128), 16) cost 59 GFLOP per stage-1 step at 192x256; these 18.
+  c.model.dpt_features = 32 if preset == "default" else 256
+  c.model.dpt_out_channels = (16, 32, 64, 64) if preset == "default" else (256, 512, 1024, 1024)
   c.model.dpt_head_features = 16 if preset == "default" else 32
   c.model.compute_dtype = "float32" if preset == "default" else "bfloat16"
   c.model.param_dtype = "float32"
@@ -50,7 +51,8 @@ def base_config(preset):
   c.data.synthetic_seed = 0
   c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
   c.data.eval_files = ml_collections.ConfigDict()
-  c.data.image_size = (192, 256) if preset == "default" else (768, 1024)  # (H, W) bucket, multiples of 32
+  # (H, W) bucket, multiples of 32; the default's 3x4 tokens keep a stage-1 step near 5 GFLOP.
+  c.data.image_size = (96, 128) if preset == "default" else (768, 1024)
   c.data.seq_len = 128 if preset == "default" else 4096
   c.data.qa_weight = 0.0  # mixing weight of caption/QA samples (stage 2)
   c.data.num_workers = 0 if preset == "default" else 16
@@ -70,10 +72,16 @@ def base_config(preset):
   c.train.seed = 0
   c.train.max_nonfinite_steps = 5  # consecutive skipped updates before the run stops
   c.train.trainable = []  # [(regex over param path, trainable?)], first match wins
+  # LM head only on the first N supervised positions of each row (0 = every position). With the
+  # 151936-token vocabulary, full logits would dominate a tiny model's step; a batch with a longer
+  # reply is refused with an error naming this setting.
+  c.train.lm_positions = 40 if preset == "default" else 0
 
   # ---- logging, evaluation, checkpoints
-  c.log_every = 10
-  c.eval_every = 0  # 0 = only at the end
+  c.log_every = 10  # metrics.jsonl + TensorBoard (workdir/tensorboard)
+  c.eval_every = 0  # depth δ1 on the held-out split every N steps; 0 = only at the end
+  c.eval_qa = 64  # held-out distance questions answered greedily at the end (synthetic data); 0 = off
+  c.eval_qa_new_tokens = 12
   c.ckpt_every = 50
   c.keep_ckpts = 2
 

@@ -13,11 +13,15 @@ from typing import Any
 
 import grain
 import jax
+import optax
 import orbax.checkpoint as ocp
 
 
 def manager(directory: str | pathlib.Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+  # cleanup_tmp_directories: a save interrupted by a kill leaves an unfinished temporary directory,
+  # never a step directory; it is deleted when the next run opens the manager.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                item_names=("state", "frozen", "data"))
 
@@ -31,6 +35,20 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, frozen: Any, data_it
 
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def optimizer_state_like(optimizer: optax.GradientTransformation, params_like: Any, mesh: jax.sharding.Mesh) -> Any:
+  """ShapeDtypeStructs of `optimizer.init(params)` sharded like the params (scalars replicated).
+
+  Restore targets and `jit(init, out_shardings=...)` need these: `jax.eval_shape` drops shardings,
+  and jit places the zero-initialised moments replicated, so without them an FSDP run would hold
+  a full optimizer state on every device.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.eval_shape(optimizer.init, params_like)
+  return optax.tree_map_params(
+      optimizer, lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding), abstract, params_like,
+      transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated))
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, state_like: Any, frozen_like: Any, data_iter: Any | None):

@@ -5,8 +5,8 @@
     `lax.scan`; loss numerators and denominators are summed across slices and divided once, so K
     micro-batches give the same update as one full batch;
   * only the trainable subtree is differentiated (frozen towers get no gradient or optimizer state);
-  * a non-finite loss or gradient leaves params and optimizer state untouched and increments
-    `state["nonfinite"]` (reset by the next good step).
+  * a non-finite loss, gradient or update leaves params and optimizer state untouched and
+    increments `state["nonfinite"]` (reset by the next good step) and `state["skipped_updates"]`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from depthvlm_jax.losses import lm_cross_entropy, silog_loss
@@ -22,15 +23,52 @@ from depthvlm_jax.model.depthvlm import DepthVLM
 from depthvlm_jax.train.optim import merge_params
 
 
+def supervised_positions(labels: jax.Array, max_positions: int) -> tuple[jax.Array, jax.Array]:
+  """The first `max_positions` supervised positions of each row, for the LM head alone.
+
+  Position t is supervised when `labels[:, t + 1] != -100` (logits at t predict token t + 1).
+
+  Args:
+    labels: (B, L) int, -100 = ignore.
+    max_positions: M, static; a row with more supervised tokens loses the rest (the trainer checks
+      every batch on the host with `max_supervised_tokens` and refuses such batches).
+
+  Returns:
+    positions (B, M) int32 into [0, L - 1) and their targets (B, M) (-100 where a row has fewer).
+  """
+  targets = labels[:, 1:]
+  order = jnp.argsort(targets == -100, axis=1, stable=True)[:, :max_positions].astype(jnp.int32)
+  return order, jnp.take_along_axis(targets, order, axis=1)
+
+
+def max_supervised_tokens(labels: np.ndarray) -> int:
+  """Host-side: the largest number of supervised next-token targets in any row of (B, L) labels."""
+  return int((np.asarray(labels)[:, 1:] != -100).sum(1).max(initial=0))
+
+
 def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid: tuple[int, int],
-               with_lm: bool) -> dict[str, jax.Array]:
-  """Numerators and denominators of both losses for one (micro-)batch."""
+               with_lm: bool, lm_positions: int = 0) -> dict[str, jax.Array]:
+  """Numerators and denominators of both losses for one (micro-)batch.
+
+  lm_positions: 0 = LM head on every position; M > 0 = only on the first M supervised positions
+  of each row (same loss, far fewer FLOPs when the vocabulary is large and replies are short).
+  """
+  gather = with_lm and lm_positions > 0
   out = model.apply({"params": params}, batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-                    batch["pixel_values"], batch["image_grid_hw"], compute_logits=with_lm, depth_grid=depth_grid)
+                    batch["pixel_values"], batch["image_grid_hw"], compute_logits=with_lm and not gather,
+                    depth_grid=depth_grid)
   depth_mask = (batch["has_depth"] & out.depth_valid)[:, None, None]
   depth_sum, depth_count = silog_loss(out.depth, batch["depth"], valid_mask=depth_mask & (batch["depth"] > 0))
   terms = {"depth_sum": depth_sum, "depth_count": depth_count}
-  if with_lm:
+  if gather:
+    pos, targets = supervised_positions(batch["labels"], lm_positions)
+    hidden = jnp.take_along_axis(out.hidden_states, pos[..., None], axis=1)  # (B, M, D)
+    logits = model.apply({"params": params}, hidden, method=DepthVLM.logits)  # (B, M, V)
+    # lm_cross_entropy shifts by one: pad so that logits[:, m] meets targets[:, m].
+    logits = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
+    terms["lm_sum"], terms["lm_count"] = lm_cross_entropy(logits, jnp.pad(targets, ((0, 0), (1, 0)),
+                                                                          constant_values=-100))
+  elif with_lm:
     terms["lm_sum"], terms["lm_count"] = lm_cross_entropy(out.logits, batch["labels"])
   else:
     terms["lm_sum"] = terms["lm_count"] = jnp.zeros((), jnp.float32)
@@ -65,7 +103,7 @@ def _split_micro(batch, k: int):
 
 
 def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
-                    micro_batches: int, depth_weight: float, with_lm: bool) -> Callable:
+                    micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0) -> Callable:
   # As the reference: the weight balances depth against LM; depth alone is used unweighted.
   depth_weight = depth_weight if with_lm else 1.0
   def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
@@ -76,7 +114,7 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     lm_den = jnp.maximum((batch["labels"][:, 1:] != -100).sum(), 1).astype(jnp.float32) if with_lm else 1.0
 
     def scaled_loss(tp, mb):
-      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm)
+      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm, lm_positions)
       return depth_weight * terms["depth_sum"] / depth_den + terms["lm_sum"] / lm_den, terms
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
@@ -91,8 +129,10 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), _split_micro(batch, micro_batches))
     loss, parts = combine(terms, depth_weight)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
+    update_norm = optax.tree.norm(updates)
+    # A non-finite update (optimizer overflow, bad learning rate) is refused like a bad gradient.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     new_params = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
@@ -103,7 +143,7 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
         "skipped_updates": state["skipped_updates"] + (~finite).astype(jnp.int32),
     }
     metrics = dict(parts, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable),
-                   update_norm=optax.tree.norm(updates), depth_images=terms["depth_count"],
+                   update_norm=update_norm, depth_images=terms["depth_count"],
                    lm_tokens=terms["lm_count"], finite=finite)
     return new_state, metrics
 

@@ -31,10 +31,21 @@ from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dumm
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
-from depthvlm_jax.train import checkpoints, optim
-from depthvlm_jax.train.step import make_train_step
+from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval
+from depthvlm_jax.train.metrics_log import MetricsLog
+from depthvlm_jax.train.step import make_train_step, max_supervised_tokens
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+log = logging.getLogger(__name__)
+# Libraries that log every checkpoint/compile step at INFO.
+NOISY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorboardX", "urllib3", "filelock")
+
+
+def setup_logging(verbosity: int = 0) -> None:
+  """Our INFO lines on; library INFO lines (orbax, absl, jax, grain) only with verbosity >= 1."""
+  logging.getLogger().setLevel(logging.INFO)
+  for name in NOISY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
 
 
 class NonFiniteError(RuntimeError):
@@ -118,12 +129,21 @@ def initial_params(config, model: DepthVLM, shardings, rng):
 
 
 # ----------------------------------------------------------------------------- data
+def synthetic_root(config, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
+
+
 def data_sources(config, workdir: pathlib.Path):
   """(train sources, weights, eval sources) from the config; writes the synthetic set if needed."""
   if config.data.kind == "synthetic":
-    root = pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
-    paths = synthetic.ensure_synthetic_dataset(root, config.data.synthetic_train, config.data.synthetic_test,
-                                               config.data.synthetic_seed)
+    root = synthetic_root(config, workdir)
+    def ensure():
+      return synthetic.ensure_synthetic_dataset(root, config.data.synthetic_train, config.data.synthetic_test,
+                                                config.data.synthetic_seed)
+    if distributed.is_main():  # one writer; the other processes find the complete set after the barrier
+      ensure()
+    distributed.barrier("synthetic_data")
+    paths = ensure()
     train = [pipeline.SourceSpec(str(paths["train"]), str(root), str(root), "synthetic")]
     evals = {"synthetic_test": pipeline.SourceSpec(str(paths["test"]), str(root), str(root), "synthetic")}
     qa = pipeline.SourceSpec(str(paths["qa"]), str(root), "", "synthetic", with_depth=False)
@@ -173,7 +193,8 @@ def prepared_eval_examples(source, spec, model_config, tokenizer, processor) -> 
 
 
 # ----------------------------------------------------------------------------- main loop
-def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def _to_global(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard) -> dict[str, jax.Array]:
+  """This process's rows (local_batch, ...) -> global arrays (global_batch, ...) sharded over the mesh."""
   out = {}
   for k, v in batch.items():
     if k == "skip_counts":
@@ -181,7 +202,7 @@ def _to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     names = (None, "batch") if k == "position_ids" else ("batch",)
     if k == "position_ids":
       v = np.moveaxis(v, 0, 1)  # (B, 3, L) -> (3, B, L)
-    out[k] = jax.device_put(v, sharding.activation_sharding(mesh, *names, shape=v.shape))
+    out[k] = distributed.global_array(v, mesh, names, len(names) - 1, shard)
   return out
 
 
@@ -189,7 +210,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if distributed.is_main():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   model = build_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config.model.hf_dir or None)
@@ -201,7 +223,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
   ds = pipeline.make_dataset(train_sources, weights, spec, model.config, tokenizer, processor,
                              seed=config.data.shuffle_seed)
-  data_iter = iter(pipeline.batched(ds, config.train.global_batch, config.data.num_workers))
+  shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
+  data_iter = iter(pipeline.batched(shard.select(ds), shard.local_batch, config.data.num_workers))
 
   boxed = abstract_boxed_params(model)
   param_sh = sharding.logical_shardings(boxed, mesh)
@@ -216,58 +239,95 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if params is None:  # own checkpoint: build shapes only, restore below
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), param_sh)
   trainable, frozen = optim.split_params(params, mask)
-  opt_state = jax.jit(optimizer.init)(trainable) if not isinstance(jax.tree.leaves(trainable)[0],
-                                                                     jax.ShapeDtypeStruct) else \
-      jax.eval_shape(optimizer.init, trainable)
+  opt_like = checkpoints.optimizer_state_like(optimizer, trainable, mesh)  # sharded like the params
+  opt_state = opt_like if isinstance(jax.tree.leaves(trainable)[0], jax.ShapeDtypeStruct) else \
+      jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda s: s.sharding, opt_like))(trainable)
   state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
            "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
   start = mgr.latest_step()
   if start is not None:
     state, frozen = checkpoints.restore(mgr, start, state, frozen, data_iter)
-    logging.info("resumed from %s step %d", workdir, start)
+    log.info("resumed from %s step %d", workdir, start)
   elif config.resume:
     rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
     state, frozen = checkpoints.restore(rmgr, rmgr.latest_step(), state, frozen, data_iter)
 
   step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
-                            config.train.depth_loss_weight, with_lm=config.stage == 2)
-  train_step = jax.jit(step_fn, donate_argnums=(0,))
+                            config.train.depth_loss_weight, with_lm=config.stage == 2,
+                            lm_positions=config.train.lm_positions)
+  # Fixed state shardings in and out: step 2 then reuses step 1's program instead of compiling again.
+  replicated = sharding.activation_sharding(mesh)
+  state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+                       else jax.device_put(x, replicated), state)
+  train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                                                                    replicated))
   eval_examples = {name: prepared_eval_examples(src, pipeline.ExampleSpec(spec.image_size, spec.seq_len, False,
                                                                           random_crop=False),
                                                 model.config, tokenizer, processor)
                    for name, src in eval_sources.items()}
   skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
-  metrics_path = workdir / "metrics.jsonl"
   first = int(state["step"])
+  metrics = MetricsLog(workdir, start, enabled=distributed.is_main())
   results: dict[str, Any] = {}
   bar = tqdm.tqdm(range(first, total_steps), initial=first, total=total_steps, desc=f"stage {config.stage}",
-                  dynamic_ncols=True)
+                  dynamic_ncols=True, disable=not distributed.is_main(), unit="step")
   t0 = time.time()
   for step in bar:
     batch = next(data_iter)
     skip_totals += batch["skip_counts"].sum(0)
-    state, m = train_step(state, frozen, _to_global(batch, mesh))
-    if int(state["nonfinite"]) >= config.train.max_nonfinite_steps:
-      raise NonFiniteError(f"{int(state['nonfinite'])} consecutive non-finite steps at step {step + 1}; "
-                           f"stopping with the last good checkpoint at step {mgr.latest_step()}")
+    if config.stage == 2 and config.train.lm_positions:
+      check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
+    state, m = train_step(state, frozen, _to_global(batch, mesh, shard))
     done = step + 1
+    if int(state["nonfinite"]) >= config.train.max_nonfinite_steps:
+      mgr.wait_until_finished()
+      metrics.close()
+      raise NonFiniteError(f"{int(state['nonfinite'])} consecutive non-finite steps (loss, gradient or update) at step {done} "
+                           f"(train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopping. Last good "
+                           f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
     if done % config.log_every == 0 or done == total_steps:
       row = {k: float(v) for k, v in m.items()}
-      row.update(step=done, lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(skip_totals),
-                 skipped_updates=int(state["skipped_updates"]), steps_per_s=(done - first) / (time.time() - t0))
-      bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}")
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+      row.update(lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(distributed.process_sum(skip_totals)),
+                 skipped_updates=int(state["skipped_updates"]),
+                 steps_per_s=(done - first) / max(time.time() - t0, 1e-9))
+      bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}",
+                      lr=f"{row['lr']:.2e}", gnorm=f"{row['grad_norm']:.3f}", skipped=row["skipped_updates"])
+      metrics.write(done, row)
     if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
       full = optim.merge_params(state["params"], frozen)
       for name, examples in eval_examples.items():
         results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch)
-        logging.info("step %d eval %s: %s", done, name, results[name])
-        with metrics_path.open("a") as f:
-          f.write(json.dumps({"step": done, "eval": name, **results[name]}) + "\n")
-    if done % config.ckpt_every == 0 or done == total_steps:
+        bar.write(f"step {done} eval {name}: delta1 {results[name]['delta1']:.4f} (best constant "
+                  f"{results[name]['best_constant_delta1']:.4f} at {results[name]['best_constant_m']:.2f} m)")
+        metrics.write(done, results[name], prefix=f"eval/{name}")
+    # Only good states are checkpointed: during a streak of refused updates the last good checkpoint stays the latest.
+    if (done % config.ckpt_every == 0 or done == total_steps) and int(state["nonfinite"]) == 0:
       checkpoints.save(mgr, done, state, frozen, data_iter)
+  bar.close()
   mgr.wait_until_finished()
-  results["skipped_samples"] = counts_to_dict(skip_totals)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  if config.eval_qa and config.data.kind == "synthetic":
+    root = synthetic_root(config, workdir)
+    full = optim.merge_params(state["params"], frozen)
+    results["distance_qa"] = qa_eval.evaluate_distance_qa(
+        model, full, pipeline.SourceSpec(str(root / "qa_test.jsonl"), str(root), "", "synthetic", with_depth=False),
+        spec.image_size, spec.seq_len, tokenizer, processor, str(root / "qa.jsonl"), config.eval_qa,
+        config.train.global_batch, config.eval_qa_new_tokens)
+    qa = results["distance_qa"]
+    log.info("distance QA on %d held-out questions: parse rate %.3f, MAE %s m (median-distance constant: MAE "
+             "%.3f m)", qa["n"], qa["parse_rate"], qa["mae_m"], qa["constant_mae_m"])
+    metrics.write(total_steps, {k: v for k, v in qa.items() if k != "examples" and v is not None},
+                  prefix="eval/distance_qa")
+  metrics.close()
+  results["skipped_samples"] = counts_to_dict(distributed.process_sum(skip_totals))
+  results["skipped_updates"] = int(state["skipped_updates"])
+  if distributed.is_main():
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
   return results
+
+
+def check_label_budget(labels: np.ndarray, lm_positions: int, step: int) -> None:
+  """Refuses a batch whose reply is longer than the LM head's position budget (would be truncated)."""
+  longest = max_supervised_tokens(labels)
+  if longest > lm_positions:
+    raise ValueError(f"step {step}: a sample supervises {longest} reply tokens but train.lm_positions="
+                     f"{lm_positions}; raise train.lm_positions (or set 0 for the LM head on every position)")

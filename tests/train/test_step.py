@@ -12,7 +12,7 @@ from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.train import optim
-from depthvlm_jax.train.step import make_train_step
+from depthvlm_jax.train.step import loss_terms, make_train_step, max_supervised_tokens
 from tests.model import hf_reference as ref
 
 GRID = (4, 6)  # patches -> 2x3 tokens -> 64x96 depth
@@ -107,3 +107,17 @@ def test_sharded_step_equals_unsharded(setup):
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_on_supervised_positions_only_gives_the_same_loss(setup):
+  config, model, params = setup
+  batch = make_batch(config, n=4, seed=4)
+  longest = max_supervised_tokens(batch["labels"])
+  full = loss_terms(model, params, batch, (2, 3), with_lm=True)
+  gathered = loss_terms(model, params, batch, (2, 3), with_lm=True, lm_positions=longest)
+  assert float(full["lm_count"]) == float(gathered["lm_count"]) > 0
+  np.testing.assert_allclose(float(gathered["lm_sum"]), float(full["lm_sum"]), rtol=1e-6)
+  np.testing.assert_allclose(float(gathered["depth_sum"]), float(full["depth_sum"]), rtol=1e-6)
+  # a budget below the longest reply drops tokens (the trainer refuses such batches on the host)
+  short = loss_terms(model, params, batch, (2, 3), with_lm=True, lm_positions=longest - 1)
+  assert float(short["lm_count"]) < float(full["lm_count"])

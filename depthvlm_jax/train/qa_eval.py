@@ -1,0 +1,88 @@
+"""Spoken-distance evaluation: greedy answers to held-out "How far is the X?" questions, scored in metres.
+
+The synthetic QA records (data_pipelines/synthetic.py) ask "How far is the <object> from the camera, in
+meters?" with the reply "About <d> meters." where d is the median z-depth of the object's visible
+pixels. Each question is asked with its image (same bucket and centre crop as the depth evaluation),
+answered greedily with `generate.generate_tokens`, and the first number in the answer is parsed.
+
+Scores: `parse_rate` (fraction of answers containing a number), `mae_m` (mean |parsed - true| over
+parsed answers) and, as a reference that needs no image, `constant_mae_m` (the same error for the
+median training distance, the best constant under absolute error).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from data_pipelines import pipeline, rgbd
+from depthvlm_jax import generate as gen
+from depthvlm_jax.model.inputs import make_model_inputs
+
+QUESTION = re.compile(r"^How far is the .+ from the camera, in meters\?$")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def parse_metres(text: str) -> float | None:
+  """First decimal number in `text`, or None."""
+  m = NUMBER.search(text)
+  return float(m.group()) if m else None
+
+
+def distance_questions(jsonl: str, limit: int) -> list[tuple[Any, float]]:
+  """(record, true distance in m) of the first `limit` distance questions of a QA annotation file."""
+  records, _ = rgbd.read_jsonl(jsonl)
+  out = []
+  for r in records:
+    if r.prompt and QUESTION.match(r.prompt) and r.solution and parse_metres(r.solution) is not None:
+      out.append((r, parse_metres(r.solution)))
+  return out[:limit]
+
+
+def score(predicted: Sequence[float | None], truth: Sequence[float], constant: float) -> dict[str, float | None]:
+  """parse_rate, mae_m (over parsed answers; None if none parsed), constant_mae_m, n."""
+  pairs = [(p, t) for p, t in zip(predicted, truth) if p is not None]
+  return {"n": len(truth), "parse_rate": len(pairs) / max(len(truth), 1),
+          "mae_m": float(np.mean([abs(p - t) for p, t in pairs])) if pairs else None,
+          "constant_mae_m": float(np.mean([abs(constant - t) for t in truth])) if truth else None}
+
+
+def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_size: tuple[int, int],
+                         seq_len: int, tokenizer, processor, train_qa_jsonl: str, limit: int,
+                         batch_size: int, max_new_tokens: int) -> dict[str, Any]:
+  """Greedy answers of `model` to up to `limit` held-out distance questions, scored (see module doc).
+
+  Returns the `score` dict plus `examples`: a few (question, answer, truth) triples.
+  """
+  questions = distance_questions(qa_source.jsonl, limit)
+  if not questions:
+    raise ValueError(f"{qa_source.jsonl}: no 'How far is the ... in meters?' questions to evaluate")
+  constant = float(np.median([d for _, d in distance_questions(train_qa_jsonl, 10**9)] or [0.0]))
+  prepare = pipeline.PrepareExample(qa_source, pipeline.ExampleSpec(tuple(image_size), seq_len, with_answer=False,
+                                                                    random_crop=False),
+                                    model.config, tokenizer, processor)
+  eos = tuple(i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                          tokenizer.convert_tokens_to_ids("<|endoftext|>")) if i is not None)
+  sampling = gen.SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+  examples = [(prepare(r), r, d) for r, d in questions]
+  examples = [(e, r, d) for e, r, d in examples if isinstance(e, dict)]
+  answers: list[str] = []
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one program for every batch
+    ids = [e["input_ids"][:int(e["attention_mask"].sum())] for e, _, _ in chunk]
+    b = make_model_inputs(ids, model.config, [e["pixel_values"] for e, _, _ in chunk],
+                          [tuple(e["image_grid_hw"]) for e, _, _ in chunk], padding_side="left", seq_len=seq_len,
+                          pad_id=tokenizer.pad_token_id)
+    tokens, _ = gen.generate_tokens(model, params, b["input_ids"], b["attention_mask"], b["position_ids"],
+                                    jax.random.key(0), b["pixel_values"], b["image_grid_hw"], sampling=sampling)
+    rows = gen.strip_after_eos(np.asarray(tokens), eos)
+    answers += [tokenizer.decode(t, skip_special_tokens=True) for t in rows[:min(batch_size, len(examples) - i)]]
+  truth = [d for _, _, d in examples]
+  out = score([parse_metres(a) for a in answers], truth, constant)
+  out["examples"] = [{"question": r.prompt, "answer": a, "truth_m": d}
+                     for (_, r, d), a in list(zip(examples, answers))[:4]]
+  return out

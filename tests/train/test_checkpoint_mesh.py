@@ -1,0 +1,69 @@
+"""A checkpoint written on a data×fsdp×tensor = 2×2×2 mesh restores onto other meshes, values identical."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from depthvlm_jax import sharding
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.train import checkpoints, optim
+
+STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)]
+MODEL = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512), head=DepthHeadConfig.tiny())
+OPT = optim.make_optimizer(lambda c: 1e-3, 1.0, 0.0)
+
+
+def param_shardings(mesh):
+  boxed = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), **depthvlm_dummy_inputs(MODEL.config))["params"])
+  return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """(directory, state, frozen) of a checkpoint written from the 2x2x2 mesh."""
+  assert jax.device_count() >= 8
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  _, shardings = param_shardings(mesh)
+  params = jax.jit(lambda r: nn.unbox(MODEL.init(r, **depthvlm_dummy_inputs(MODEL.config))["params"]),
+                   out_shardings=shardings)(jax.random.key(1))
+  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, STAGE2))
+
+  @jax.jit
+  def moments(p):  # non-trivial optimizer moments: one update with a pseudo-gradient
+    return OPT.update(jax.tree.map(lambda x: jnp.sin(3.0 * x), p), OPT.init(p), p)[1]
+
+  state = {"step": jnp.asarray(7, jnp.int32), "params": trainable, "opt_state": moments(trainable),
+           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.asarray(2, jnp.int32)}
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+  directory = tmp_path_factory.mktemp("ckpt")
+  mgr = checkpoints.manager(directory, keep=2)
+  checkpoints.save(mgr, 7, state, frozen, None)
+  mgr.wait_until_finished()
+  mgr.close()
+  return directory, state, frozen
+
+
+@pytest.mark.parametrize("target", [{"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1}])
+def test_restore_onto_another_mesh(saved, target):
+  directory, state, frozen = saved
+  devices = jax.devices()[:int(np.prod(list(target.values())))]
+  mesh = sharding.make_mesh(target, devices=devices)
+  shapes, shardings = param_shardings(mesh)
+  like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  like_train, like_frozen = optim.split_params(like, optim.trainable_mask(shapes, STAGE2))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  like_state = {"step": scalar, "params": like_train, "opt_state": checkpoints.optimizer_state_like(OPT, like_train, mesh),
+                "nonfinite": scalar, "skipped_updates": scalar}
+  mgr = checkpoints.manager(directory, keep=2)
+  got_state, got_frozen = checkpoints.restore(mgr, mgr.latest_step(), like_state, like_frozen, None)
+  for want, got, target_leaf in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves((got_state, got_frozen)),
+                                    jax.tree.leaves((like_state, like_frozen))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding.is_equivalent_to(target_leaf.sharding, got.ndim)  # placed as the target mesh asks
+  assert {d for x in jax.tree.leaves(got_state) for d in x.sharding.device_set} == set(devices)
+  if len(devices) == 8:  # FSDP-sharded moments stay sharded
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(got_state["opt_state"]))
