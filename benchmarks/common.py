@@ -8,6 +8,8 @@ ids are moved inside the small vocabulary so the PyTorch embedding accepts them.
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import os
 import statistics
@@ -212,3 +214,14 @@ def log(msg: str) -> None:
   """Progress line on stderr with the seconds since the suite started."""
   import sys
   print(f"[{time.time() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def run_script(run: Callable, print_results: Callable, default_repeats: int = 3, repeats_flag: str = "--repeats") -> None:
+  """The command line shared by the figure scripts: `[--repeats N] [--small]` -> run -> print."""
+  ap = argparse.ArgumentParser()
+  ap.add_argument(repeats_flag, dest="repeats", type=int, default=default_repeats)
+  ap.add_argument("--small", action="store_true", help="the tiny model instead of the realistic config")
+  args = ap.parse_args()
+  set_threads()
+  setup = bench_setup(args.small)
+  print_results(run(setup, init_params(setup), args.repeats))

@@ -10,7 +10,6 @@ counted with a `jax.monitoring` listener on XLA backend compiles.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import time
 
@@ -75,13 +74,7 @@ def print_results(r) -> None:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--steps_per_bucket", type=int, default=3)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
-  common.set_threads()
-  setup = common.bench_setup(args.small)
-  print_results(run(setup, common.init_params(setup), args.steps_per_bucket))
+  common.run_script(run, print_results, default_repeats=3, repeats_flag="--steps_per_bucket")
 
 
 if __name__ == "__main__":

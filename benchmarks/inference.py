@@ -8,7 +8,6 @@ thread count; JAX and torch are timed alternately and the ratio of medians is re
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +75,7 @@ def print_results(results) -> None:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
-  common.set_threads()
-  setup = common.bench_setup(args.small)
-  print_results(run(setup, common.init_params(setup), args.repeats))
+  common.run_script(run, print_results, default_repeats=5, repeats_flag="--repeats")
 
 
 if __name__ == "__main__":

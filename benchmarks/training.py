@@ -15,7 +15,6 @@ is the measured FLOP/s of a large float32 `jnp.dot` on this machine.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -166,13 +165,7 @@ def print_results(r) -> None:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
-  common.set_threads()
-  setup = common.bench_setup(args.small)
-  print_results(run(setup, common.init_params(setup), args.repeats))
+  common.run_script(run, print_results, default_repeats=3, repeats_flag="--repeats")
 
 
 if __name__ == "__main__":
