@@ -18,7 +18,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from depthvlm_jax.model.config import Qwen3VLConfig, TextConfig, VisionConfig

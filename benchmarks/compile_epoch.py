@@ -22,7 +22,7 @@ from benchmarks import common
 from benchmarks.training import CLIP, LR, STAGES, WD, train_batch
 from depthvlm_jax.model.depthvlm import DepthVLM
 from depthvlm_jax.train import optim
-from depthvlm_jax.train.step import make_train_step
+from depthvlm_jax.train.step import initial_state, make_train_step
 
 BUCKETS = ((192, 256), (256, 320), (288, 384))  # (H, W) pixels: 48, 80, 108 image tokens
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -33,9 +33,7 @@ def run(setup, params, steps_per_bucket: int = 3, seed: int = 0) -> dict:
   mask = optim.trainable_mask(params, STAGES[1])
   trainable, frozen = optim.split_params(params, mask)
   optimizer = optim.make_optimizer(optax.constant_schedule(LR), CLIP, WD)
-  state = {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, trainable),
-           "opt_state": jax.jit(optimizer.init)(trainable), "nonfinite": jnp.zeros((), jnp.int32),
-           "skipped_updates": jnp.zeros((), jnp.int32)}
+  state = initial_state(jax.tree.map(jnp.copy, trainable), jax.jit(optimizer.init)(trainable))
   steps, batches = {}, {}
   for hw in BUCKETS:  # one jitted step per bucket: the depth grid is a static argument
     steps[hw] = jax.jit(make_train_step(model, optimizer, common.token_grid(hw), 1, 1.0, with_lm=False),

@@ -25,7 +25,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import stage1, stage2
@@ -34,7 +33,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import distributed, optim, trainer
-from depthvlm_jax.train.step import make_train_step
+from depthvlm_jax.train.step import initial_state, make_train_step
 
 
 FRAMES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "scannetpp_examples"
@@ -83,8 +82,7 @@ def train_step(config):
   trainable, frozen = optim.split_params(params, mask)
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(config.train.lr, 1000, 0.04),
                                    config.train.grad_clip, config.train.weight_decay)
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": jax.jit(optimizer.init)(trainable),
-           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  state = initial_state(trainable, jax.jit(optimizer.init)(trainable))
   depth_grid = pipeline.ExampleSpec(tuple(config.data.image_size), 1, False).token_grid(
       model.config.vision.image_token_pixels)
   fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches, config.train.depth_loss_weight,

@@ -25,7 +25,7 @@ import optax
 from benchmarks import common
 from depthvlm_jax.model.depthvlm import DepthVLM
 from depthvlm_jax.train import optim
-from depthvlm_jax.train.step import make_train_step
+from depthvlm_jax.train.step import initial_state, make_train_step
 
 STAGES = {1: [("depth_head/.*", True), (".*", False)],
           2: [("visual/.*", False), ("(language_model|lm_head|depth_head)/.*", True)]}
@@ -98,8 +98,7 @@ def jax_step(setup, params, batch, stage: int):
   trainable, frozen = optim.split_params(params, mask)
   trainable = jax.tree.map(jnp.copy, trainable)  # the state is donated: keep `params` alive
   optimizer = optim.make_optimizer(optax.constant_schedule(LR), CLIP, WD)
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": jax.jit(optimizer.init)(trainable),
-           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  state = initial_state(trainable, jax.jit(optimizer.init)(trainable))
   fn = make_train_step(model, optimizer, common.token_grid(), micro_batches=1, depth_weight=DEPTH_WEIGHT,
                        with_lm=stage == 2)
   dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -122,7 +121,6 @@ def peak_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def run(setup, params, repeats: int = 3) -> dict:
-  import torch
   batch, patches, grids = train_batch(setup)
   results = {"stages": [], "peak": peak_matmul_flops()}
   common.log(f"peak matmul {results['peak'] / 1e9:.1f} GFLOP/s")

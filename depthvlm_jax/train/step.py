@@ -46,6 +46,14 @@ def max_supervised_tokens(labels: np.ndarray) -> int:
   return int((np.asarray(labels)[:, 1:] != -100).sum(1).max(initial=0))
 
 
+def initial_state(trainable: Any, opt_state: Any) -> dict[str, Any]:
+  """The train state `train_step` consumes: step and non-finite counters at zero, params, optimizer."""
+  # Three separate buffers: the state is donated, and one buffer may not be donated twice.
+  step, nonfinite, skipped = (jnp.zeros((), jnp.int32) for _ in range(3))
+  return {"step": step, "params": trainable, "opt_state": opt_state, "nonfinite": nonfinite,
+          "skipped_updates": skipped}
+
+
 def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid: tuple[int, int],
                with_lm: bool, lm_positions: int = 0) -> dict[str, jax.Array]:
   """Numerators and denominators of both losses for one (micro-)batch.

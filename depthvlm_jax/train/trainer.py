@@ -33,7 +33,7 @@ from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval
 from depthvlm_jax.train.metrics_log import MetricsLog
-from depthvlm_jax.train.step import make_train_step, max_supervised_tokens
+from depthvlm_jax.train.step import initial_state, make_train_step, max_supervised_tokens
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger(__name__)
@@ -242,8 +242,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   opt_like = checkpoints.optimizer_state_like(optimizer, trainable, mesh)  # sharded like the params
   opt_state = opt_like if isinstance(jax.tree.leaves(trainable)[0], jax.ShapeDtypeStruct) else \
       jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda s: s.sharding, opt_like))(trainable)
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
-           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  state = initial_state(trainable, opt_state)
   start = mgr.latest_step()
   if start is not None:
     state, frozen = checkpoints.restore(mgr, start, state, frozen, data_iter)

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -12,7 +11,7 @@ from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.train import optim
-from depthvlm_jax.train.step import loss_terms, make_train_step, max_supervised_tokens
+from depthvlm_jax.train.step import initial_state, loss_terms, make_train_step, max_supervised_tokens
 from tests.model import hf_reference as ref
 
 GRID = (4, 6)  # patches -> 2x3 tokens -> 64x96 depth
@@ -47,8 +46,7 @@ def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=None):
   mask = optim.trainable_mask(params, rules)
   trainable, frozen = optim.split_params(params, mask)
   opt = opt or optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt.init(trainable),
-           "nonfinite": jnp.zeros((), jnp.int32), "skipped_updates": jnp.zeros((), jnp.int32)}
+  state = initial_state(trainable, opt.init(trainable))
   step = jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm))
   for _ in range(steps):
     state, metrics = step(state, frozen, batch)
