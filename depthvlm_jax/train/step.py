@@ -1,9 +1,10 @@
 """The pure, jitted train step: masked losses as (sum, count), gradient accumulation, NaN guard.
 
 `make_train_step` returns `train_step(state, batch) -> (state, metrics)`:
-  * the batch (global_batch examples) is split into `micro_batches` slices scanned with
-    `lax.scan`; loss numerators and denominators are summed across slices and divided once, so K
-    micro-batches give the same update as one full batch;
+  * the batch (global_batch examples) is split into `micro_batches` slices accumulated by
+    `lax.scan` (an unrolled loop on CPU, see `make_train_step`); loss numerators and denominators
+    are summed across slices and divided once, so K micro-batches give the same update as one
+    full batch;
   * only the trainable subtree is differentiated (frozen towers get no gradient or optimizer state);
   * a non-finite loss, gradient or update leaves params and optimizer state untouched and
     increments `state["nonfinite"]` (reset by the next good step) and `state["skipped_updates"]`.
@@ -111,7 +112,18 @@ def _split_micro(batch, k: int):
 
 
 def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
-                    micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0) -> Callable:
+                    micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0,
+                    unroll_micro_batches: bool | None = None) -> Callable:
+  """The jittable `train_step(state, frozen, batch) -> (state, metrics)`.
+
+  unroll_micro_batches: accumulate gradients in a Python loop (K copies of the model in the
+    program) instead of `lax.scan`. None = unroll when there is one micro-batch or the default
+    backend is the CPU: XLA:CPU runs convolutions inside a while-loop body through a slow generic
+    path (jax-ml/jax#12868; the DPT head's train step at 640x480 took 85 s inside a length-1 scan
+    against 2 s outside). Accelerators keep the scan, whose program size does not grow with K.
+  """
+  unroll = (micro_batches == 1 or jax.default_backend() == "cpu") if unroll_micro_batches is None \
+      else unroll_micro_batches
   # As the reference: the weight balances depth against LM; depth alone is used unweighted.
   depth_weight = depth_weight if with_lm else 1.0
   def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
@@ -134,7 +146,14 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
       g2, t2 = grad_fn(trainable, mb)
       return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g, g2), {k: t[k] + t2[k] for k in t}), None
 
-    (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), _split_micro(batch, micro_batches))
+    micro = _split_micro(batch, micro_batches)
+    if unroll:  # K copies of the step in one program: no while loop (see `make_train_step`)
+      carry = (zeros, zero_terms)
+      for i in range(micro_batches):
+        carry, _ = body(carry, jax.tree.map(lambda x: x[i], micro))
+      grads, terms = carry
+    else:
+      (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), micro)
     loss, parts = combine(terms, depth_weight)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)

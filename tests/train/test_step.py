@@ -42,12 +42,12 @@ def make_batch(config, n=4, seed=0):
   return b
 
 
-def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=None):
+def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=None, unroll=None):
   mask = optim.trainable_mask(params, rules)
   trainable, frozen = optim.split_params(params, mask)
   opt = opt or optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
   state = initial_state(trainable, opt.init(trainable))
-  step = jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm))
+  step = jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm, unroll_micro_batches=unroll))
   for _ in range(steps):
     state, metrics = step(state, frozen, batch)
   return optim.merge_params(state["params"], frozen), state, metrics
@@ -67,13 +67,14 @@ def test_stage1_changes_only_the_depth_head(setup):
   assert sum(x.size for x in opt_leaves) <= 2 * sum(x.size for x in jax.tree.leaves(state["params"])) + 10
 
 
-@pytest.mark.parametrize("micro", [2, 4])
-def test_micro_batches_equal_full_batch(setup, micro):
+@pytest.mark.parametrize("micro,unroll", [(2, True), (4, True), (2, False)])
+def test_micro_batches_equal_full_batch(setup, micro, unroll):
+  # unroll=True: the Python loop XLA:CPU gets; False: the lax.scan accelerators get.
   config, model, params = setup
   batch = make_batch(config, n=4, seed=1)
   sgd = optax.sgd(1.0)  # linear in the gradient, so params compare the accumulated gradients
   full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=sgd)
-  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=sgd)
+  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=sgd, unroll=unroll)
   np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
