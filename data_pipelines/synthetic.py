@@ -22,7 +22,12 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), 
            "white": (230, 230, 230), "orange": (230, 120, 30), "purple": (140, 50, 170), "grey": (120, 120, 120)}
 INDOOR_CLASSES = ("box", "cabinet", "table", "ball")
 OUTDOOR_CLASSES = ("car", "van", "truck")
-CANONICAL_FX = 300.0
+# The canonical camera (SPEC §4 focal unification) and the size range of its images: a little larger
+# than the default preset's 96x128 bucket, so that one crop sees nearly the whole scene (horizon,
+# floor, far wall) instead of a fragment. Rendered images stay about 180-460 px wide.
+CANONICAL_FX = 150.0
+CANONICAL_WIDTH = (136, 165)
+CANONICAL_HEIGHT = (100, 125)
 MAX_RANGE = 80.0
 
 
@@ -53,12 +58,12 @@ def _rand_colour(rng):
 
 
 def make_scene(seed: int, kind: str | None = None) -> Scene:
-  """A random scene; camera size chosen so its canonical (fx = 300) image is about 272-330 x 200-250."""
+  """A random scene; camera size chosen so that its canonical image is CANONICAL_WIDTH x CANONICAL_HEIGHT."""
   rng = np.random.default_rng(seed)
   kind = kind or ("indoor" if rng.random() < 0.5 else "outdoor")
   fx = float(rng.uniform(200, 420))
-  width = int(np.ceil(rng.uniform(272, 330) * fx / CANONICAL_FX))
-  height = int(np.ceil(rng.uniform(200, 250) * fx / CANONICAL_FX))
+  width = int(np.ceil(rng.uniform(*CANONICAL_WIDTH) * fx / CANONICAL_FX))
+  height = int(np.ceil(rng.uniform(*CANONICAL_HEIGHT) * fx / CANONICAL_FX))
   objs: list[Obj] = []
   used = set()
 
@@ -269,7 +274,7 @@ def ensure_synthetic_dataset(out_dir: str | pathlib.Path, num_train: int, num_te
   """Writes the dataset unless a complete one with the same parameters is already there."""
   out = pathlib.Path(out_dir)
   manifest = out / "manifest.json"
-  params = {"num_train": num_train, "num_test": num_test, "seed": seed, "version": 1}
+  params = {"num_train": num_train, "num_test": num_test, "seed": seed, "version": 2}
   names = {"train": "train.jsonl", "test": "test.jsonl", "qa": "qa.jsonl", "qa_test": "qa_test.jsonl"}
   if manifest.exists() and json.loads(manifest.read_text()) == params:
     return {k: out / v for k, v in names.items()}

@@ -28,6 +28,7 @@ Parameter tree <-> official keys (prefix `depth_head.`), one to one:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from depthvlm_jax.model.hf_params import KeyMapError, flatten, raise_if_mismatched, unflatten
 from depthvlm_jax.model.layers import Dense, LayerNorm, logical_init
-from depthvlm_jax.model.resize import resize_bilinear_align_corners
+from depthvlm_jax.model.resize import align_corners_transpose_taps, apply_taps, resize_bilinear_align_corners
 
 Dtype = Any
 
@@ -55,28 +56,86 @@ _bias_init = nn.initializers.zeros_init()
 
 
 # ----------------------------------------------------------------------------- layers
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'Same' stride-1 convolution, NHWC x (k, k, in, out) kernel, odd k."""
+  pad = (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_of_resized(y: jax.Array, kernel: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """`_conv_same(resize_bilinear_align_corners(y, out_hw), kernel)` with the kernel gradient taken at y's size.
+
+  The DPT head's last two 3x3 convs read bilinear upsamples of half-resolution maps. Autodiff
+  would form their kernel gradients at the upsampled size (for a 640x480 image, a 307200-position
+  correlation that XLA:CPU runs at a third of its forward-conv speed). Resizing is linear and
+  separable, so for every kernel tap (a, b)
+      dK[a, b] = sum_p x[p + (a-1, b-1)]^T g[p] = sum_q y[q]^T (R_h^T S_a  (x)  R_w^T S_b) g [q],
+  where x = R y and S shifts g by one tap: the output gradient is shifted and resized *down*
+  (a few gathers) and contracted with the small map y. Same value up to float rounding; the
+  upsampled map is also no longer kept for the backward pass.
+
+  Args:
+    y: (B, h, w, C) map before the resize.
+    kernel: (3, 3, C, O) in y's dtype.
+    out_hw: static (H, W) the map is resized to before the convolution.
+
+  Returns:
+    (B, H, W, O).
+  """
+  return _conv_same(resize_bilinear_align_corners(y, out_hw), kernel)
+
+
+def _conv3x3_of_resized_fwd(y, kernel, out_hw):
+  return conv3x3_of_resized(y, kernel, out_hw), (y, kernel)
+
+
+def _conv3x3_of_resized_bwd(out_hw, residuals, g):
+  y, kernel = residuals
+  _, vjp_y = jax.vjp(lambda v: _conv_same(resize_bilinear_align_corners(v, out_hw), kernel), y)
+  (dy,) = vjp_y(g)  # input gradient: transposed conv, then the resize's gather transpose
+  (h_in, w_in), (h_out, w_out) = y.shape[1:3], out_hw
+  taps = []
+  for b in range(3):  # width first: it shrinks the array the three height passes read
+    g_b = apply_taps(g, align_corners_transpose_taps(w_in, w_out, 1 - b), axis=2)  # (B, H, w, O)
+    taps.append([jnp.einsum("bhwc,bhwo->co", y, apply_taps(g_b, align_corners_transpose_taps(h_in, h_out, 1 - a),
+                                                            axis=1)) for a in range(3)])
+  dk = jnp.stack([jnp.stack([taps[b][a] for b in range(3)]) for a in range(3)])  # (3, 3, C, O)
+  return dy, dk.astype(kernel.dtype)
+
+
+conv3x3_of_resized.defvjp(_conv3x3_of_resized_fwd, _conv3x3_of_resized_bwd)
+
+
 class Conv2d(nn.Module):
-  """Square 'same' 2-D convolution, NHWC; kernel (k, k, in, out) = torch OIHW transposed (2,3,1,0)."""
+  """Square 'same' 2-D convolution, NHWC; kernel (k, k, in, out) = torch OIHW transposed (2,3,1,0).
+
+  With `resize_input_to`, the input is first resized (bilinear, align_corners=True) to that size;
+  3x3 convs then use `conv3x3_of_resized`.
+  """
 
   features: int
   kernel_size: int = 3
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  resize_input_to: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, C_in) -> (B, H, W, features)."""
+    """(B, H, W, C_in) -> (B, H', W', features); (H', W') = `resize_input_to` or (H, W)."""
     k = self.kernel_size
     kernel = self.param("kernel", logical_init(_kernel_init, CONV_AXES), (k, k, x.shape[-1], self.features),
                         self.param_dtype).astype(self.dtype)
     x = x.astype(self.dtype)
-    if k == 1:
-      y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+    size = tuple(int(s) for s in self.resize_input_to) if self.resize_input_to is not None else None
+    if size is not None and size != x.shape[1:3] and k == 3:
+      y = conv3x3_of_resized(x, kernel, size)
     else:
-      pad = (k - 1) // 2
-      y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if size is not None:
+        x = resize_bilinear_align_corners(x, size)
+      y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0]) if k == 1 else _conv_same(x, kernel)
     if self.use_bias:
       bias = self.param("bias", logical_init(_bias_init, ("conv_out",)), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -125,7 +184,11 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-  """RefineNet fusion: [+ resConfUnit1(skip)] -> resConfUnit2 -> bilinear upsample -> 1x1 out_conv."""
+  """RefineNet fusion: [+ resConfUnit1(skip)] -> resConfUnit2 -> bilinear upsample -> 1x1 out_conv.
+
+  The 1x1 `out_conv` runs before the upsample here: both are linear and bilinear weights sum to 1,
+  so the result is the same (bias included) at a quarter of the conv's cost.
+  """
 
   features: int
   has_residual: bool = True
@@ -133,12 +196,13 @@ class FeatureFusionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, skip: jax.Array | None = None,
-               size: tuple[int, int] | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, skip: jax.Array | None = None, size: tuple[int, int] | None = None,
+               upsample: bool = True) -> jax.Array:
     """Fuses the deeper path `x` (B, h, w, F) with `skip` (B, h, w, F); returns (B, *size, F).
 
     `size` defaults to (2h, 2w) (torch `scale_factor=2`, which with align_corners=True is the same
-    as asking for that size).
+    as asking for that size). upsample=False returns the (B, h, w, F) map before the upsample, for
+    a caller that folds the upsample into its next conv.
     """
     rcu = lambda name: ResidualConvUnit(self.features, self.dtype, self.param_dtype, name=name)
     if self.has_residual:
@@ -146,10 +210,10 @@ class FeatureFusionBlock(nn.Module):
         raise ValueError("this fusion block has a residual input: pass `skip`")
       x = x + rcu("resConfUnit1")(skip)
     x = rcu("resConfUnit2")(x)
-    if size is None:
-      size = (2 * x.shape[1], 2 * x.shape[2])
-    x = resize_bilinear_align_corners(x, size)
-    return Conv2d(self.features, 1, True, self.dtype, self.param_dtype, name="out_conv")(x)
+    x = Conv2d(self.features, 1, True, self.dtype, self.param_dtype, name="out_conv")(x)
+    if not upsample:
+      return x
+    return resize_bilinear_align_corners(x, size or (2 * x.shape[1], 2 * x.shape[2]))
 
 
 class DPTScratch(nn.Module):
@@ -175,10 +239,11 @@ class DPTScratch(nn.Module):
     out = fusion(4, False)(rn[3], size=size(rn[2]))  # (B, 2h, 2w, F)
     out = fusion(3, True)(out, rn[2], size=size(rn[1]))  # (B, 4h, 4w, F)
     out = fusion(2, True)(out, rn[1], size=size(rn[0]))  # (B, 8h, 8w, F)
-    out = fusion(1, True)(out, rn[0])  # (B, 16h, 16w, F)
-    out = Conv2d(f // 2, 3, True, dt, pdt, name="output_conv1")(out)  # (B, 16h, 16w, F/2)
-    out = resize_bilinear_align_corners(out, output_size)  # (B, H, W, F/2)
-    out = nn.relu(Conv2d(self.head_features, 3, True, dt, pdt, name="output_conv2_0")(out))
+    out = fusion(1, True)(out, rn[0], upsample=False)  # (B, 8h, 8w, F), upsampled x2 by output_conv1
+    twice = (2 * out.shape[1], 2 * out.shape[2])
+    out = Conv2d(f // 2, 3, True, dt, pdt, twice, name="output_conv1")(out)  # (B, 16h, 16w, F/2)
+    # bilinear resize to the full (H, W), then the conv
+    out = nn.relu(Conv2d(self.head_features, 3, True, dt, pdt, output_size, name="output_conv2_0")(out))
     out = Conv2d(1, 1, True, dt, pdt, name="output_conv2_2")(out)  # (B, H, W, 1)
     return nn.softplus(out[..., 0].astype(jnp.float32))
 

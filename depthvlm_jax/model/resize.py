@@ -45,19 +45,27 @@ def align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 @functools.lru_cache(maxsize=256)
-def align_corners_transpose_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-  """The transpose of the 1-D resize as a gather: every input index and the outputs it feeds.
+def align_corners_transpose_taps(n_in: int, n_out: int, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The transpose of the 1-D resize, optionally after a shift, as a gather.
+
+  For an output-side array g of length `n_out`, the result r of length `n_in` is
+  r[i] = sum_o R[o, i] * g[o + shift] (g is 0 outside [0, n_out)), where R (n_out, n_in) is the
+  resize matrix. shift = 0 is the plain gradient of the resize; the shifted forms give the kernel
+  gradient of a convolution that reads a resized map (`depth_head.conv3x3_of_resized`).
 
   Returns:
-    (idx, wt): int32 and float32 (n_in, K); the gradient of input i is
-    sum_k wt[i, k] * g[idx[i, k]] for an output gradient g (padding taps have weight 0).
+    (idx, wt): int32 and float32 (n_in, K); r[i] = sum_k wt[i, k] * g[idx[i, k]] (padding taps
+    have weight 0).
   """
   i0, i1, lam = align_corners_taps(n_in, n_out)
   taps: list[list[tuple[int, float]]] = [[] for _ in range(n_in)]
   for o in range(n_out):
-    taps[i0[o]].append((o, float(np.float32(1) - lam[o])))
+    src = o + shift
+    if not 0 <= src < n_out:
+      continue
+    taps[i0[o]].append((src, float(np.float32(1) - lam[o])))
     if lam[o] != 0:
-      taps[i1[o]].append((o, float(lam[o])))
+      taps[i1[o]].append((src, float(lam[o])))
   k = max(1, max(len(t) for t in taps))
   idx = np.zeros((n_in, k), np.int32)
   wt = np.zeros((n_in, k), np.float32)
@@ -65,6 +73,18 @@ def align_corners_transpose_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.
     for j, (o, w) in enumerate(t):
       idx[i, j], wt[i, j] = o, w
   return idx, wt
+
+
+def apply_taps(g: jax.Array, taps: tuple[np.ndarray, np.ndarray], axis: int) -> jax.Array:
+  """sum_k wt[:, k] * take(g, idx[:, k], axis): a sparse linear map along one axis as K gathers."""
+  idx, wt = taps
+  shape = [1] * g.ndim
+  shape[axis] = idx.shape[0]
+  out = None
+  for k in range(idx.shape[1]):
+    term = jnp.take(g, jnp.asarray(idx[:, k]), axis=axis) * jnp.asarray(wt[:, k].reshape(shape), g.dtype)
+    out = term if out is None else out + term
+  return out
 
 
 def _lerp_gather(x: jax.Array, n_out: int, axis: int) -> jax.Array:
@@ -89,14 +109,7 @@ def _resize_axis_fwd(x, n_out, axis):
 def _resize_axis_bwd(n_out, axis, n_in, g):
   # The autodiff transpose of a gather is a scatter-add, which XLA:CPU runs element by element;
   # each input index receives from at most K nearby outputs, so the transpose is K gathers instead.
-  idx, wt = align_corners_transpose_taps(n_in, n_out)
-  out = None
-  for k in range(idx.shape[1]):
-    shape = [1] * g.ndim
-    shape[axis] = n_in
-    term = jnp.take(g, jnp.asarray(idx[:, k]), axis=axis) * jnp.asarray(wt[:, k].reshape(shape), g.dtype)
-    out = term if out is None else out + term
-  return (out,)
+  return (apply_taps(g, align_corners_transpose_taps(n_in, n_out), axis),)
 
 
 _resize_axis_op.defvjp(_resize_axis_fwd, _resize_axis_bwd)
