@@ -6,12 +6,16 @@ pixels. Each question is asked with its image (same bucket and centre crop as th
 answered greedily with `generate.generate_tokens`, and the first number in the answer is parsed.
 
 Scores: `parse_rate` (fraction of answers containing a number), `mae_m` (mean |parsed - true| over
-parsed answers) and, as a reference that needs no image, `constant_mae_m` (the same error for the
-median training distance, the best constant under absolute error).
+parsed answers) and two references that need no image: `constant_mae_m` (the same error for the
+median training distance, the best constant under absolute error) and `class_prior_mae_m` (for the
+median training distance of the object's class, e.g. every "car": what reading the question alone
+can reach, since cars stand in streets and tables in rooms). Only a model that beats the class prior
+reads distances from the image.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any, Sequence
 
@@ -22,7 +26,7 @@ from data_pipelines import pipeline, rgbd
 from depthvlm_jax import generate as gen
 from depthvlm_jax.model.inputs import make_model_inputs
 
-QUESTION = re.compile(r"^How far is the .+ from the camera, in meters\?$")
+QUESTION = re.compile(r"^How far is the (?P<object>.+) from the camera, in meters\?$")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -30,6 +34,11 @@ def parse_metres(text: str) -> float | None:
   """First decimal number in `text`, or None."""
   m = NUMBER.search(text)
   return float(m.group()) if m else None
+
+
+def object_class(question: str) -> str:
+  """The class of the object a distance question names: its last word ("the red car" -> "car")."""
+  return QUESTION.match(question)["object"].split()[-1]
 
 
 def distance_questions(jsonl: str, limit: int) -> list[tuple[Any, float]]:
@@ -42,12 +51,17 @@ def distance_questions(jsonl: str, limit: int) -> list[tuple[Any, float]]:
   return out[:limit]
 
 
-def score(predicted: Sequence[float | None], truth: Sequence[float], constant: float) -> dict[str, float | None]:
-  """parse_rate, mae_m (over parsed answers; None if none parsed), constant_mae_m, n."""
+def score(predicted: Sequence[float | None], truth: Sequence[float], constant: float,
+          class_prior: Sequence[float] | None = None) -> dict[str, float | None]:
+  """parse_rate, mae_m (over parsed answers; None if none parsed), constant_mae_m, n and, given the
+  class-prior answer of every question, class_prior_mae_m."""
   pairs = [(p, t) for p, t in zip(predicted, truth) if p is not None]
-  return {"n": len(truth), "parse_rate": len(pairs) / max(len(truth), 1),
-          "mae_m": float(np.mean([abs(p - t) for p, t in pairs])) if pairs else None,
-          "constant_mae_m": float(np.mean([abs(constant - t) for t in truth])) if truth else None}
+  out = {"n": len(truth), "parse_rate": len(pairs) / max(len(truth), 1),
+         "mae_m": float(np.mean([abs(p - t) for p, t in pairs])) if pairs else None,
+         "constant_mae_m": float(np.mean([abs(constant - t) for t in truth])) if truth else None}
+  if class_prior is not None:
+    out["class_prior_mae_m"] = float(np.mean([abs(p - t) for p, t in zip(class_prior, truth)])) if truth else None
+  return out
 
 
 def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_size: tuple[int, int],
@@ -60,7 +74,12 @@ def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_si
   questions = distance_questions(qa_source.jsonl, limit)
   if not questions:
     raise ValueError(f"{qa_source.jsonl}: no 'How far is the ... in meters?' questions to evaluate")
-  constant = float(np.median([d for _, d in distance_questions(train_qa_jsonl, 10**9)] or [0.0]))
+  train = distance_questions(train_qa_jsonl, 10**9)
+  constant = float(np.median([d for _, d in train] or [0.0]))
+  by_class = collections.defaultdict(list)
+  for r, d in train:
+    by_class[object_class(r.prompt)].append(d)
+  class_median = {c: float(np.median(v)) for c, v in by_class.items()}
   prepare = pipeline.PrepareExample(qa_source, pipeline.ExampleSpec(tuple(image_size), seq_len, with_answer=False,
                                                                     random_crop=False),
                                     model.config, tokenizer, processor)
@@ -82,7 +101,8 @@ def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_si
     rows = gen.strip_after_eos(np.asarray(tokens), eos)
     answers += [tokenizer.decode(t, skip_special_tokens=True) for t in rows[:min(batch_size, len(examples) - i)]]
   truth = [d for _, _, d in examples]
-  out = score([parse_metres(a) for a in answers], truth, constant)
+  class_prior = [class_median.get(object_class(r.prompt), constant) for _, r, _ in examples]
+  out = score([parse_metres(a) for a in answers], truth, constant, class_prior)
   out["examples"] = [{"question": r.prompt, "answer": a, "truth_m": d}
                      for (_, r, d), a in list(zip(examples, answers))[:4]]
   return out

@@ -312,8 +312,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         spec.image_size, spec.seq_len, tokenizer, processor, str(root / "qa.jsonl"), config.eval_qa,
         config.train.global_batch, config.eval_qa_new_tokens)
     qa = results["distance_qa"]
-    log.info("distance QA on %d held-out questions: parse rate %.3f, MAE %s m (median-distance constant: MAE "
-             "%.3f m)", qa["n"], qa["parse_rate"], qa["mae_m"], qa["constant_mae_m"])
+    log.info("distance QA on %d held-out questions: parse rate %.3f, MAE %s m (without the image: median "
+             "distance %.3f m, median of the object's class %.3f m)", qa["n"], qa["parse_rate"], qa["mae_m"],
+             qa["constant_mae_m"], qa["class_prior_mae_m"])
     metrics.write(total_steps, {k: v for k, v in qa.items() if k != "examples" and v is not None},
                   prefix="eval/distance_qa")
   metrics.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -110,28 +111,39 @@ def test_full_pipeline_resumes_exactly_after_a_checkpoint(data, tok, num_workers
 
 
 def test_caption_qa_images_are_focal_unified_or_upscaled(data, tok, tmp_path):
-  """QA records with intrinsics get the canonical geometry of the depth data; images without
-  intrinsics smaller than the bucket are upscaled (aspect kept), never dropped as too small."""
+  """QA records with intrinsics get the canonical geometry of the depth data, also when stored smaller
+  than the bucket; images without intrinsics smaller than the bucket are upscaled (aspect kept),
+  never dropped as too small."""
   root, files = data
-  spec = pipeline.ExampleSpec((192, 256), 128, with_answer=True, random_crop=False)
+  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True, random_crop=False)
   cfg, proc = Qwen3VLConfig.tiny(), ImageProcessorConfig()
-  qa_source = pipeline.SourceSpec(str(files["qa"]), str(root), "", "synthetic", with_depth=False)
-  records, _ = pipeline.load_records(qa_source)
-  prepare = pipeline.PrepareExample(qa_source, spec, cfg, tok, proc)
-  small = [r for r in records if r.original_rgb_size[0] < 256]  # stored narrower than the bucket
-  assert small, "synthetic set should have a camera with fx < canonical_fx"
-  for r in (small[0], records[0]):
-    ex = prepare(r)
+  first = json.loads(files["qa"].read_text().splitlines()[0])
+  # The same view stored at a third of its size (camera fx / 3): narrower than the bucket, so focal
+  # unification upscales it to the canonical size.
+  w, h = first["original_rgb_size"]
+  small_wh = (w // 3, h // 3)
+  assert small_wh[0] < 128
+  Image.open(root / first["image"]).convert("RGB").resize(small_wh, Image.Resampling.BILINEAR).save(
+      tmp_path / "small.png")
+  small = dict(first, image="small.png", original_rgb_size=list(small_wh),
+               **{k: first[k] / 3 for k in ("original_fx", "original_fy", "original_cx", "original_cy")})
+  (tmp_path / "qa_small.jsonl").write_text(json.dumps(small) + "\n")
+  for source in (pipeline.SourceSpec(str(files["qa"]), str(root), "", "synthetic", with_depth=False),
+                 pipeline.SourceSpec(str(tmp_path / "qa_small.jsonl"), str(tmp_path), "", "synthetic",
+                                     with_depth=False)):
+    record = pipeline.load_records(source)[0][0]
+    ex = pipeline.PrepareExample(source, spec, cfg, tok, proc)(record)
     assert isinstance(ex, dict)
-    w, h = r.canonical_size  # independent reference: PIL resize to the canonical size, centre crop
-    ref = np.asarray(Image.open(root / r.image).convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
-    y0, x0 = (h - 192) // 2, (w - 256) // 2
-    want, _ = normalize_and_patchify(ref[y0:y0 + 192, x0:x0 + 256], proc)
+    cw, ch = record.canonical_size  # independent reference: PIL resize to the canonical size, centre crop
+    ref = np.asarray(Image.open(pathlib.Path(source.image_root) / record.image).convert("RGB").resize(
+        (cw, ch), Image.Resampling.BILINEAR))
+    y0, x0 = (ch - 96) // 2, (cw - 128) // 2
+    want, _ = normalize_and_patchify(ref[y0:y0 + 96, x0:x0 + 128], proc)
     np.testing.assert_array_equal(ex["pixel_values"], want)
 
   Image.fromarray(np.full((60, 100, 3), 77, np.uint8)).save(tmp_path / "tiny.png")
   (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "tiny.png", "prompt": "What?", "solution": "Grey."}))
   src = pipeline.SourceSpec(str(tmp_path / "qa.jsonl"), str(tmp_path), "", "synthetic", with_depth=False)
   ex = pipeline.PrepareExample(src, spec, cfg, tok, proc)(pipeline.load_records(src)[0][0])
-  assert isinstance(ex, dict) and ex["image_grid_hw"].tolist() == [192 // 16, 256 // 16]
+  assert isinstance(ex, dict) and ex["image_grid_hw"].tolist() == [96 // 16, 128 // 16]
   assert not ex["has_depth"]

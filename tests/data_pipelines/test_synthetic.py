@@ -44,7 +44,8 @@ def test_written_dataset_reads_back(tmp_path):
   records, errors = rgbd.read_jsonl(files["train"])
   assert len(records) == 3 and not errors
   s = rgbd.load_sample(records[0], tmp_path, tmp_path, "synthetic")
-  assert s.image.shape[:2] == s.depth.shape and s.depth.shape[1] >= 256 and s.depth.shape[0] >= 192
+  assert s.image.shape[:2] == s.depth.shape
+  assert s.depth.shape[1] >= synthetic.CANONICAL_WIDTH[0] and s.depth.shape[0] >= synthetic.CANONICAL_HEIGHT[0]
   qa = [json.loads(l) for l in files["qa"].read_text().splitlines()]
   assert qa and all(r["prompt"] and r["solution"] for r in qa)
   test_records, _ = rgbd.read_jsonl(files["test"])

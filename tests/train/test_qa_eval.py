@@ -16,10 +16,12 @@ from depthvlm_jax.train import qa_eval
 def test_parse_and_score():
   assert qa_eval.parse_metres("About 3.4 meters.") == 3.4
   assert qa_eval.parse_metres("about 12 m") == 12.0 and qa_eval.parse_metres("far away") is None
-  s = qa_eval.score([3.0, None, 10.0], [2.0, 5.0, 12.0], constant=4.0)
+  s = qa_eval.score([3.0, None, 10.0], [2.0, 5.0, 12.0], constant=4.0, class_prior=[2.5, 4.0, 20.0])
   assert s["n"] == 3 and s["parse_rate"] == pytest.approx(2 / 3)
   assert s["mae_m"] == pytest.approx((1.0 + 2.0) / 2)
   assert s["constant_mae_m"] == pytest.approx((2.0 + 1.0 + 8.0) / 3)
+  assert s["class_prior_mae_m"] == pytest.approx((0.5 + 1.0 + 8.0) / 3)
+  assert qa_eval.object_class("How far is the light blue van from the camera, in meters?") == "van"
 
 
 def test_greedy_answers_on_held_out_questions(tmp_path):
@@ -36,4 +38,9 @@ def test_greedy_answers_on_held_out_questions(tmp_path):
   train_d = [d for _, d in qa_eval.distance_questions(str(paths["qa"]), 10**9)]
   want = np.mean([abs(np.median(train_d) - d) for _, d in questions])
   assert out["constant_mae_m"] == pytest.approx(want)
+  by_class = {}
+  for q, d in qa_eval.distance_questions(str(paths["qa"]), 10**9):
+    by_class.setdefault(q.prompt.split(" from the camera")[0].split()[-1], []).append(d)
+  prior = [np.median(by_class.get(q.prompt.split(" from the camera")[0].split()[-1], train_d)) for q, _ in questions]
+  assert out["class_prior_mae_m"] == pytest.approx(np.mean([abs(p - d) for p, (_, d) in zip(prior, questions)]))
   assert len(out["examples"]) == len(questions) and all(isinstance(e["answer"], str) for e in out["examples"])
