@@ -243,6 +243,28 @@ def test_conv3x3_of_resized_gradients_equal_autodiff(src, dst):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("hw", [(96, 90), (7, 5)])
+def test_conv3x3_gradients_equal_autodiff(hw):
+  """The flat-offset kernel gradient (large maps) and the autodiff fallback (small maps) both equal
+  autodiff of XLA's convolution, input gradient included."""
+  from depthvlm_jax.model import depth_head
+  assert (hw[0] * hw[1] >= depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS) == (hw == (96, 90))
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(2, *hw, 4)).astype(np.float32))
+  plain = lambda x, k: (depth_head._conv_same(x, k) * w).sum()
+  custom = lambda x, k: (depth_head.conv3x3(x, k) * w).sum()
+  np.testing.assert_array_equal(jax.jit(custom)(x, k), jax.jit(plain)(x, k))
+  for got, want in zip(jax.jit(jax.grad(custom, (0, 1)))(x, k), jax.jit(jax.grad(plain, (0, 1)))(x, k)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  # The kernel gradient alone, against a direct NumPy sum over taps.
+  xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, a:a + hw[0], b:b + hw[1]], np.asarray(w))
+                             for b in range(3)]) for a in range(3)])
+  np.testing.assert_allclose(depth_head.kernel_grad_3x3(x, w), want, rtol=1e-5, atol=1e-3)
+
+
 def test_dpt_gradients_match_torch(small_dpt):
   """Parameter gradients of the head (fused upsample + conv backward included) equal torch autograd."""
   ref, params = small_dpt
