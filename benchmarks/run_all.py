@@ -1,9 +1,10 @@
 """The whole benchmark suite in one command; prints every figure as a Markdown table.
 
-  python -m benchmarks.run_all [--repeats 3] [--small]
+  python -m benchmarks.run_all [--repeats 5] [--small]
 
   1. inference: JAX jit vs PyTorch eager, float32 and bfloat16     (benchmarks/inference.py)
   2. training: one optimiser step, stages 1 and 2, JAX vs PyTorch   (benchmarks/training.py)
+     2b. the DPT head's 3x3 kernel gradients, autodiff vs matmul      (benchmarks/kernel_grad.py)
   3. model FLOP utilisation of the JAX train step                  (benchmarks/training.py)
   4. time per depth pixel: dense head vs per-point text queries     (benchmarks/per_point.py)
   5. compilations over a mixed-size epoch; input pipeline vs train step
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common, compile_epoch, inference, per_point, training
+from benchmarks import common, compile_epoch, inference, kernel_grad, per_point, training
 
 
 def machine() -> str:
@@ -65,7 +66,7 @@ def loader_figure(timeout_s: int, small: bool) -> None:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--repeats", type=int, default=3, help="alternating JAX/PyTorch repeats per figure")
+  ap.add_argument("--repeats", type=int, default=5, help="alternating JAX/PyTorch repeats per figure")
   ap.add_argument("--small", action="store_true", help="tiny model (smoke test)")
   ap.add_argument("--loader_timeout", type=int, default=240)
   ap.add_argument("--only", default="1,2,4,5", help="figures to run (3 comes with 2)")
@@ -88,6 +89,8 @@ def main():
   if "2" in only:
     common.log("figures 2-3")
     training.print_results(training.run(setup, params, args.repeats))
+    common.log("figure 2b")
+    kernel_grad.print_results(kernel_grad.run(setup, params, args.repeats))
   if "4" in only:
     common.log("figure 4")
     per_point.print_results(per_point.run(setup, params, args.repeats))

@@ -64,7 +64,7 @@ def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 # Below this many output positions XLA's own kernel-gradient convolution is as fast (see `conv3x3`).
-FLAT_KERNEL_GRAD_MIN_POSITIONS = 8192
+FLAT_KERNEL_GRAD_MIN_POSITIONS = 4096
 
 
 def kernel_grad_3x3(x: jax.Array, g: jax.Array) -> jax.Array:

@@ -1,0 +1,96 @@
+"""3x3 kernel gradients of the DPT head: XLA's autodiff form vs `depth_head.kernel_grad_3x3`, and the
+whole stage-1 train step with each.
+
+  python -m benchmarks.kernel_grad [--repeats 7] [--small]
+
+Autodiff lowers dK of a 'same' 3x3 convolution to a correlation with an (h, w) window and one input
+feature; `kernel_grad_3x3` computes the same (3, 3, C, O) array as one matmul over flattened row
+offsets. Both are jitted in this process and timed alternately (medians). The step comparison
+compiles the benchmark model's stage-1 step twice, with `FLAT_KERNEL_GRAD_MIN_POSITIONS` at its value
+and disabled, and alternates them too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, training
+from depthvlm_jax.model import depth_head
+
+# (h, w, C, O) of the benchmark model's 3x3 convolutions (640x480 image, half-width DPT).
+SHAPES = [(120, 160, 128, 128), (60, 80, 256, 128), (60, 80, 128, 128), (30, 40, 512, 128)]
+
+
+def autodiff_kernel_grad(x, g):
+  kernel = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), x.dtype)
+  return jax.vjp(lambda k: depth_head._conv_same(x, k), kernel)[1](g)[0]
+
+
+def alternate(fns: dict, args: tuple, repeats: int) -> dict[str, float]:
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(setup, params, repeats: int) -> dict:
+  rows = []
+  for h, w, c, o in SHAPES:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, h, w, c)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((1, h, w, o)), jnp.float32)
+    fns = {"autodiff": jax.jit(autodiff_kernel_grad), "matmul": jax.jit(depth_head.kernel_grad_3x3)}
+    want, got = fns["autodiff"](x, g), fns["matmul"](x, g)  # also compiles both
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    rows.append(dict(shape=(h, w, c, o), err=err, **alternate(fns, (x, g), repeats)))
+
+  batch, _, _ = training.train_batch(setup)
+  default = depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS
+  steps = {}
+  try:
+    for name, threshold in (("autodiff", 1 << 62), ("matmul", default)):
+      depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS = threshold  # read when the step is traced
+      step, state, frozen, dev_batch, _, _ = training.jax_step(setup, params, batch, stage=1)
+      steps[name] = [step, state, frozen, dev_batch]
+  finally:
+    depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS = default
+
+  def runner(name):
+    def fn():
+      s = steps[name]
+      s[1], metrics = s[0](s[1], s[2], s[3])
+      return metrics["loss"]
+    return fn
+
+  step_times = alternate({k: runner(k) for k in steps}, (), repeats)
+  return {"rows": rows, "step": step_times}
+
+
+def print_results(r) -> None:
+  rows = [[f"{h}x{w}, {c}->{o}", f"{2 * h * w * 9 * c * o / 1e9:.2f}", common.fmt_s(x["autodiff"]),
+           common.fmt_s(x["matmul"]), f"{x['matmul'] / x['autodiff']:.2f}", f"{x['err']:.1e}"]
+          for x in r["rows"] for (h, w, c, o) in [x["shape"]]]
+  common.print_table("3x3 kernel gradient, float32 (XLA autodiff vs depth_head.kernel_grad_3x3)",
+                     ["map, channels", "GFLOP", "autodiff", "matmul", "matmul/autodiff", "max rel. diff"], rows)
+  s = r["step"]
+  common.print_table("Stage-1 train step of the benchmark model (640x480, half-width DPT)",
+                     ["kernel gradients", "step (median)"],
+                     [["autodiff", common.fmt_s(s["autodiff"])],
+                      [f"matmul for maps of >= {depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS} positions",
+                       common.fmt_s(s["matmul"])]])
+
+
+def main():
+  common.run_script(run, print_results, default_repeats=7)
+
+
+if __name__ == "__main__":
+  main()
