@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.train.micro_batches = 8
   else:
     c.train.global_batch = 8
-    # 1280 steps (20 epochs over the 512 synthetic scenes): about 6 min on an idle 2-core CPU.
+    # 1280 steps (20 epochs over the 512 synthetic scenes): about 7 min on this 2-core CPU.
     # Held-out δ1 0.52 / 0.49 / 0.71 / 0.73 at steps 320 / 640 / 960 / 1280 against 0.37 for the
     # best constant depth; 640 steps reached 0.69.
     c.train.epochs = 20.0

@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.train.micro_batches = 4
   else:
     c.train.global_batch = 8
-    # 640 steps, half of each batch caption/QA samples: about 10 min on an idle 2-core CPU. At 128
+    # 640 steps, half of each batch caption/QA samples: about 12 min on this 2-core CPU. At 128
     # steps the replies had the template but no number yet ("About "); at 640 every held-out
     # distance answer carries one.
     c.train.epochs = 10.0
