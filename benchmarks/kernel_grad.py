@@ -12,8 +12,7 @@ and disabled, and alternates them too.
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,6 @@ def autodiff_kernel_grad(x, g):
   return jax.vjp(lambda k: depth_head._conv_same(x, k), kernel)[1](g)[0]
 
 
-def alternate(fns: dict, args: tuple, repeats: int) -> dict[str, float]:
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(setup, params, repeats: int) -> dict:
   rows = []
   for h, w, c, o in SHAPES:
@@ -50,7 +39,9 @@ def run(setup, params, repeats: int) -> dict:
     fns = {"autodiff": jax.jit(autodiff_kernel_grad), "matmul": jax.jit(depth_head.kernel_grad_3x3)}
     want, got = fns["autodiff"](x, g), fns["matmul"](x, g)  # also compiles both
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    rows.append(dict(shape=(h, w, c, o), err=err, **alternate(fns, (x, g), repeats)))
+    times = common.alternate({k: functools.partial(lambda f: common.block(f(x, g)), f) for k, f in fns.items()},
+                             repeats)
+    rows.append(dict(shape=(h, w, c, o), err=err, **{k: common.median(v) for k, v in times.items()}))
 
   batch, _, _ = training.train_batch(setup)
   default = depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS
@@ -67,11 +58,11 @@ def run(setup, params, repeats: int) -> dict:
     def fn():
       s = steps[name]
       s[1], metrics = s[0](s[1], s[2], s[3])
-      return metrics["loss"]
+      common.block(metrics["loss"])
     return fn
 
-  step_times = alternate({k: runner(k) for k in steps}, (), repeats)
-  return {"rows": rows, "step": step_times}
+  step_times = common.alternate({k: runner(k) for k in steps}, repeats)
+  return {"rows": rows, "step": {k: common.median(v) for k, v in step_times.items()}}
 
 
 def print_results(r) -> None:
