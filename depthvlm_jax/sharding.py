@@ -100,3 +100,16 @@ def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | N
   if shape is not None:
     spec = _fit_spec(spec, shape, mesh)
   return NamedSharding(mesh, spec)
+
+
+def place_params(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, Any]:
+  """Puts every leaf of a nested params dict (host or device arrays) on the sharding at the same path.
+
+  The two trees must have the same paths; raises ValueError naming the first differences.
+  """
+  from depthvlm_jax.model.hf_params import flatten, unflatten
+  values, target = flatten(params), flatten(shardings)
+  if set(values) != set(target):
+    diff = sorted("/".join(q) for q in set(values) ^ set(target))
+    raise ValueError(f"params and shardings differ at {len(diff)} paths, e.g. {diff[:5]}")
+  return unflatten({path: jax.device_put(np.asarray(v), target[path]) for path, v in values.items()})

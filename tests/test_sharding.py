@@ -38,6 +38,19 @@ def test_every_parameter_has_logical_names_and_shards():
   assert flat["language_model/layers_0/self_attn/q_norm/scale"].spec == P(None)
 
 
+def test_place_params_puts_each_leaf_on_its_sharding():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  spec = {"a": {"w": P("fsdp", "tensor")}, "b": P(None)}
+  shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), spec,
+                           is_leaf=lambda x: isinstance(x, P))
+  host = {"a": {"w": np.arange(32, dtype=np.float32).reshape(4, 8)}, "b": np.ones(3, np.float32)}
+  placed = sharding.place_params(host, shardings)
+  assert placed["a"]["w"].sharding == shardings["a"]["w"] and placed["b"].sharding == shardings["b"]
+  np.testing.assert_array_equal(np.asarray(placed["a"]["w"]), host["a"]["w"])
+  with pytest.raises(ValueError, match="differ at 2 paths.*a/v.*a/w"):
+    sharding.place_params({"a": {"v": host["a"]["w"]}, "b": host["b"]}, shardings)
+
+
 def test_sharded_forward_equals_unsharded():
   config = Qwen3VLConfig.tiny()
   hf = ref.make_hf_model(config, seed=11)

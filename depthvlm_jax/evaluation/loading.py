@@ -22,10 +22,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from depthvlm_jax import sharding
-from depthvlm_jax.model import hf_checkpoint, hf_params
+from depthvlm_jax.model import hf_checkpoint
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
@@ -79,13 +78,6 @@ def param_shardings(model: DepthVLM, mesh) -> Any:
   return sharding.logical_shardings(boxed, mesh)
 
 
-def _place(params: Any, shardings: Any | None) -> Any:
-  if shardings is None:
-    return params
-  flat, target = hf_params.flatten(params), hf_params.flatten(shardings)
-  return hf_params.unflatten({k: jax.device_put(np.asarray(v), target[k]) for k, v in flat.items()})
-
-
 def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int = 0) -> LoadedModel:
   """Loads a DepthVLM/Qwen3-VL HF directory or a training workdir (see the module docstring).
 
@@ -107,7 +99,7 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     trainable, frozen = checkpoints.restore_params(p)
     params = optim.merge_params(trainable, frozen)
     shardings = param_shardings(model, mesh) if mesh is not None else None
-    params = _place(params, shardings) if shardings is not None else jax.tree.map(jnp.asarray, params)
+    params = sharding.place_params(params, shardings) if shardings is not None else jax.tree.map(jnp.asarray, params)
     tokenizer, processor = _tokenizer_and_processor(config.model.hf_dir or None)
     return LoadedModel(model, params, tokenizer, processor, "workdir", True, str(p))
   if not (p / "config.json").exists():
@@ -129,7 +121,9 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
   head = jax.jit(lambda r: nn.unbox(model.init(r, maps, method=lambda m, x: m.depth_head(x))["params"]["depth_head"]))(
       jax.random.key(seed))
   head = jax.tree.map(lambda x: x.astype(dtype), head)
-  params = dict(backbone, depth_head=_place({"depth_head": head}, shardings)["depth_head"] if shardings else head)
+  if shardings:
+    head = sharding.place_params(head, shardings["depth_head"])
+  params = dict(backbone, depth_head=head)
   logging.warning("%s: Qwen3-VL directory without depth_head.* weights; the depth head is randomly "
                   "initialised (depth maps are meaningless, text answers are the base model's)", p)
   return LoadedModel(model, params, tokenizer, processor, "hf_qwen3_vl", False, str(p))

@@ -52,15 +52,16 @@ def distance_questions(jsonl: str, limit: int) -> list[tuple[Any, float]]:
 
 
 def score(predicted: Sequence[float | None], truth: Sequence[float], constant: float,
-          class_prior: Sequence[float] | None = None) -> dict[str, float | None]:
-  """parse_rate, mae_m (over parsed answers; None if none parsed), constant_mae_m, n and, given the
-  class-prior answer of every question, class_prior_mae_m."""
+          class_prior: Sequence[float]) -> dict[str, float | None]:
+  """n, parse_rate, mae_m (over parsed answers; None if none parsed), constant_mae_m and
+  class_prior_mae_m (`class_prior`: the class-prior answer of every question)."""
   pairs = [(p, t) for p, t in zip(predicted, truth) if p is not None]
   out = {"n": len(truth), "parse_rate": len(pairs) / max(len(truth), 1),
          "mae_m": float(np.mean([abs(p - t) for p, t in pairs])) if pairs else None,
          "constant_mae_m": float(np.mean([abs(constant - t) for t in truth])) if truth else None}
-  if class_prior is not None:
-    out["class_prior_mae_m"] = float(np.mean([abs(p - t) for p, t in zip(class_prior, truth)])) if truth else None
+  if len(class_prior) != len(truth):
+    raise ValueError(f"class_prior has {len(class_prior)} answers for {len(truth)} questions")
+  out["class_prior_mae_m"] = float(np.mean([abs(p - t) for p, t in zip(class_prior, truth)])) if truth else None
   return out
 
 

@@ -6,8 +6,9 @@
     are summed across slices and divided once, so K micro-batches give the same update as one
     full batch;
   * only the trainable subtree is differentiated (frozen towers get no gradient or optimizer state);
-  * a non-finite loss, gradient or update leaves params and optimizer state untouched and
-    increments `state["nonfinite"]` (reset by the next good step) and `state["skipped_updates"]`.
+  * a non-finite loss or gradient leaves params and optimizer state untouched and counts in
+    `state["skipped_updates"]`; it, or a non-finite update (which is applied, see the step),
+    increments `state["nonfinite"]` (reset by the next good step).
 """
 
 from __future__ import annotations
@@ -156,18 +157,33 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
       (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), micro)
     loss, parts = combine(terms, depth_weight)
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
-    update_norm = optax.tree.norm(updates)
-    # A non-finite update (optimizer overflow, bad learning rate) is refused like a bad gradient.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    new_params = optax.apply_updates(trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # The guard is decided before the update, so the optimizer's pass over params and moments runs
+    # once, inside the branch, in place. Refusing on the update itself would keep the update, the
+    # new and the old state alive together: on the CPU that doubled the optimizer's time (stage 2
+    # of the benchmark model, 28.7M trainable parameters: 150 -> 95 ms).
+    inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply_update():
+      updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
+      new_params = optax.apply_updates(trainable, updates)
+      # The norm of what was applied, from the difference (fused with the update pass).
+      applied = optax.tree.norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, trainable))
+      return new_params, new_opt, applied
+
+    def skip_update():
+      return trainable, state["opt_state"], jnp.zeros((), jnp.float32)
+
+    new_params, new_opt, update_norm = jax.lax.cond(inputs_finite, apply_update, skip_update)
+    # A non-finite update from finite gradients (an overflowing optimizer, a bad learning rate) is
+    # already applied: the step counts as non-finite, so no checkpoint is written from these params
+    # and the run stops after `max_nonfinite_steps`, naming the last good checkpoint.
+    finite = inputs_finite & jnp.isfinite(update_norm)
     new_state = {
         "step": state["step"] + 1,
-        "params": keep(new_params, trainable),
-        "opt_state": keep(new_opt, state["opt_state"]),
+        "params": new_params,
+        "opt_state": new_opt,
         "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
-        "skipped_updates": state["skipped_updates"] + (~finite).astype(jnp.int32),
+        "skipped_updates": state["skipped_updates"] + (~inputs_finite).astype(jnp.int32),
     }
     metrics = dict(parts, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable),
                    update_norm=update_norm, depth_images=terms["depth_count"],

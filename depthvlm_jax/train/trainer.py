@@ -25,7 +25,6 @@ from data_pipelines import pipeline, synthetic
 from data_pipelines.skips import SKIP_REASONS, counts_to_dict
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_image
-from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
@@ -112,12 +111,10 @@ def initial_params(config, model: DepthVLM, shardings, rng):
                  out_shardings=shardings)
   if config.model_init:
     trainable, frozen = checkpoints.restore_params(config.model_init)
-    flat = hf_params.flatten(optim.merge_params(trainable, frozen))
-    target = hf_params.flatten(shardings)
-    if set(flat) != set(target):
-      raise ConfigError(f"model_init={config.model_init!r}: parameter tree does not match this model "
-                        f"(differs at {sorted(set(flat) ^ set(target))[:5]})")
-    return hf_params.unflatten({p: jax.device_put(np.asarray(v), target[p]) for p, v in flat.items()})
+    try:
+      return sharding.place_params(optim.merge_params(trainable, frozen), shardings)
+    except ValueError as e:
+      raise ConfigError(f"model_init={config.model_init!r}: parameter tree does not match this model ({e})") from None
   params = init(rng)
   if config.model.hf_dir:  # pretrained backbone, fresh depth head
     head = params.pop("depth_head")

@@ -67,3 +67,27 @@ def test_restore_onto_another_mesh(saved, target):
   assert {d for x in jax.tree.leaves(got_state) for d in x.sharding.device_set} == set(devices)
   if len(devices) == 8:  # FSDP-sharded moments stay sharded
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(got_state["opt_state"]))
+
+
+def test_model_init_places_another_runs_params_on_this_mesh(saved, tmp_path):
+  """`model_init` (stage 2 from stage 1): the other run's latest params, merged and placed on this mesh."""
+  import ml_collections
+  from depthvlm_jax.model.config import ConfigError
+  from depthvlm_jax.train import trainer
+  directory, state, frozen = saved
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "checkpoints").symlink_to(directory)
+  config = ml_collections.ConfigDict({"model_init": str(tmp_path / "run"), "model": {"hf_dir": ""}})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
+  _, shardings = param_shardings(mesh)
+  params = trainer.initial_params(config, MODEL, shardings, jax.random.key(0))
+  want = optim.flatten(optim.merge_params(state["params"], frozen))
+  got, target = optim.flatten(params), optim.flatten(shardings)
+  assert set(got) == set(want)
+  for path, value in got.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
+    assert value.sharding == target[path]
+  other = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512, tie_word_embeddings=True), head=DepthHeadConfig.tiny())
+  boxed = jax.eval_shape(lambda: other.init(jax.random.key(0), **depthvlm_dummy_inputs(other.config))["params"])
+  with pytest.raises(ConfigError, match="model_init=.*does not match this model.*lm_head"):
+    trainer.initial_params(config, other, sharding.logical_shardings(boxed, mesh), jax.random.key(0))

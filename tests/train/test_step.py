@@ -87,8 +87,33 @@ def test_nonfinite_step_is_skipped(setup):
   batch["pixel_values"][0, 0, 0] = np.nan
   new, state, m = run(model, params, STAGE1, batch)
   assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["skipped_updates"]) == 1
+  assert float(m["update_norm"]) == 0.0
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the optimizer state is untouched too: the moments stay zero, the step count at 0
+  fresh = optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0).init(optim.split_params(
+      params, optim.trainable_mask(params, STAGE1))[0])
+  for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_update_norm_is_the_applied_change(setup):
+  config, model, params = setup
+  new, state, m = run(model, params, STAGE1, make_batch(config, seed=4))
+  before, after = optim.flatten(params), optim.flatten(new)
+  change = np.sqrt(sum(np.sum((np.asarray(after[p], np.float64) - np.asarray(before[p], np.float64)) ** 2)
+                       for p in before))
+  assert bool(m["finite"]) and change > 0
+  np.testing.assert_allclose(float(m["update_norm"]), change, rtol=1e-4)
+
+
+def test_nonfinite_update_counts_as_nonfinite(setup):
+  """Finite gradients but an infinite learning rate: the update cannot be refused in place, but the
+  step is flagged (so the trainer writes no checkpoint from it) without counting as skipped."""
+  config, model, params = setup
+  _, state, m = run(model, params, STAGE1, make_batch(config, seed=5), opt=optax.sgd(float("inf")))
+  assert np.isfinite(float(m["grad_norm"])) and not np.isfinite(float(m["update_norm"]))
+  assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["skipped_updates"]) == 0
 
 
 def test_sharded_step_equals_unsharded(setup):
