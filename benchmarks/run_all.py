@@ -5,6 +5,7 @@
   1. inference: JAX jit vs PyTorch eager, float32 and bfloat16     (benchmarks/inference.py)
   2. training: one optimiser step, stages 1 and 2, JAX vs PyTorch   (benchmarks/training.py)
      2b. the DPT head's 3x3 kernel gradients, autodiff vs matmul      (benchmarks/kernel_grad.py)
+     2c. attention, textbook form vs layers.attention                 (benchmarks/attention.py)
   3. model FLOP utilisation of the JAX train step                  (benchmarks/training.py)
   4. time per depth pixel: dense head vs per-point text queries     (benchmarks/per_point.py)
   5. compilations over a mixed-size epoch; input pipeline vs train step
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common, compile_epoch, inference, kernel_grad, per_point, training
+from benchmarks import attention, common, compile_epoch, inference, kernel_grad, per_point, training
 
 
 def machine() -> str:
@@ -91,6 +92,8 @@ def main():
     training.print_results(training.run(setup, params, args.repeats))
     common.log("figure 2b")
     kernel_grad.print_results(kernel_grad.run(setup, params, args.repeats))
+    common.log("figure 2c")
+    attention.print_results(attention.run(setup, params, args.repeats))
   if "4" in only:
     common.log("figure 4")
     per_point.print_results(per_point.run(setup, params, args.repeats))

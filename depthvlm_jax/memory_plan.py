@@ -137,18 +137,18 @@ def _shard_bytes(shape, dtype, spec, mesh_shape: dict[str, int]) -> int:
   return math.prod(local) * np.dtype(dtype).itemsize
 
 
-def state_bytes_per_device(pp: ParamPlan, mesh_shape: dict[str, int]) -> dict[str, int]:
+def state_bytes_per_device(pp: ParamPlan, mesh_shape: dict[str, int], accumulate: bool = True) -> dict[str, int]:
   """Per-device bytes of params / fp32 grads / optimizer state under `mesh_shape` and the rules.
 
-  Grads (2 x fp32: accumulator + the current micro-batch's gradient) and optimizer moments take the
-  sharding of their parameter (what jit propagates).
+  Grads and optimizer moments take the sharding of their parameter (what jit propagates). With
+  `accumulate` (more than one micro-batch per update) two fp32 gradients are alive together, the
+  accumulator and the current micro-batch's; with one micro-batch, one. The optimizer updates
+  params and moments in place (`train/step.py`), so its update adds no third copy.
   """
   specs = flatten(nn.logical_to_mesh(nn.get_partition_spec(pp.boxed), sharding.DEFAULT_RULES))
   flat = flatten(nn.unbox(pp.boxed))
   params = sum(_shard_bytes(x.shape, x.dtype, specs[p], mesh_shape) for p, x in flat.items())
-  # fp32 gradients twice: the step's accumulator (scan carry) and the micro-batch's fresh gradient
-  # (later the optimizer's update) are alive together
-  grads = 2 * sum(_shard_bytes(x.shape, jnp.float32, specs[p], mesh_shape) for p, x in flat.items() if pp.mask[p])
+  grads = (2 if accumulate else 1) * sum(_shard_bytes(x.shape, jnp.float32, specs[p], mesh_shape) for p, x in flat.items() if pp.mask[p])
   # optax keeps per-parameter leaves (AdamW mu, nu) under the parameter's own path: same sharding;
   # other leaves (step counters) are replicated
   opt = 0
@@ -306,13 +306,13 @@ def choose(slice_name, chip: Chip, chips: int, global_batch: int, pp: ParamPlan,
   best = None
   for remat in (False, True):
     for mesh_shape in mesh_candidates(chips, kv):
-      state = state_bytes_per_device(pp, mesh_shape)
+      states = {acc: state_bytes_per_device(pp, mesh_shape, acc) for acc in (False, True)}
       shards = mesh_shape["data"] * mesh_shape["fsdp"]
       per_device = global_batch // shards if global_batch % shards == 0 else 0
       for mb in (32, 16, 8, 4, 2, 1):
         if not per_device or per_device % mb:
           continue
-        b = total_bytes(state, costs[remat], mesh_shape, mb, cost_batch)
+        b = total_bytes(states[per_device // mb > 1], costs[remat], mesh_shape, mb, cost_batch)
         flops = costs[remat].flops / cost_batch * global_batch
         step_s = flops / (chips * chip.peak_tflops * 1e12 * mfu)
         c = Choice(slice_name, chips, mesh_shape, remat, mb, per_device // mb, b, step_s,
@@ -358,7 +358,7 @@ def format_report(rows, image_size, seq_len, mfu) -> str:
   tokens = (image_size[0] // 32) * (image_size[1] // 32)
   out = [f"Per sample: image {image_size[0]}x{image_size[1]} = {tokens} image tokens, sequence padded to {seq_len} "
          f"tokens. GiB per device. Parameters stored fp32 (4 B each); gradients (2 x fp32 = 8 B: "
-         f"accumulator + current micro-batch) and AdamW moments (8 B) only for trainable parameters. Throughput at an assumed {mfu:.0%} MFU.", ""]
+         f"accumulator + current micro-batch; 4 B without accumulation) and AdamW moments (8 B) only for trainable parameters. Throughput at an assumed {mfu:.0%} MFU.", ""]
   out.append("| preset | stage | params (B) | trainable (B) | "
              + " | ".join(f"params+grads+opt, {label}" for label, _ in STATE_MESHES) + " |")
   out.append("|---|---|---|---|" + "---|" * len(STATE_MESHES))

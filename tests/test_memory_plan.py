@@ -41,7 +41,8 @@ def test_plan_matches_compiled_train_step_memory(stage2):
   config, pp = stage2
   cost = mp.step_cost(pp, config, IMAGE, SEQ, BATCH)
   one = {"data": 1, "fsdp": 1, "tensor": 1}
-  plan = mp.total_bytes(mp.state_bytes_per_device(pp, one), cost, one, BATCH, BATCH)
+  # one micro-batch: one fp32 gradient buffer (no accumulator)
+  plan = mp.total_bytes(mp.state_bytes_per_device(pp, one, accumulate=False), cost, one, BATCH, BATCH)
   batch = mp.batch_shapes(pp.model.config, IMAGE, SEQ, BATCH)
 
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -78,6 +79,7 @@ def test_per_device_state_bytes_follow_the_sharding_rules(stage2):
     want_grads = sum(2 * 4 * local[p] for p in params if pp.mask[p])  # accumulator + fresh gradient
     got = mp.state_bytes_per_device(pp, shape)
     assert got["params"] == want_params and got["grads"] == want_grads
+    assert 2 * mp.state_bytes_per_device(pp, shape, accumulate=False)["grads"] == want_grads
     # AdamW: two fp32 moments per trainable parameter (+ step counters)
     assert 0 <= got["opt"] - want_grads <= 64
     replicated = mp.state_bytes_per_device(pp, {"data": 1, "fsdp": 1, "tensor": 1})
