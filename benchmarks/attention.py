@@ -79,14 +79,7 @@ def run(setup, params, repeats: int) -> dict:
   finally:
     text.attention = vision.attention = layers.attention
 
-  def runner(form):
-    def fn():
-      s = steps[form]
-      s[1], metrics = s[0](s[1], s[2], s[3])
-      common.block(metrics["loss"])
-    return fn
-
-  step_times = common.alternate({f: runner(f) for f in steps}, repeats)
+  step_times = common.alternate(common.step_runners(steps), repeats)
   return {"rows": rows, "step": {f: common.median(t) for f, t in step_times.items()},
           "paired": common.paired_ratio(step_times["layers.attention"], step_times["textbook"])}
 

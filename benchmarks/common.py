@@ -173,6 +173,18 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) 
   return times
 
 
+def step_runners(steps: dict[str, list]) -> dict[str, Callable[[], None]]:
+  """One callable per `[compiled train step, state, frozen, batch]` entry: runs a step, carries the
+  (donated) state, blocks on the loss."""
+  def runner(entry):
+    def fn():
+      entry[1], metrics = entry[0](entry[1], entry[2], entry[3])
+      block(metrics["loss"])
+    return fn
+
+  return {name: runner(entry) for name, entry in steps.items()}
+
+
 def median(xs) -> float:
   return statistics.median(xs)
 

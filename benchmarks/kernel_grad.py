@@ -54,14 +54,7 @@ def run(setup, params, repeats: int) -> dict:
   finally:
     depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS = default
 
-  def runner(name):
-    def fn():
-      s = steps[name]
-      s[1], metrics = s[0](s[1], s[2], s[3])
-      common.block(metrics["loss"])
-    return fn
-
-  step_times = common.alternate({k: runner(k) for k in steps}, repeats)
+  step_times = common.alternate(common.step_runners(steps), repeats)
   return {"rows": rows, "step": {k: common.median(v) for k, v in step_times.items()}}
 
 
