@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from depthvlm_jax.model.hf_params import flatten, unflatten
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axes). Weights: FSDP over the model width, tensor parallel over heads/MLP/vocab.
@@ -107,7 +109,6 @@ def place_params(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dic
 
   The two trees must have the same paths; raises ValueError naming the first differences.
   """
-  from depthvlm_jax.model.hf_params import flatten, unflatten
   values, target = flatten(params), flatten(shardings)
   if set(values) != set(target):
     diff = sorted("/".join(q) for q in set(values) ^ set(target))
