@@ -19,5 +19,9 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["depthvlm_jax*", "data_pipelines*"]),
     install_requires=_read_requirements("requirements.txt"),
-    extras_require={"test": _read_requirements("requirements-test.txt")},
+    extras_require={
+        "test": _read_requirements("requirements-test.txt") + _read_requirements("requirements-tpu.txt"),
+        # The TPU compiler (libtpu) for `python -m depthvlm_jax.aot` on any host, and for TPU runs.
+        "tpu": _read_requirements("requirements-tpu.txt"),
+    },
 )

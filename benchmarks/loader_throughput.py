@@ -48,7 +48,7 @@ def stage_config(stage: int, synthetic_train: int, synthetic_dir: str):
 
 
 def loader(config, model_config, tokenizer, workdir, num_workers: int, sources=None):
-  spec = pipeline.ExampleSpec(tuple(config.data.image_size), config.data.seq_len, with_answer=config.stage == 2)
+  spec = trainer.example_spec(config, model_config)
   if sources is None:
     sources, weights, _ = trainer.data_sources(config, workdir)
   else:

@@ -70,6 +70,22 @@ class ExampleSpec:
   def token_grid(self, merge_px: int = 32) -> tuple[int, int]:
     return self.image_size[0] // merge_px, self.image_size[1] // merge_px
 
+  def batch_shapes(self, model_config: Qwen3VLConfig, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of a batch of `batch` examples as `batched` delivers them (without
+    `skip_counts`): what ahead-of-time compilation feeds the train step.
+
+    input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixel_values (B, P, patch_dim),
+    image_grid_hw (B, 2), depth (B, H, W), has_depth (B,).
+    """
+    h, w = self.image_size
+    v = model_config.vision
+    patches = (h // v.patch_size) * (w // v.patch_size)
+    seq = (batch, self.seq_len)
+    return {"input_ids": (seq, np.int32), "attention_mask": (seq, np.int32), "labels": (seq, np.int32),
+            "position_ids": ((batch, 3, self.seq_len), np.int32),
+            "pixel_values": ((batch, patches, v.patch_dim), np.float32), "image_grid_hw": ((batch, 2), np.int32),
+            "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
+
 
 def _crop(array: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
   h, w = size

@@ -57,6 +57,33 @@ def init_cache(model: Qwen3VL, batch: int, slots: int, dtype=None) -> list[tuple
   return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
 
 
+def prefill(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids, pixel_values=None,
+            image_grid_hw=None, *, max_new_tokens: int, depth_grid: tuple[int, int] | None = None,
+            depth_output_size: tuple[int, int] | None = None):
+  """The prompt pass that seeds the KV cache (and, for a `DepthVLM` with `depth_grid`, gives depth).
+
+  Args: as `generate_tokens`; the cache gets `L + max_new_tokens` slots.
+
+  Returns:
+    (prefill output with its `cache`, key_valid (B, L + max_new_tokens), last-position logits (B, V)).
+  """
+  b, l = input_ids.shape
+  cache = init_cache(model, b, l + max_new_tokens)
+  key_valid = jnp.concatenate([attention_mask, jnp.ones((b, max_new_tokens), attention_mask.dtype)], 1)
+  variables = {"params": params}
+  depth_kw = {} if depth_grid is None else dict(depth_grid=depth_grid, depth_output_size=depth_output_size)
+  out = model.apply(variables, input_ids, position_ids, key_valid, pixel_values, image_grid_hw,
+                    cache=cache, cache_index=0, compute_logits=False, **depth_kw)
+  last_logits = model.apply(variables, out.hidden_states[:, -1:], method=Qwen3VL.logits)[:, 0]
+  return out, key_valid, last_logits
+
+
+def decode_step(model: Qwen3VL, params: Any, token, position_ids, key_valid, cache, cache_index):
+  """One generated token through the decoder: token (B,), position_ids (3, B, 1) -> output (logits, cache)."""
+  return model.apply({"params": params}, token[:, None], position_ids, key_valid, cache=cache,
+                     cache_index=cache_index)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "depth_grid", "depth_output_size"))
 def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids, rng,
                     pixel_values=None, image_grid_hw=None, *, sampling: SamplingConfig,
@@ -80,13 +107,9 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
   """
   b, l = input_ids.shape
   n_new = sampling.max_new_tokens
-  cache = init_cache(model, b, l + n_new)
-  key_valid = jnp.concatenate([attention_mask, jnp.ones((b, n_new), attention_mask.dtype)], 1)
-  variables = {"params": params}
-  depth_kw = {} if depth_grid is None else dict(depth_grid=depth_grid, depth_output_size=depth_output_size)
-  prefill = model.apply(variables, input_ids, position_ids, key_valid, pixel_values, image_grid_hw,
-                        cache=cache, cache_index=0, compute_logits=False, **depth_kw)
-  last_logits = model.apply(variables, prefill.hidden_states[:, -1:], method=Qwen3VL.logits)[:, 0]
+  first_out, key_valid, last_logits = prefill(model, params, input_ids, attention_mask, position_ids, pixel_values,
+                                              image_grid_hw, max_new_tokens=n_new, depth_grid=depth_grid,
+                                              depth_output_size=depth_output_size)
   next_pos = jnp.max(position_ids, axis=(0, 2)) + 1  # (B,)
   eos = jnp.asarray(sampling.eos_token_ids, jnp.int32)
   rng, sub = jax.random.split(rng)
@@ -95,7 +118,7 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
   def step(carry, t):
     token, done, cache, rng = carry
     pos = jnp.broadcast_to((next_pos + t)[None, :, None], (3, b, 1)).astype(jnp.int32)
-    out = model.apply(variables, token[:, None], pos, key_valid, cache=cache, cache_index=l + t)
+    out = decode_step(model, params, token, pos, key_valid, cache, l + t)
     rng, sub = jax.random.split(rng)
     nxt = _select(out.logits[:, -1].astype(jnp.float32), sub, sampling)
     done = done | jnp.isin(token, eos)
@@ -103,9 +126,9 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
     return (nxt, done, out.cache, rng), token
 
   done0 = jnp.zeros((b,), bool)
-  (last, _, _, _), tokens = jax.lax.scan(step, (first, done0, prefill.cache, rng), jnp.arange(n_new - 1))
+  (last, _, _, _), tokens = jax.lax.scan(step, (first, done0, first_out.cache, rng), jnp.arange(n_new - 1))
   tokens = jnp.concatenate([tokens.T, last[:, None]], 1) if n_new > 1 else first[:, None]
-  return tokens, prefill._replace(cache=None)
+  return tokens, first_out._replace(cache=None)
 
 
 def check_left_padded(attention_mask: np.ndarray) -> None:

@@ -104,6 +104,26 @@ def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | N
   return NamedSharding(mesh, spec)
 
 
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the logical "batch" axis is split on `mesh`."""
+  axes = dict(rules)["batch"]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_divides(mesh: Mesh, global_batch: int, micro_batches: int = 1, rules=DEFAULT_RULES) -> None:
+  """Raises ValueError unless every micro-batch splits evenly over the batch axes of `mesh`.
+
+  An uneven batch would otherwise be replicated (the whole batch on every device), silently.
+  """
+  shards = batch_shards(mesh, rules)
+  if global_batch % (shards * micro_batches):
+    raise ValueError(f"train.global_batch={global_batch} with train.micro_batches={micro_batches} gives "
+                     f"micro-batches of {global_batch / micro_batches:g} rows, which do not split over the "
+                     f"{shards} batch shards of mesh {dict(mesh.shape)}: make global_batch a multiple of "
+                     f"{shards * micro_batches}")
+
+
 def place_params(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, Any]:
   """Puts every leaf of a nested params dict (host or device arrays) on the sharding at the same path.
 

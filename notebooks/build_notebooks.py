@@ -261,14 +261,19 @@ print(f"lr {config.train.lr}, global batch {config.train.global_batch} x {config
 '''),
     md("## Mesh and per-device memory"),
     code('''\
-from depthvlm_jax import memory_plan, sharding
+import jax
 
-mesh = sharding.make_mesh(dict(config.mesh))
+from depthvlm_jax import aot
+
+# Abstract shapes with the trainer's shardings on these devices: nothing is allocated.
+setup = aot.make_setup(config, topology=None, devices=jax.devices())
+inputs = aot.train_inputs(setup)
+mesh = setup.mesh
 print("mesh", dict(mesh.shape), "over", mesh.devices.size, PLATFORM, "device(s)")
-plan = memory_plan.param_plan(config)  # abstract shapes only: nothing is allocated
-per_device = memory_plan.state_bytes_per_device(plan, dict(mesh.shape))
-print(f"{plan.counts['total'] / 1e6:.1f} M parameters, {plan.counts['trainable'] / 1e6:.1f} M trainable; per device: "
-      + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in per_device.items()))
+count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+print(f"{(count(inputs.state['params']) + count(inputs.frozen)) / 1e6:.1f} M parameters, "
+      f"{count(inputs.state['params']) / 1e6:.1f} M trainable; per device: train state (params + optimizer) "
+      f"{aot.shard_bytes(inputs.state) / 2**30:.3f} GiB, frozen params {aot.shard_bytes(inputs.frozen) / 2**30:.3f} GiB")
 '''),
     md("## Train"),
     code('''\

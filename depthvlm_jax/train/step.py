@@ -101,30 +101,37 @@ def combine(terms: dict[str, jax.Array], depth_weight: float) -> tuple[jax.Array
 
 
 def _split_micro(batch, k: int):
+  """(B, ...) -> (k, B / k, ...) with interleaved rows: micro-batch i holds rows i, i + k, i + 2k, ...
+
+  The global batch is sharded over the devices in contiguous blocks of rows, so interleaving gives
+  every micro-batch rows on every device (a contiguous split would put micro-batch i on a few
+  devices only and replicate its work on the others).
+  """
   def split(x):
     if x.shape[0] % k:
       raise ValueError(f"batch dim {x.shape[0]} not divisible by micro_batches={k}")
-    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
   out = {n: split(v) for n, v in batch.items() if n != "position_ids"}
   pos = batch["position_ids"]  # (3, B, L)
-  out["position_ids"] = jnp.moveaxis(pos.reshape(3, k, -1, pos.shape[-1]), 1, 0)
+  out["position_ids"] = jnp.moveaxis(pos.reshape(3, -1, k, pos.shape[-1]), 2, 0)
   return out
 
 
 def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
                     micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0,
-                    unroll_micro_batches: bool | None = None) -> Callable:
+                    platform: str = "cpu", unroll_micro_batches: bool | None = None) -> Callable:
   """The jittable `train_step(state, frozen, batch) -> (state, metrics)`.
 
+  platform: the compile target ("cpu", "tpu", "gpu"): the platform of the mesh's devices, not the
+    host that traces (an ahead-of-time compile for a TPU slice runs on a CPU host).
   unroll_micro_batches: accumulate gradients in a Python loop (K copies of the model in the
-    program) instead of `lax.scan`. None = unroll when there is one micro-batch or the default
-    backend is the CPU: XLA:CPU runs convolutions inside a while-loop body through a slow generic
-    path (jax-ml/jax#12868; the DPT head's train step at 640x480 took 85 s inside a length-1 scan
-    against 2 s outside). Accelerators keep the scan, whose program size does not grow with K.
+    program) instead of `lax.scan`. None = unroll when there is one micro-batch or the target is
+    the CPU: XLA:CPU runs convolutions inside a while-loop body through a slow generic path
+    (jax-ml/jax#12868; the DPT head's train step at 640x480 took 85 s inside a length-1 scan against
+    2 s outside). Accelerators keep the scan, whose program size does not grow with K.
   """
-  unroll = (micro_batches == 1 or jax.default_backend() == "cpu") if unroll_micro_batches is None \
-      else unroll_micro_batches
+  unroll = (micro_batches == 1 or platform == "cpu") if unroll_micro_batches is None else unroll_micro_batches
   # As the reference: the weight balances depth against LM; depth alone is used unweighted.
   depth_weight = depth_weight if with_lm else 1.0
   def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
@@ -156,38 +163,50 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     else:
       (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), micro)
     loss, parts = combine(terms, depth_weight)
-    grad_norm = optax.tree.norm(grads)
-    # The guard is decided before the update, so the optimizer's pass over params and moments runs
-    # once, inside the branch, in place. Refusing on the update itself would keep the update, the
-    # new and the old state alive together: on the CPU that doubled the optimizer's time (stage 2
-    # of the benchmark model, 28.7M trainable parameters: 150 -> 95 ms).
-    inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply_update():
-      updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
-      new_params = optax.apply_updates(trainable, updates)
-      # The norm of what was applied, from the difference (fused with the update pass).
-      applied = optax.tree.norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, trainable))
-      return new_params, new_opt, applied
-
-    def skip_update():
-      return trainable, state["opt_state"], jnp.zeros((), jnp.float32)
-
-    new_params, new_opt, update_norm = jax.lax.cond(inputs_finite, apply_update, skip_update)
-    # A non-finite update from finite gradients (an overflowing optimizer, a bad learning rate) is
-    # already applied: the step counts as non-finite, so no checkpoint is written from these params
-    # and the run stops after `max_nonfinite_steps`, naming the last good checkpoint.
-    finite = inputs_finite & jnp.isfinite(update_norm)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": new_params,
-        "opt_state": new_opt,
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
-        "skipped_updates": state["skipped_updates"] + (~inputs_finite).astype(jnp.int32),
-    }
-    metrics = dict(parts, loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable),
-                   update_norm=update_norm, depth_images=terms["depth_count"],
-                   lm_tokens=terms["lm_count"], finite=finite)
+    new_state, metrics = guarded_update(optimizer, state, grads, loss)
+    metrics.update(parts, depth_images=terms["depth_count"], lm_tokens=terms["lm_count"])
     return new_state, metrics
 
   return train_step
+
+
+def guarded_update(optimizer: optax.GradientTransformation, state: dict[str, Any], grads: Any,
+                   loss: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """The optimizer step after the gradients: NaN guard, in-place update, counters and norms.
+
+  Everything of `train_step` that runs once per update, outside the micro-batch loop (the AOT
+  report compiles it alone to cost that loop correctly).
+  """
+  trainable = state["params"]
+  grad_norm = optax.tree.norm(grads)
+  # The guard is decided before the update, so the optimizer's pass over params and moments runs
+  # once, inside the branch, in place. Refusing on the update itself would keep the update, the
+  # new and the old state alive together: on the CPU that doubled the optimizer's time (stage 2
+  # of the benchmark model, 28.7M trainable parameters: 150 -> 95 ms).
+  inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def apply_update():
+    updates, new_opt = optimizer.update(grads, state["opt_state"], trainable)
+    new_params = optax.apply_updates(trainable, updates)
+    # The norm of what was applied, from the difference (fused with the update pass).
+    applied = optax.tree.norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, trainable))
+    return new_params, new_opt, applied
+
+  def skip_update():
+    return trainable, state["opt_state"], jnp.zeros((), jnp.float32)
+
+  new_params, new_opt, update_norm = jax.lax.cond(inputs_finite, apply_update, skip_update)
+  # A non-finite update from finite gradients (an overflowing optimizer, a bad learning rate) is
+  # already applied: the step counts as non-finite, so no checkpoint is written from these params
+  # and the run stops after `max_nonfinite_steps`, naming the last good checkpoint.
+  finite = inputs_finite & jnp.isfinite(update_norm)
+  new_state = {
+      "step": state["step"] + 1,
+      "params": new_params,
+      "opt_state": new_opt,
+      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+      "skipped_updates": state["skipped_updates"] + (~inputs_finite).astype(jnp.int32),
+  }
+  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable), update_norm=update_norm,
+                 finite=finite)
+  return new_state, metrics

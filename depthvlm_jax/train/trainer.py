@@ -125,6 +125,29 @@ def initial_params(config, model: DepthVLM, shardings, rng):
   return params
 
 
+def example_spec(config, model_config: Qwen3VLConfig) -> pipeline.ExampleSpec:
+  """The training bucket: `data.image_size` and `data.seq_len` (0 = image tokens + `data.text_tokens`)."""
+  h, w = config.data.image_size
+  px = model_config.vision.image_token_pixels
+  seq_len = config.data.seq_len or (h // px) * (w // px) + config.data.text_tokens
+  return pipeline.ExampleSpec((h, w), seq_len, with_answer=config.stage == 2)
+
+
+def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int]):
+  """The jitted, donated train step the trainer runs (and `depthvlm_jax.aot` compiles for a slice).
+
+  Fixed state shardings in and out: step 2 reuses step 1's program instead of compiling again. The
+  compile target is the platform of the mesh's devices (a TPU slice compiled from a CPU host is TPU).
+  """
+  step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
+                            config.train.depth_loss_weight, with_lm=config.stage == 2,
+                            lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
+  # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
+  # stay resident in HBM, so the compiled argument bytes are what the devices hold.
+  return jax.jit(step_fn, donate_argnums=(0,), keep_unused=True,
+                 out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
+
+
 # ----------------------------------------------------------------------------- data
 def synthetic_root(config, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
@@ -190,13 +213,18 @@ def prepared_eval_examples(source, spec, model_config, tokenizer, processor) -> 
 
 
 # ----------------------------------------------------------------------------- main loop
+def batch_names(key: str) -> tuple[str | None, ...]:
+  """Logical names of a global train-batch array's leading dims (position_ids is (3, B, L))."""
+  return (None, "batch") if key == "position_ids" else ("batch",)
+
+
 def _to_global(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard) -> dict[str, jax.Array]:
   """This process's rows (local_batch, ...) -> global arrays (global_batch, ...) sharded over the mesh."""
   out = {}
   for k, v in batch.items():
     if k == "skip_counts":
       continue
-    names = (None, "batch") if k == "position_ids" else ("batch",)
+    names = batch_names(k)
     if k == "position_ids":
       v = np.moveaxis(v, 0, 1)  # (B, 3, L) -> (3, B, L)
     out[k] = distributed.global_array(v, mesh, names, len(names) - 1, shard)
@@ -211,9 +239,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   model = build_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
+  try:
+    sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   tokenizer = load_tokenizer(config.model.hf_dir or None)
   processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
-  spec = pipeline.ExampleSpec(tuple(config.data.image_size), config.data.seq_len, with_answer=config.stage == 2)
+  spec = example_spec(config, model.config)
   depth_grid = spec.token_grid(model.config.vision.image_token_pixels)
   train_sources, weights, eval_sources = data_sources(config, workdir)
   num_train = sum(len(pipeline.load_records(s)[0]) for s in train_sources[:1])
@@ -248,15 +280,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
     state, frozen = checkpoints.restore(rmgr, rmgr.latest_step(), state, frozen, data_iter)
 
-  step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
-                            config.train.depth_loss_weight, with_lm=config.stage == 2,
-                            lm_positions=config.train.lm_positions)
-  # Fixed state shardings in and out: step 2 then reuses step 1's program instead of compiling again.
   replicated = sharding.activation_sharding(mesh)
   state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
                        else jax.device_put(x, replicated), state)
-  train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(jax.tree.map(lambda x: x.sharding, state),
-                                                                    replicated))
+  train_step = jit_train_step(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state), depth_grid)
   eval_examples = {name: prepared_eval_examples(src, pipeline.ExampleSpec(spec.image_size, spec.seq_len, False,
                                                                           random_crop=False),
                                                 model.config, tokenizer, processor)

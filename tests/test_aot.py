@@ -1,0 +1,183 @@
+"""The ahead-of-time TPU compile report (`depthvlm_jax.aot`), compiled with libtpu on this CPU host.
+
+The default preset's programs are compiled for a v5e 2x2 slice (4 chips): every key of the report is
+present and sane, per-chip argument bytes equal the sharded parameter + optimizer + batch shards, an
+oversized batch is reported as not fitting with the compiler's own message, and the cost of a
+scanned micro-batch loop is corrected to match the same step unrolled.
+"""
+
+import functools
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU slices: pip install -e '.[tpu]'")
+
+from configs import stage1, stage2  # noqa: E402
+from depthvlm_jax import aot  # noqa: E402
+from depthvlm_jax.train import step as step_module  # noqa: E402
+from depthvlm_jax.train import trainer  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOPOLOGY = "v5e:2x2"
+KEYS = ("fits", "hbm_gib", "argument_gib", "temp_gib", "output_gib", "peak_gib", "compile_s", "flops",
+        "bytes_accessed", "est_step_s", "est_mfu", "images_per_s", "est_hours", "collectives")
+
+
+def _config(module, **overrides):
+  c = module.get_config("default")
+  c.unlock()
+  for path, value in overrides.items():
+    node = c
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c.lock()
+
+
+@pytest.fixture(scope="module")
+def stage1_cli(tmp_path_factory):
+  """The issue's bar: the CLI on the default stage-1 config for v5e:2x2 exits 0 and writes the JSON."""
+  out = tmp_path_factory.mktemp("aot") / "stage1.json"
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-m", "depthvlm_jax.aot", "--config=configs/stage1.py",
+                         f"--topology={TOPOLOGY}", f"--json={out}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  return json.loads(out.read_text()), proc.stdout
+
+
+def _check_program(name, p):
+  for k in KEYS:
+    assert k in p, (name, k)
+  assert p["fits"] is True and p["error"] is None
+  assert p["hbm_gib"] == 16  # v5e
+  assert 0 < p["argument_gib"] and 0 <= p["temp_gib"] and 0 < p["output_gib"]
+  assert p["peak_gib"] == pytest.approx(p["argument_gib"] + p["output_gib"] - p["alias_gib"] + p["temp_gib"])
+  assert p["peak_gib"] < p["hbm_gib"]
+  assert p["compile_s"] > 0 and p["flops"] > 0 and p["bytes_accessed"] > 0
+  assert p["est_step_s"] > 0 and p["est_step_s"] >= p["roofline_s"] > 0
+  assert 0 < p["est_mfu"] <= 1
+  # the compiler's FLOPs cover the model's matmuls and convolutions (remat and elementwise work add more)
+  assert p["flops"] >= 0.9 * p["model_flops"]
+  for kind, c in p["collectives"].items():
+    assert kind in aot.COLLECTIVES and c["count"] > 0 and c["bytes"] >= 0
+
+
+def test_cli_stage1_reports_every_program(stage1_cli):
+  report, stdout = stage1_cli
+  assert report["topology"] == TOPOLOGY and report["chips"] == 4
+  assert set(report["programs"]) == {"train", "prefill", "decode"}
+  for name, p in report["programs"].items():
+    _check_program(name, p)
+  train = report["programs"]["train"]
+  assert train["images_per_s"] == pytest.approx(8 / train["est_step_s"])
+  assert train["est_hours"] == pytest.approx(4.4e6 / train["images_per_s"] / 3600)
+  assert report["programs"]["decode"]["tokens_per_s"] > 0
+  assert "| default | 1 | v5e:2x2 (4) |" in stdout  # the printed table
+
+
+def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
+  """Per-chip argument bytes == one device's shards of params, optimizer state, frozen params and batch."""
+  report, _ = stage1_cli
+  train = report["programs"]["train"]
+  groups = train["argument_shard_bytes"]
+  assert set(groups) == {"state", "frozen", "batch"}
+  # the compiler's accounting equals our shards (in the chip's tiled layout), to the byte
+  assert train["argument_bytes"] == sum(groups.values())
+  # and those are the shards of the trainer's shardings: unpadded shard bytes within the tile padding
+  s = aot.make_setup(_config(stage1), TOPOLOGY)
+  ti = aot.train_inputs(s)
+
+  def shard_bytes(tree):
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+  for name, tree in (("state", ti.state), ("frozen", ti.frozen), ("batch", ti.batch)):
+    assert shard_bytes(tree) <= groups[name], name
+  # tiles pad the minor dims: a lot for the tiny head's 3x3 kernels, little for the large frozen weights
+  assert groups["frozen"] <= 1.2 * shard_bytes(ti.frozen)
+  # the batch is split over the 4 data shards (not replicated)
+  full_batch = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(ti.batch))
+  assert shard_bytes(ti.batch) * 4 == pytest.approx(full_batch, rel=0.01)
+
+
+def test_stage2_programs_compile():
+  report = aot.report(_config(stage2), TOPOLOGY)
+  assert report["stage"] == 2
+  for name, p in report["programs"].items():
+    _check_program(name, p)
+  # stage 2 trains the LLM: its gradients cross the batch shards (all-reduce / reduce-scatter)
+  assert set(report["programs"]["train"]["collectives"]) & {"all-reduce", "reduce-scatter"}
+
+
+def test_oversized_batch_is_reported_not_raised():
+  c = _config(stage1, **{"data.image_size": (2048, 2048), "train.global_batch": 64, "data.seq_len": 4200})
+  report = aot.report(c, TOPOLOGY, programs=("train",))
+  p = report["programs"]["train"]
+  assert p["fits"] is False
+  assert "HBM" in p["error"] or "memory" in p["error"].lower(), p["error"]
+  for k in KEYS:
+    assert k in p
+
+
+def test_scanned_micro_batch_cost_is_corrected():
+  """The cost model counts a while-loop body once: the corrected scan matches the unrolled step."""
+  c = _config(stage1, **{"train.global_batch": 8, "train.micro_batches": 2})
+  scanned = aot.train_program(aot.make_setup(c, TOPOLOGY))
+  assert scanned["scanned_micro_batches"]
+  raw = scanned["loop_correction"]["reported_flops"]
+  real_make = step_module.make_train_step
+  unrolled_make = functools.partial(real_make, unroll_micro_batches=True)
+  trainer.make_train_step = unrolled_make
+  try:
+    unrolled = aot.train_program(aot.make_setup(c, TOPOLOGY))
+  finally:
+    trainer.make_train_step = real_make
+  assert raw < 0.7 * unrolled["flops"]  # uncorrected: about one micro-batch's worth
+  assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.03)
+  assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
+
+
+def test_collective_stats_multiply_loop_bodies():
+  hlo = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = f32[32]{0} all-gather(%x), dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %x)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %ar = bf16[4,4]{1,0} all-reduce(%a), to_apply=%add
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %s = ((f32[8]), f32[16]) all-gather-start(%a), dimensions={0}
+  ROOT %d = f32[16]{0} all-gather-done(%s)
+}
+"""
+  stats = aot.collective_stats(hlo)
+  assert stats["all-gather"] == {"count": 5 + 1, "bytes": 5 * 32 * 4 + 16 * 4}
+  assert stats["all-reduce"] == {"count": 1, "bytes": 16 * 2}
+
+
+def test_bad_topology_is_a_one_line_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-m", "depthvlm_jax.aot", "--config=configs/stage1.py", "--topology=v9z:2x2"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "--topology='v9z:2x2'" in proc.stderr and "v5p" in proc.stderr
