@@ -457,7 +457,7 @@ def format_skips(summary: dict[str, Any]) -> str:
     lines.append(f"  {name}: {total} skipped ({reasons})")
     lines += [f"    {m}" for m in e["skip_messages"]]
     if total > len(e["skip_messages"]):
-      lines.append(f"    ... {total - len(e['skip_messages'])} more in {RESULTS_FILE} / the jsonl")
+      lines.append(f"    ... {total - len(e['skip_messages'])} more ({RESULTS_FILE} has a line for each skipped record)")
   return "\n".join(["skipped records:"] + lines) if lines else "skipped records: none"
 
 
