@@ -130,7 +130,7 @@ def opencv_linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, n
 
 def resize_linear_opencv(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """(H, W) float map -> (H_out, W_out) like `cv2.resize(x, (W_out, H_out), interpolation=cv2.INTER_LINEAR)`
-  (rows first, then columns, float32 arithmetic; equal to OpenCV within a few 1e-6 relative)."""
+  (horizontal pass, then vertical, float32 arithmetic; equal to OpenCV within a few 1e-6 relative)."""
   x = np.asarray(x, np.float32)
   if x.shape == tuple(out_hw):
     return x.copy()

@@ -190,3 +190,23 @@ def test_broken_records_run_to_the_end_in_both_protocols(tmp_path, capsys):
       assert got[2]["sparse"]["outside"] == 1 and got[2]["sparse"]["points"] == 6  # the x = -1 point dropped
     on_disk = json.loads((tmp_path / proto / ev.SUMMARY_FILE).read_text())["datasets"]["x"]
     assert on_disk["skipped"] == d["skipped"] and on_disk["skip_messages"] == d["skip_messages"]
+
+
+def test_official_sparse_ignores_masks_dense_applies_them(tmp_path):
+  """The authors load the sparse GT without `mask_valid_path` / `mask_transp_path`; dense applies them."""
+  root = tmp_path / "d"
+  path = write_dataset(root, 1, seed=7, extra={"mask_valid_path": "mask.png"})
+  mask = np.zeros((24, 32), np.uint8)
+  mask[:, 16:] = 255
+  Image.fromarray(mask).save(root / "depth" / "mask.png")
+  ds = ev.EvalDataset("m", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2", "depth")
+  for proto in ("official", "correct"):
+    conv = protocol.CONVENTIONS[proto]
+    item = ev._load(ev.plan([ds], ("sparse", "dense"), proto)[0][0], conv)
+    unmasked = rgbd.load_sample(item.record, root / "rgb", root / "depth", "nyuv2", nearest_rule=conv.nearest_rule,
+                                masks=False).depth
+    assert not item.sample.depth[:, :32].any() and (item.sample.depth[:, 32:] == unmasked[:, 32:]).all()
+    if proto == "official":
+      np.testing.assert_array_equal(item.sparse_gt, unmasked)
+    else:
+      assert item.sparse_gt is None  # sparse reads the masked map
