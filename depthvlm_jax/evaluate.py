@@ -446,6 +446,14 @@ _COLUMNS = (("delta1", "δ1"), ("delta2", "δ2"), ("delta3", "δ3"), ("abs_rel",
             ("rmse", "RMSE"), ("rmse_log", "RMSElog"), ("silog", "SILog"))
 
 
+_CELLS = {"delta1": (10, 6)}  # (width, decimals); δ1, the headline, to the 6 decimals the authors print
+
+
+def _cell(key: str, value: float | None) -> str:
+  width, decimals = _CELLS.get(key, (9, 4))
+  return f"{value:>{width}.{decimals}f}" if value is not None else f"{'-':>{width}}"
+
+
 def format_skips(summary: dict[str, Any]) -> str:
   """"skipped records" block: per dataset, count per reason and the first file:line messages."""
   lines = []
@@ -463,11 +471,12 @@ def format_skips(summary: dict[str, Any]) -> str:
 
 def format_table(summary: dict[str, Any], modes: Sequence[str]) -> str:
   """A fixed-width text table: one row per dataset and mode, the averages, then the skip summary."""
-  head = f"{'dataset':<14}{'mode':<7}{'frame':<16}{'images':>7}" + "".join(f"{t:>9}" for _, t in _COLUMNS)
+  head = f"{'dataset':<14}{'mode':<7}{'frame':<16}{'images':>7}" + "".join(
+      f"{t:>{_CELLS.get(k, (9, 4))[0]}}" for k, t in _COLUMNS)
   lines = [f"protocol: {summary['protocol']}", head, "-" * len(head)]
 
   def row(name, mode, frame, n, m):
-    vals = "".join(f"{m[k]:>9.4f}" if m and m.get(k) is not None else f"{'-':>9}" for k, _ in _COLUMNS)
+    vals = "".join(_cell(k, m.get(k) if m else None) for k, _ in _COLUMNS)
     return f"{name:<14}{mode:<7}{frame:<16}{n:>7}" + vals
 
   for name, e in summary["datasets"].items():

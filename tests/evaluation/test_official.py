@@ -36,6 +36,7 @@ def test_official_constant_2m_gives_the_authors_figures(tmp_path, capsys):
   assert d["sparse"]["images"] == d["dense"]["images"] == 4 and d["sparse"]["frames"] == {"rgb": 4}
   printed = capsys.readouterr().out
   assert "protocol: official" in printed and "skipped records: none" in printed
+  assert "0.075000" in printed and "0.285620" in printed
   # the former --coords name selects the same protocol (and may resume the same directory)
   again = ev.main(["--baseline", "constant:2", "--coords", "official", "--data", SCANNETPP,
                    "--out", str(tmp_path / "o"), "--workers", "1"])
