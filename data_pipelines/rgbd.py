@@ -7,7 +7,7 @@ the dataset's range becomes 0 (invalid); a sample without a valid depth pixel is
 
 Two nearest-neighbour rules for the depth (and mask) resize, `NEAREST_RULES`:
   "centre": output pixel i reads input floor((i + 0.5) * in / out), the pixel whose centre is nearest
-            (our default; PIL's and OpenCV's INTER_NEAREST_EXACT rule);
+            (our default);
   "opencv": output pixel i reads input floor(i * in / out), OpenCV's INTER_NEAREST, used by the
             official loader (it shifts the map by up to one source pixel towards the top left).
 A record without `depth_scale` gets `load_sample(default_depth_scale=...)`: 1000 (the official
