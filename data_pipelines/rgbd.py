@@ -9,7 +9,9 @@ Two nearest-neighbour rules for the depth (and mask) resize, `NEAREST_RULES`:
   "centre": output pixel i reads input floor((i + 0.5) * in / out), the pixel whose centre is nearest
             (our default);
   "opencv": output pixel i reads input floor(i * in / out), OpenCV's INTER_NEAREST, used by the
-            official loader (it shifts the map by up to one source pixel towards the top left).
+            official loader: it samples each output pixel at its top-left corner instead of its
+            centre, so the map moves half an output pixel towards the bottom right and pixels near
+            depth edges read the neighbouring source pixel.
 A record without `depth_scale` gets `load_sample(default_depth_scale=...)`: 1000 (the official
 loader's default) unless the caller asks to refuse such records (None).
 
