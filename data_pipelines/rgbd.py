@@ -5,6 +5,16 @@ depth nearest) to `canonical_size` = original size * canonical_fx / original_fx 
 Taskonomy and HM3D are centre-cropped to a 1024-pixel edge (cropping keeps fx); depth outside
 the dataset's range becomes 0 (invalid); a sample without a valid depth pixel is skipped.
 
+Two nearest-neighbour rules for the depth (and mask) resize, `NEAREST_RULES`:
+  "centre": output pixel i reads input floor((i + 0.5) * in / out), the pixel whose centre is nearest
+            (our default);
+  "opencv": output pixel i reads input floor(i * in / out), OpenCV's INTER_NEAREST, used by the
+            official loader: it samples each output pixel at its top-left corner instead of its
+            centre, so the map moves half an output pixel towards the bottom right and pixels near
+            depth edges read the neighbouring source pixel.
+A record without `depth_scale` gets `load_sample(default_depth_scale=...)`: 1000 (the official
+loader's default) unless the caller asks to refuse such records (None).
+
 Errors: `RecordError` (a bad JSON line: file, line, field, what was expected) and `SampleError`
 (an unusable sample, with a `reason` from `data_pipelines.skips.SKIP_REASONS`).
 """
@@ -29,6 +39,8 @@ DATASET_DEPTH_RANGES = {
     "synthetic": (0.05, 80.0),
 }
 CENTRE_CROP_1024 = frozenset({"taskonomy", "hm3d"})
+NEAREST_RULES = ("centre", "opencv")
+OFFICIAL_DEPTH_SCALE = 1000.0  # the official loader's value for a record without depth_scale
 
 
 class RecordError(ValueError):
@@ -47,7 +59,7 @@ class SampleError(ValueError):
 class RGBDRecord:
   image: str
   depth_path: str | None = None
-  depth_scale: float = 1.0
+  depth_scale: float | None = None  # None: absent from the record (see load_sample)
   depth_format: str = "png"
   mask_valid_path: str | None = None
   mask_transp_path: str | None = None
@@ -145,12 +157,12 @@ def resolve_path(root: str | pathlib.Path, rel: str) -> pathlib.Path:
   return p
 
 
-def load_rgb(path: pathlib.Path) -> np.ndarray:
-  """(H, W, 3) uint8 RGB; EXIF rotation applied; grey/RGBA/16-bit converted."""
+def load_rgb(path: pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
+  """(H, W, 3) uint8 RGB; EXIF rotation applied (unless `exif_transpose=False`); grey/RGBA/16-bit converted."""
   try:
     with Image.open(path) as im:
       im.load()
-      return np.asarray(to_rgb(im))
+      return np.asarray(to_rgb(im, exif_transpose))
   except FileNotFoundError:
     raise SampleError("unreadable_image", f"{path}: image file not found") from None
   except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -207,16 +219,28 @@ class CanonicalSample:
   size_before_crop: tuple[int, int]  # (W, H) canonical size
 
 
-def resize_nearest(depth: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-  """Nearest-neighbour resize with pixel centres: output pixel i reads input floor((i + 0.5) * in / out)."""
+def nearest_indices(n_in: int, n_out: int, rule: str = "centre") -> np.ndarray:
+  """(n_out,) int64 source index of each output pixel under a nearest rule (`NEAREST_RULES`)."""
+  if rule == "centre":
+    idx = np.floor((np.arange(n_out) + 0.5) * n_in / n_out)
+  elif rule == "opencv":
+    # OpenCV stores the scale as out/in and multiplies by its reciprocal (float64), then floors.
+    idx = np.floor(np.arange(n_out) * (1.0 / (n_out / n_in)))
+  else:
+    raise ValueError(f"nearest rule {rule!r}; expected one of {NEAREST_RULES}")
+  return np.minimum(idx.astype(np.int64), n_in - 1)
+
+
+def resize_nearest(depth: np.ndarray, size_wh: tuple[int, int], rule: str = "centre") -> np.ndarray:
+  """(H, W[, C]) -> (size_wh[1], size_wh[0][, C]) nearest-neighbour resize under `rule` (module docstring)."""
   h, w = depth.shape[:2]
-  ys = np.minimum(((np.arange(size_wh[1]) + 0.5) * h / size_wh[1]).astype(np.int64), h - 1)
-  xs = np.minimum(((np.arange(size_wh[0]) + 0.5) * w / size_wh[0]).astype(np.int64), w - 1)
-  return depth[ys][:, xs]
+  return depth[nearest_indices(h, size_wh[1], rule)][:, nearest_indices(w, size_wh[0], rule)]
 
 
-def unify_focal(rgb: np.ndarray, depth: np.ndarray | None, record: RGBDRecord, dataset: str) -> CanonicalSample:
-  """Resizes RGB (bilinear) and depth (nearest) to the canonical focal length, crops, range-masks.
+def unify_focal(rgb: np.ndarray, depth: np.ndarray | None, record: RGBDRecord, dataset: str,
+                nearest_rule: str = "centre") -> CanonicalSample:
+  """Resizes RGB (bilinear) and depth (nearest, `nearest_rule`) to the canonical focal length, crops,
+  range-masks.
 
   rgb (H, W, 3) uint8, depth (Hd, Wd) float32 metres or None (image-only record: RGB only, no
   range check) -> CanonicalSample at `canonical_size` (after any centre crop).
@@ -240,7 +264,7 @@ def unify_focal(rgb: np.ndarray, depth: np.ndarray | None, record: RGBDRecord, d
   image = image[y0:y0 + ch, x0:x0 + cw]
   if depth is None:
     return CanonicalSample(image, None, (x0, y0), tuple(size))
-  depth = resize_nearest(depth, size)[y0:y0 + ch, x0:x0 + cw]
+  depth = resize_nearest(depth, size, nearest_rule)[y0:y0 + ch, x0:x0 + cw]
   lo, hi = DATASET_DEPTH_RANGES.get(dataset, (0.0, np.inf))
   depth = np.where((depth >= lo) & (depth <= hi), depth, 0.0).astype(np.float32)
   if not np.any(depth > 0):
@@ -249,17 +273,29 @@ def unify_focal(rgb: np.ndarray, depth: np.ndarray | None, record: RGBDRecord, d
 
 
 def load_sample(record: RGBDRecord, image_root: str | pathlib.Path, depth_root: str | pathlib.Path,
-                dataset: str) -> CanonicalSample:
-  """Reads and focal-unifies one RGB-D record (raises `SampleError` with a skip reason)."""
-  rgb = load_rgb(resolve_path(image_root, record.image))
+                dataset: str, nearest_rule: str = "centre", default_depth_scale: float | None = OFFICIAL_DEPTH_SCALE,
+                exif_transpose: bool = True, masks: bool = True) -> CanonicalSample:
+  """Reads and focal-unifies one RGB-D record (raises `SampleError` with a skip reason).
+
+  Args:
+    nearest_rule: depth and mask resize rule (`NEAREST_RULES`).
+    default_depth_scale: used when the record has no `depth_scale`; None refuses such a record.
+    exif_transpose: apply the JPEG EXIF orientation (the official loader does not).
+    masks: apply `mask_valid_path` / `mask_transp_path` (the official sparse evaluation does not).
+  """
+  scale = record.depth_scale if record.depth_scale is not None else default_depth_scale
+  if scale is None:
+    raise SampleError("bad_record", f"{record.source}: no depth_scale (raw value / depth_scale = metres; e.g. 1000 "
+                      "for millimetre PNGs, 256 for LiDAR PNGs); refusing to guess")
+  rgb = load_rgb(resolve_path(image_root, record.image), exif_transpose)
   if record.depth_path is None:
     raise SampleError("missing_depth", f"{record.source}: record has no depth_path")
-  depth = load_depth(resolve_path(depth_root, record.depth_path), record.depth_scale, record.depth_format,
+  depth = load_depth(resolve_path(depth_root, record.depth_path), scale, record.depth_format,
                      record.original_depth_size or record.original_rgb_size)
-  if record.mask_valid_path:
+  if masks and record.mask_valid_path:
     m = load_mask(resolve_path(depth_root, record.mask_valid_path))
-    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1]) > 0, depth, 0.0)
-  if record.mask_transp_path:  # iBims-1: 0 marks transparent/invalid surfaces
+    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1], nearest_rule) > 0, depth, 0.0)
+  if masks and record.mask_transp_path:  # iBims-1: 0 marks transparent/invalid surfaces
     m = load_mask(resolve_path(depth_root, record.mask_transp_path))
-    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1]) == 0, 0.0, depth)
-  return unify_focal(rgb, depth.astype(np.float32), record, dataset)
+    depth = np.where(resize_nearest(m.astype(np.float32), depth.shape[::-1], nearest_rule) == 0, 0.0, depth)
+  return unify_focal(rgb, depth.astype(np.float32), record, dataset, nearest_rule)

@@ -6,12 +6,20 @@ writes config.json (Qwen3-VL config + `depth_head_*` fields), model.safetensors 
 model.safetensors.index.json), the tokenizer files and preprocessor_config.json, with the official
 key names: `transformers.Qwen3VLForConditionalGeneration.from_pretrained(DIR)` loads every backbone
 weight, and `depthvlm_jax.torch_export.DepthVLMForConditionalGeneration` loads everything strictly.
-The directory is written next to DIR and renamed into place when complete.
+The directory is written next to DIR and renamed into place when complete (readable by others, as
+`umask` allows).
+
+A DPT head with the official widths (`OFFICIAL_DPT`) is exported as the authors' checkpoint is laid
+out: `architectures` = ["Qwen3VLForConditionalGeneration"] (their model class) and the released
+`vision_config`. Other widths get architectures ["DepthVLMForConditionalGeneration"] and a warning:
+the authors' code builds the head with fixed widths and cannot load them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
 import shutil
 import tempfile
@@ -33,6 +41,15 @@ def hf_tensors(params: dict[str, Any], config: Qwen3VLConfig) -> Iterator[tuple[
   yield from hf_params.params_to_hf(backbone, config)
   if "depth_head" in params:
     yield from dh.flax_to_torch_state_dict(params["depth_head"]).items()
+
+
+# The widths the authors' DPT head is built with (SPEC §1): features, out_channels, head_features.
+OFFICIAL_DPT = (256, (256, 512, 1024, 1024), 32)
+
+
+def is_official_head(head: DepthHeadConfig) -> bool:
+  """Whether the authors' code can load this head (a DPT head with the official widths)."""
+  return head.head_type == "dpt" and (head.features, tuple(head.out_channels), head.head_features) == OFFICIAL_DPT
 
 
 def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -60,7 +77,12 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
     cfg["torch_dtype"] = dtype
     if head is not None:
       cfg.update(head.to_hf_dict())
-      cfg["architectures"] = ["DepthVLMForConditionalGeneration"]
+      if not is_official_head(head):
+        logging.warning("exporting a %s depth head with widths features=%d, out_channels=%s, head_features=%d: "
+                        "the authors' code builds DPT heads with %s and cannot load it (depthvlm_jax and "
+                        "depthvlm_jax.torch_export can)", head.head_type, head.features, list(head.out_channels),
+                        head.head_features, OFFICIAL_DPT)
+        cfg["architectures"] = ["DepthVLMForConditionalGeneration"]
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -87,6 +109,9 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
       from depthvlm_jax.processing.tokenizer import load_tokenizer
       (tokenizer or load_tokenizer(None)).save_pretrained(str(tmp))
       (processor or ImageProcessorConfig()).save(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

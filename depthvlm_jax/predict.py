@@ -16,7 +16,9 @@ Camera: `--fx` is the focal length in pixels of the image as given; fy = fx and 
 the image centre. Without it, fx = DEFAULT_FX_FRACTION * width (a 60° horizontal field of view,
 typical of phone and webcam cameras; metric depth scales with this guess). The image is resized so
 its focal length becomes `canonical_fx` (1000 px, as in training), then to the processor's multiple
-of 32; the model's depth map is resized back to the original size (bilinear, align_corners=True).
+of 32 (`--preprocess official`: first to qwen-vl-utils' multiple of 28, as the authors' evaluation
+feeds the released checkpoint; see `processing.image_processor`); the model's depth map is resized
+back to the original size (bilinear, align_corners=True).
 
 Depth and text come from one prefill: `generate.generate_tokens(..., depth_grid=...)` runs the
 DepthVLM forward once over image + prompt, returns its depth map, and decodes the answer from the
@@ -42,7 +44,7 @@ from depthvlm_jax import generate as gen
 from depthvlm_jax.evaluation import outputs, protocol
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.processing import chat
-from depthvlm_jax.processing.image_processor import preprocess_image, smart_resize
+from depthvlm_jax.processing.image_processor import PREPROCESSING, preprocess_image, processed_size
 
 CANONICAL_FX = 1000.0
 DEFAULT_FX_FRACTION = 0.5 / math.tan(math.radians(30.0))  # fx / width for a 60° horizontal FoV
@@ -88,7 +90,7 @@ def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple
 
 def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | None = None,
                   prompt: str | None = None, out_dir: str | pathlib.Path | None = None, name: str | None = None,
-                  max_new_tokens: int = 64, seq_multiple: int = 64) -> dict[str, Any]:
+                  max_new_tokens: int = 64, seq_multiple: int = 64, preprocessing: str = "direct") -> dict[str, Any]:
   """Depth (metres, original resolution), point cloud and text answer for one image.
 
   Args:
@@ -100,6 +102,8 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
     name: file stem (default: the image file's stem, or "image").
     max_new_tokens: length of the greedy answer.
     seq_multiple: prompt length is padded to a multiple of this (fewer recompiles across sizes).
+    preprocessing: "direct" (one resize to multiples of 32) or "official" (28-then-32, the authors'
+      evaluation input).
 
   Returns:
     dict with depth (H, W) float32, text, fx, intrinsics (3, 3), canonical_size / processed_size
@@ -123,8 +127,8 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
   model, params, tok, proc = loaded.model, loaded.params, loaded.tokenizer, loaded.processor
   cw, ch = rgbd.canonical_size((w0, h0), fx, CANONICAL_FX)
   canonical = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.Resampling.BILINEAR))
-  hp, wp = smart_resize(ch, cw, proc.factor, proc.min_pixels, proc.max_pixels)
-  patches, grid = preprocess_image(canonical, proc, size=(hp, wp))
+  hp, wp = processed_size(ch, cw, proc, preprocessing)
+  patches, grid = preprocess_image(canonical, proc, size=(hp, wp), preprocessing=preprocessing)
   grid_tokens = (hp // proc.factor, wp // proc.factor)
   ids = chat.encode_sample(tok, prompt or DEFAULT_PROMPT, [grid_tokens[0] * grid_tokens[1]])["input_ids"]
   seq_len = -(-len(ids) // seq_multiple) * seq_multiple
@@ -169,7 +173,8 @@ def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, resul
 
 
 def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], out_dir: str | pathlib.Path,
-                 prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True) -> list[dict[str, Any]]:
+                 prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True,
+                 preprocessing: str = "direct") -> list[dict[str, Any]]:
   """`predict_image` over (path, fx) pairs; appends a summary line per image to predictions.jsonl."""
   import tqdm
   out = pathlib.Path(out_dir)
@@ -180,7 +185,7 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   summaries = []
   with (out / "predictions.jsonl").open("a") as f:
     for (path, fx), name in tqdm.tqdm(list(zip(images, names)), desc="predict", disable=not progress):
-      r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens)
+      r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens, preprocessing=preprocessing)
       row = {"image": str(path), "name": name, "text": r["text"], "fx": r["fx"], "files": r["files"]}
       f.write(json.dumps(row) + "\n")
       f.flush()
@@ -197,12 +202,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   ap.add_argument("--prompt", default=None, help="user prompt (default: the DepthVLM depth prompt)")
   ap.add_argument("--max_new_tokens", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--preprocess", default="direct", choices=PREPROCESSING,
+                  help="official: resize as the authors' evaluation does (28-then-32 multiples)")
   args = ap.parse_args(argv)
   import jax.numpy as jnp
   from depthvlm_jax.evaluation.loading import load_model
   images = list_images(args.image, args.fx)
   loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
-  rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens)
+  rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens, preprocessing=args.preprocess)
   for r in rows:
     print(f"{r['image']}: {r['text']!r} -> {r['files']['vis']}")
   return rows

@@ -126,3 +126,45 @@ def test_export_cli_from_training_workdir(tmp_path):
   assert model2.head == model.head
   a, b = hf_params.flatten(params), hf_params.flatten(params2)
   assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+# vision_config keys of the released Qwen3-VL-4B-Instruct config.json (and the authors' DepthVLM-4B)
+RELEASED_VISION_KEYS = {"deepstack_visual_indexes", "depth", "hidden_act", "hidden_size", "in_channels",
+                        "initializer_range", "intermediate_size", "model_type", "num_heads",
+                        "num_position_embeddings", "out_hidden_size", "patch_size", "spatial_merge_size",
+                        "temporal_patch_size"}
+
+
+def test_export_layout_matches_the_official_checkpoint(tmp_path, jax_model, caplog):
+  import json
+  import os
+
+  from tests.evaluation.helpers import random_params
+  config, model, params = jax_model
+  official = DepthVLM(config, head=DepthHeadConfig())
+  old = os.umask(0o022)
+  try:
+    with caplog.at_level("WARNING"):
+      out = export.write_hf_dir(random_params(official), config, official.head, tmp_path / "official",
+                                processing_files=False)
+    assert not caplog.records
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      tiny = export.write_hf_dir(params, config, model.head, tmp_path / "tiny", processing_files=False)
+  finally:
+    os.umask(old)
+  assert "cannot load it" in caplog.text and "features=32" in caplog.text
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["architectures"] == ["Qwen3VLForConditionalGeneration"] and cfg["depth_head_type"] == "dpt"
+  assert set(cfg["vision_config"]) == RELEASED_VISION_KEYS and cfg["vision_config"]["model_type"] == "qwen3_vl"
+  assert "axial" not in (out / "config.json").read_text()
+  text = cfg["text_config"]
+  assert text["rope_scaling"]["mrope_section"] == list(config.text.mrope_section)  # transformers 4.x readers
+  assert text["rope_theta"] == text["rope_parameters"]["rope_theta"] == config.text.rope_theta
+  assert json.loads((tiny / "config.json").read_text())["architectures"] == ["DepthVLMForConditionalGeneration"]
+  for d in (out, tiny):
+    assert (d.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+  hf = transformers.AutoConfig.from_pretrained(out)
+  assert Qwen3VLConfig.from_hf_dict(json.loads(hf.to_json_string())) == config
+  model2, _ = hf_checkpoint.load_depthvlm(out)
+  assert model2.head == DepthHeadConfig() and model2.config == config

@@ -153,16 +153,25 @@ class Qwen3VLConfig:
     return cls(vision=VisionConfig(**vkw), text=TextConfig(**tkw), tie_word_embeddings=bool(tie), **top)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The HF `config.json` dict (transformers 5.x layout) describing this model."""
+    """The HF `config.json` dict describing this model, laid out like the released Qwen3-VL configs.
+
+    `vision_config` has the released keys only (model_type "qwen3_vl", no rope entry: its rotary
+    base is fixed at 10000; a different `rope_theta` is written as a plain key). `text_config` carries
+    the rotary settings in both layouts: `rope_parameters` (transformers 5.x) and `rope_scaling` +
+    `rope_theta` (4.x, which the authors' code runs on).
+    """
     vd = dataclasses.asdict(self.vision)
     vd["deepstack_visual_indexes"] = list(self.vision.deepstack_visual_indexes)
     vd.pop("layer_norm_eps")
-    vd["rope_parameters"] = {"rope_type": "axial", "rope_theta": vd.pop("rope_theta")}
-    vd["model_type"] = "qwen3_vl_vision"
+    if vd["rope_theta"] == VisionConfig.rope_theta:
+      vd.pop("rope_theta")
+    vd["model_type"] = "qwen3_vl"
+    vd["initializer_range"] = 0.02
     td = dataclasses.asdict(self.text)
-    td["rope_parameters"] = {"rope_type": "default", "rope_theta": td.pop("rope_theta"),
-                             "mrope_section": list(td.pop("mrope_section")),
-                             "mrope_interleaved": td.pop("mrope_interleaved")}
+    rope = {"rope_type": "default", "mrope_section": list(td.pop("mrope_section")),
+            "mrope_interleaved": td.pop("mrope_interleaved")}
+    td["rope_parameters"] = dict(rope, rope_theta=td["rope_theta"])
+    td["rope_scaling"] = rope
     td["model_type"] = "qwen3_vl_text"
     td["tie_word_embeddings"] = self.tie_word_embeddings
     return {

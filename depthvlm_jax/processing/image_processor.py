@@ -5,6 +5,13 @@ Steps: RGB conversion (EXIF rotation applied) → `smart_resize` to multiples of
 (grid_h*grid_w, C*T*P*P) rows in spatial-merge-block order, the still image repeated over the
 T = 2 temporal slots. DepthVLM resizes to a canonical size itself and then calls
 `normalize_and_patchify` on an image whose sides are already multiples of 32.
+
+Two preprocessing choices (`PREPROCESSING`):
+  "direct":   one bicubic resize to the processor's `smart_resize` (multiples of 32);
+  "official": what the authors' evaluation feeds the model: `qwen_vl_utils.process_vision_info`
+              (qwen-vl-utils 0.0.14) first resizes to its own smart size in multiples of 28
+              (`qwen_vl_utils_size`, bicubic), then the processor resizes that to multiples of 32.
+              A ScanNet++ canonical 1006x1342 image becomes 1008x1344, then 1024x1344 (direct: 992x1344).
 """
 
 from __future__ import annotations
@@ -78,8 +85,59 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 65
   return h, w
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-  """Any PIL image / HxW[xC] array -> 8-bit RGB PIL image (EXIF orientation applied).
+# qwen-vl-utils 0.0.14 image defaults: patch 14 x merge 2 = factor 28, 4 to 16384 tokens of 28x28 pixels.
+QWEN_VL_UTILS_FACTOR = 28
+QWEN_VL_UTILS_MIN_PIXELS = 4 * 28 * 28
+QWEN_VL_UTILS_MAX_PIXELS = 16384 * 28 * 28
+PREPROCESSING = ("direct", "official")
+
+
+def qwen_vl_utils_size(height: int, width: int, factor: int = QWEN_VL_UTILS_FACTOR,
+                       min_pixels: int = QWEN_VL_UTILS_MIN_PIXELS,
+                       max_pixels: int = QWEN_VL_UTILS_MAX_PIXELS) -> tuple[int, int]:
+  """qwen-vl-utils' smart size: as `smart_resize`, except that each rounded side is at least `factor`
+  before the pixel-count checks and the shrinking branch has no such floor."""
+  if min(height, width) <= 0:
+    raise ValueError(f"image size {height}x{width} is empty")
+  if max(height, width) / min(height, width) > 200:
+    raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} of {height}x{width} exceeds 200")
+  h = max(factor, round(height / factor) * factor)
+  w = max(factor, round(width / factor) * factor)
+  if h * w > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+  elif h * w < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+  return h, w
+
+
+def processed_size(height: int, width: int, config: "ImageProcessorConfig", preprocessing: str = "direct"):
+  """(H, W) in multiples of `config.factor` that an image of height x width reaches the model at."""
+  if preprocessing == "official":
+    height, width = qwen_vl_utils_size(height, width)
+  elif preprocessing != "direct":
+    raise ValueError(f"preprocessing={preprocessing!r}; expected one of {PREPROCESSING}")
+  return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+
+
+def official_first_resize(image: Image.Image | np.ndarray) -> Image.Image:
+  """The qwen-vl-utils step of "official" preprocessing: RGB (RGBA composited on white, no EXIF
+  rotation) resized bicubically to `qwen_vl_utils_size`."""
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(image)
+  if image.mode == "RGBA":
+    rgb = Image.new("RGB", image.size, (255, 255, 255))
+    rgb.paste(image, mask=image.getchannel("A"))
+    image = rgb
+  else:
+    image = image.convert("RGB")
+  h, w = qwen_vl_utils_size(image.height, image.width)
+  return image.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def to_rgb(image: Image.Image | np.ndarray, exif_transpose: bool = True) -> Image.Image:
+  """Any PIL image / HxW[xC] array -> 8-bit RGB PIL image (EXIF orientation applied unless told not to).
 
   16-bit grey images are scaled (not clipped) to 8 bits; alpha is dropped (composited on black as
   PIL's convert does).
@@ -90,7 +148,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
       arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
     image = Image.fromarray(arr)
   else:
-    image = ImageOps.exif_transpose(image)
+    if exif_transpose:
+      image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
       arr = np.asarray(image).astype(np.float32)
       scale = 257.0 if arr.max() > 255 or image.mode.startswith("I;16") else 1.0
@@ -122,8 +181,16 @@ def patchify(x: np.ndarray, config: ImageProcessorConfig = ImageProcessorConfig(
 
 
 def preprocess_image(image: Image.Image | np.ndarray, config: ImageProcessorConfig = ImageProcessorConfig(),
-                     size: tuple[int, int] | None = None):
-  """Like the HF processor on one image: resize (smart_resize, or exactly `size`=(H, W)) and patchify."""
+                     size: tuple[int, int] | None = None, preprocessing: str = "direct"):
+  """Like the HF processor on one image: resize (smart_resize, or exactly `size`=(H, W)) and patchify.
+
+  `preprocessing="official"` first applies `official_first_resize` (the qwen-vl-utils step); `size`
+  is then the final size (`processed_size(..., "official")`).
+  """
+  if preprocessing == "official":
+    image = official_first_resize(image)
+  elif preprocessing != "direct":
+    raise ValueError(f"preprocessing={preprocessing!r}; expected one of {PREPROCESSING}")
   rgb = to_rgb(image)
   if size is None:
     size = smart_resize(rgb.height, rgb.width, config.factor, config.min_pixels, config.max_pixels)

@@ -45,3 +45,34 @@ def random_params(model, seed: int = 0, std: float = 0.05) -> dict:
               else rng.normal(0, std, v.shape).astype(v.dtype))
           for k, v in hf_params.flatten(shapes).items()}
   return hf_params.unflatten(flat)
+
+
+def import_qwen_vl_utils():
+  """The reference `qwen_vl_utils` (qwen-vl-utils 0.0.14, a test dependency).
+
+  It imports torchvision at module level for its video readers, and torchvision has no CPU wheel for
+  our torch here. The image functions the tests call (`smart_resize`, `fetch_image`,
+  `process_vision_info` on PIL images) never touch it, so when torchvision is absent the module is
+  imported against a placeholder that is removed again right after the import (transformers is
+  imported first so its own torchvision check never sees the placeholder).
+  """
+  import importlib
+  import sys
+  import types
+  import transformers  # noqa: F401
+  try:
+    return importlib.import_module("qwen_vl_utils")
+  except ModuleNotFoundError as e:
+    if e.name != "torchvision":
+      raise
+  tv, tv_io, tv_tr = (types.ModuleType(n) for n in ("torchvision", "torchvision.io", "torchvision.transforms"))
+  tv.__version__, tv.io, tv.transforms, tv_tr.InterpolationMode = "0.0", tv_io, tv_tr, None
+  names = {"torchvision": tv, "torchvision.io": tv_io, "torchvision.transforms": tv_tr}
+  sys.modules.update(names)
+  try:
+    for n in [m for m in sys.modules if m.startswith("qwen_vl_utils")]:
+      del sys.modules[n]
+    return importlib.import_module("qwen_vl_utils")
+  finally:
+    for n in names:
+      sys.modules.pop(n, None)

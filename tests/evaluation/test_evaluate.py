@@ -111,8 +111,8 @@ def test_frame_choice_per_record(tmp_path):
   lines[1]["pixel_coords_frame"] = "rgb"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
   ds = ev.EvalDataset("x", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2")
-  with pytest.raises(protocol.FrameError, match="cannot tell"):  # record 0: depth-sized coords, no setting
-    ev.plan([ds], ("sparse",), "correct")
+  items, _ = ev.plan([ds], ("sparse",), "correct")  # record 0: depth-sized coords, no setting: skipped
+  assert items[0].skip[0] == "bad_coordinates" and "cannot tell" in items[0].skip[1] and items[1].skip is None
   items, _ = ev.plan([ev.EvalDataset(**{**ds.__dict__, "coord_frame": "depth"})], ("sparse",), "correct")
   assert [(i.frame.frame, i.frame.why) for i in items] == [("depth", "dataset setting"), ("rgb", "record")]
   items, _ = ev.plan([ds], ("sparse",), "official")

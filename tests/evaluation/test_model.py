@@ -140,3 +140,58 @@ def test_loader_gives_a_plain_qwen3_vl_directory_a_fresh_head(tmp_path, loaded):
   want = jax.eval_shape(lambda: got.model.init(jax.random.key(0), **depthvlm_dummy_inputs(got.model.config)))
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(want["params"]["depth_head"]))
   assert jax.tree.map(lambda x: x.shape, got.params["depth_head"]) == shapes
+
+
+def test_official_protocol_feeds_the_model_like_the_authors(tmp_path, loaded, monkeypatch):
+  """Official protocol: the model input is qwen-vl-utils' image then the processor's resize, after the
+  system turn; dense compares cv2's INTER_LINEAR resize of the processed-size map with the OpenCV GT."""
+  import cv2
+  from data_pipelines import rgbd
+  from depthvlm_jax.model import inputs
+  from depthvlm_jax.processing import image_processor as ip
+  from tests.evaluation.helpers import import_qwen_vl_utils
+  q = import_qwen_vl_utils()
+  path = write_dataset(tmp_path / "d", 1, seed=6, rgb_wh=(101, 75), depth_wh=(50, 37))
+  ds = ev.EvalDataset("d", str(path), str(tmp_path / "d/rgb"), str(tmp_path / "d/depth"), "nyuv2")
+  seen = {}
+  monkeypatch.setattr(inputs, "make_model_inputs", lambda ids, config, patches, *a, **k: seen.update(
+      ids=ids, patches=patches) or make_model_inputs(ids, config, patches, *a, **k))
+  predictor = ev.ModelPredictor(loaded, batch_size=1)
+  fwd = predictor._fwd
+
+  def recording_fwd(*args):
+    seen["depth"] = np.asarray(fwd(*args), np.float32)
+    return seen["depth"]
+
+  predictor._fwd = recording_fwd
+  out = ev.run(predictor, [ds], tmp_path / "o", ("dense",), "official", progress=False)
+  row = json.loads((tmp_path / "o" / ev.RESULTS_FILE).read_text())
+  proc, tok = loaded.processor, loaded.tokenizer
+  rec = rgbd.read_jsonl(path)[0][0]
+  sample = rgbd.load_sample(rec, ds.image_root, ds.depth_root, "nyuv2", nearest_rule="opencv", exif_transpose=False)
+  image = q.fetch_image({"type": "image", "image": Image.fromarray(sample.image)})
+  hp, wp = ip.smart_resize(image.height, image.width, proc.factor, proc.min_pixels, proc.max_pixels)
+  patches, _ = preprocess_image(image, proc, size=(hp, wp))
+  np.testing.assert_array_equal(seen["patches"][0], patches)
+  text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+          f"<|vision_start|><|image_pad|><|vision_end|>{rec.prompt or predict.DEFAULT_PROMPT}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+  ids = chat.expand_image_pads(tok(text, add_special_tokens=False).input_ids,
+                               tok.convert_tokens_to_ids("<|image_pad|>"), [hp * wp // 1024])
+  assert list(seen["ids"][0]) == ids
+  assert seen["depth"].shape == (1, hp, wp) and (hp, wp) == ip.processed_size(75, 101, proc, "official")
+  pred = cv2.resize(seen["depth"][0], sample.depth.shape[::-1], interpolation=cv2.INTER_LINEAR)
+  m = (sample.depth > 0) & (pred > 0)
+  ratio = np.maximum(pred[m] / sample.depth[m], sample.depth[m] / pred[m])
+  assert row["results"]["dense"]["delta1"] == pytest.approx(np.mean(ratio < 1.25), abs=1e-9)
+  assert out["preprocessing"] == "official" and out["datasets"]["d"]["dense"]["images"] == 1
+
+
+def test_predict_official_preprocessing(loaded):
+  from depthvlm_jax.processing import image_processor as ip
+  rgb = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+  res = predict.predict_image(loaded, rgb, fx=1000, max_new_tokens=1, preprocessing="official")
+  assert res["canonical_size"] == (300, 400) and res["depth"].shape == (300, 400)
+  # 300x400 -> qwen-vl-utils 308x392 -> processor 320x384 (one resize: 288x384)
+  assert res["processed_size"] == ip.processed_size(300, 400, loaded.processor, "official") == (320, 384)
+  assert ip.processed_size(300, 400, loaded.processor, "direct") == (288, 384)
