@@ -339,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--out", default=None, help="folder for the request files (default: a new temporary folder)")
   args = ap.parse_args(argv)
+  try:
+    import gradio  # noqa: F401
+    import trimesh  # noqa: F401
+  except ImportError as e:
+    raise DemoError(f"the demo needs gradio and trimesh ({e}); install them with pip install -e '.[test]'") from None
   import jax.numpy as jnp
   from depthvlm_jax.evaluation.loading import load_model
   out_root = pathlib.Path(args.out or tempfile.mkdtemp(prefix="depthvlm_demo_")).absolute()

@@ -150,7 +150,8 @@ def test_demo_in_browser(tmp_path):
   from playwright.sync_api import sync_playwright
 
   t0 = time.time()
-  model = demo.write_tiny_random_model(tmp_path / "model", seed=1)
+  model, note = demo.choose_model(None, tmp_path, [str(tmp_path / "no_such_run")])  # no --model, no trained run
+  assert "tiny randomly initialised" in note and (pathlib.Path(model) / "model.safetensors").exists()
   scene = synthetic.make_scene(3, "indoor")
   rgb = synthetic.render(scene)[0]
   h, w = rgb.shape[:2]
@@ -254,6 +255,8 @@ def test_demo_in_browser(tmp_path):
 
       shot = os.environ.get("DEPTHVLM_DEMO_SCREENSHOT")
       if shot:
+        img.click(position={"x": (want_x + 0.5) * box["width"] / w, "y": (want_y + 0.5) * box["height"] / h})
+        page.wait_for_function("document.querySelector('#clicked').innerText.includes('Pixel (')")
         page.locator("#cloud canvas").wait_for()
         page.wait_for_timeout(3000)  # the viewer loads the .glb and renders
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
