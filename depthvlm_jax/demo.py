@@ -291,7 +291,8 @@ def build_app(predictor: Predictor, model_note: str, examples: list[list[Any]]):
   # This module's annotations are strings (PEP 563); gradio finds the event argument by its class.
   on_click.__annotations__["evt"] = gr.SelectData
 
-  with gr.Blocks(title="DepthVLM-JAX demo", analytics_enabled=False) as app:
+  # delete_cache: gradio's copies of served files older than an hour go every hour (as ours do).
+  with gr.Blocks(title="DepthVLM-JAX demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
     gr.Markdown("## DepthVLM (JAX): metric depth and an answer from one forward pass\n" + model_note,
                 elem_id="model-note")
     depth_state = gr.State(None)

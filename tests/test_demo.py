@@ -168,9 +168,10 @@ def test_demo_in_browser(tmp_path):
   with open(log, "w") as f:
     server = subprocess.Popen([sys.executable, "-m", "depthvlm_jax.demo", "--model", str(model), "--port", str(port),
                                "--out", str(tmp_path / "served")], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-  reference = subprocess.Popen([sys.executable, "-m", "depthvlm_jax.predict", "--model", str(model), "--image",
-                                str(tmp_path / "room.png"), "--fx", repr(FX), "--out", str(tmp_path / "predicted")],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  with open(tmp_path / "predict.log", "w") as f:
+    reference = subprocess.Popen([sys.executable, "-m", "depthvlm_jax.predict", "--model", str(model), "--image",
+                                  str(tmp_path / "room.png"), "--fx", repr(FX), "--out", str(tmp_path / "predicted")],
+                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
   try:
     _wait_for_server(url, server, log)
     with sync_playwright() as pw:
@@ -192,7 +193,7 @@ def test_demo_in_browser(tmp_path):
         pages.append(context.new_page())
       page, other = pages
       page.goto(url)
-      assert "tmp" in page.locator("#model-note").inner_text()  # names the model it serves
+      assert str(model) in page.locator("#model-note").inner_text()  # names the model it serves
 
       # Bad uploads: a message on the page, no work done, and the page stays usable.
       for name, message in [("notes.txt", "not an image"), ("empty.png", "empty file"), ("huge.png", "enormous image")]:
@@ -206,7 +207,7 @@ def test_demo_in_browser(tmp_path):
       _set_camera(page, FX)
       status = _run(page)
       assert "Done in" in status and "compiled a new program" in status, status
-      assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-3000:]
+      assert reference.wait(timeout=300) == 0, (tmp_path / "predict.log").read_text()[-3000:]
       ref = tmp_path / "predicted"
       answer = page.locator("#answer textarea").input_value()
       assert answer and answer == json.loads((ref / "room.json").read_text())["text"]
