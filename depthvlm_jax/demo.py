@@ -307,8 +307,6 @@ def build_app(predictor: Predictor, model_note: str, examples: list[list[Any]]):
         prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", lines=3, elem_id="prompt")
         max_new_tokens = gr.Slider(1, 256, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens")
         run = gr.Button("Estimate depth", variant="primary", elem_id="run")
-        gr.Examples(examples=examples, inputs=[upload, fx_mode, fx_value],
-                    label="Example scenes (rendered by data_pipelines.synthetic, with their true focal length)")
       with gr.Column(scale=2):
         status = gr.Markdown(elem_id="status")
         with gr.Row():
@@ -322,6 +320,10 @@ def build_app(predictor: Predictor, model_note: str, examples: list[list[Any]]):
         answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
         downloads = gr.File(label="Downloads: depth .npy (m), 16-bit PNG (mm), .ply, .json", file_count="multiple",
                             interactive=False, elem_id="downloads")
+    # The preview column only shows each example's thumbnail (the upload's change event sets it anyway).
+    gr.Examples(examples=[[path, path, mode, fx] for path, mode, fx in examples],
+                inputs=[preview, upload, fx_mode, fx_value],
+                label="Example scenes (rendered by data_pipelines.synthetic, with their true focal length)")
     upload.change(on_upload, [upload], [preview, status], queue=False)
     run.click(on_run, [upload, fx_mode, fx_value, prompt, max_new_tokens],
               [status, depth_image, colour_bar, answer, cloud, downloads, depth_state, clicked],

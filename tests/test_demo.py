@@ -240,11 +240,18 @@ def test_demo_in_browser(tmp_path):
       assert abs(x - want_x) <= 1 and abs(y - want_y) <= 1, clicked
       assert float(value) == pytest.approx(float(depth[y, x]), abs=5e-5), clicked
 
+      # An example scene fills in the upload and its true focal length.
+      page.locator("tr", has_text="outdoor_scene_11.png").first.click()
+      page.wait_for_function("document.querySelector('#status').innerText.includes('outdoor_scene_11.png')")
+      fx = float(page.locator("#fx-value input").input_value())
+      assert fx == round(synthetic.make_scene(11, "outdoor").fx, 2)
+
       # Two browsers at once: both are answered, by the program already compiled for this bucket.
       other.goto(url)
       _upload(other, tmp_path / "room.png")
       _set_camera(other, FX)
       _upload(page, tmp_path / "room.png")
+      _set_camera(page, FX)
       for p in pages:
         p.locator("#run").click()
       for p in pages:
