@@ -126,3 +126,20 @@ def depthvlm_dummy_inputs(config: Qwen3VLConfig) -> dict[str, Any]:
   """Smallest inputs touching every parameter, depth head included (one 1x1-token image)."""
   from depthvlm_jax.model.qwen3_vl import dummy_inputs
   return dict(dummy_inputs(config), depth_grid=(1, 1))
+
+
+def random_params(model: DepthVLM, seed: int = 0, std: float = 0.05) -> dict[str, Any]:
+  """Random parameters for `model` without compiling its init (shapes from `jax.eval_shape`).
+
+  Every weight is normal(0, std) and every norm scale is 1. On a 2-core CPU this takes seconds where
+  the jitted init takes about a minute; used by tests and by the web demo's tiny untrained model.
+  """
+  import flax.linen as nn
+  import numpy as np
+  from depthvlm_jax.model import hf_params
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(model.config))["params"]))
+  rng = np.random.default_rng(seed)
+  flat = {k: (np.ones(v.shape, v.dtype) if k[-1] == "scale" and any("norm" in x for x in k)
+              else rng.normal(0, std, v.shape).astype(v.dtype))
+          for k, v in hf_params.flatten(shapes).items()}
+  return hf_params.unflatten(flat)
