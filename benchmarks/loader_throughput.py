@@ -148,11 +148,11 @@ def main():
       del it, state
     rows.append(row)
     if args.array_record and stage == 1:
-      from data_pipelines import tfds_builder
+      from data_pipelines import array_record, tfds_builder
       t0 = time.perf_counter()
       out = tfds_builder.convert(workdir / "array_record", tfds_builder.synthetic_splits(syn))
       conv = time.perf_counter() - t0
-      n_conv = sum(len(tfds_builder.data_source(out, s)) for s in ("train", "test", "qa", "qa_test"))
+      n_conv = sum(len(array_record.data_source(out, s)) for s in ("train", "test", "qa", "qa_test"))
       rates = {}
       for name, sources in (("jsonl", None), ("array_record", [pipeline.tfds_source(out, "train")])):
         it = loader(config, model.config, tokenizer, workdir, 0, sources)

@@ -30,11 +30,6 @@ from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
 
-DEFAULT_PROMPT = ("Given this image, estimate the metric depth (in meters, rounded to two decimal places) "
-                  "for every pixel of the image.")
-DEFAULT_REPLY = "OK, I will estimate the depth map of this image."
-
-
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
   """One annotation file with its roots; `dataset` picks the depth range (SPEC §4).
@@ -163,8 +158,8 @@ class PrepareExample:
     pixel_values, grid_thw = normalize_and_patchify(image, self.processor)
     merge = self.model_config.vision.spatial_merge_size
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
-    prompt = record.prompt or DEFAULT_PROMPT
-    answer = (record.solution or DEFAULT_REPLY) if self.spec.with_answer else None
+    prompt = record.prompt or chat.DEFAULT_PROMPT
+    answer = (record.solution or chat.DEFAULT_REPLY) if self.spec.with_answer else None
     enc = chat.encode_sample(self.tokenizer, prompt, [n_tokens], answer=answer)
     ids, labels = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["labels"], np.int32)
     if len(ids) > self.spec.seq_len:
@@ -189,8 +184,8 @@ def load_records(source: SourceSpec) -> tuple[Sequence[Any], list[Skipped]]:
   For an `array_record` source: (its random-access data source of converted examples, []).
   """
   if source.format == "array_record":
-    from data_pipelines import tfds_builder  # optional dependency: tensorflow-datasets
-    return tfds_builder.data_source(source.jsonl, source.split), []
+    from data_pipelines import array_record  # optional dependency: tensorflow-datasets
+    return array_record.data_source(source.jsonl, source.split), []
   if source.format != "jsonl":
     raise ValueError(f"{source.jsonl}: unknown source format {source.format!r}; expected 'jsonl' or 'array_record'")
   records, errors = rgbd.read_jsonl(source.jsonl)

@@ -45,9 +45,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipelines import rgbd
-from data_pipelines.pipeline import DEFAULT_PROMPT
 from depthvlm_jax import predict
 from depthvlm_jax.evaluation import outputs
+from depthvlm_jax.processing.chat import DEFAULT_PROMPT
 
 # The README's default runs (`main.py --workdir=...`), newest stage first.
 DEFAULT_WORKDIRS = ("/tmp/depthvlm_stage2", "/tmp/depthvlm_stage1")

@@ -47,8 +47,8 @@ import numpy as np
 import tqdm
 
 from data_pipelines import rgbd
-from data_pipelines.pipeline import DEFAULT_PROMPT
 from depthvlm_jax.evaluation import metrics, protocol
+from depthvlm_jax.processing.chat import DEFAULT_PROMPT
 from depthvlm_jax.processing.image_processor import PREPROCESSING, ImageProcessorConfig, processed_size
 
 RESULTS_FILE = "per_image.jsonl"

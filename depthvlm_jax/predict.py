@@ -39,7 +39,6 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import rgbd
-from data_pipelines.pipeline import DEFAULT_PROMPT
 from depthvlm_jax import generate as gen
 from depthvlm_jax.evaluation import outputs, protocol
 from depthvlm_jax.model.inputs import make_model_inputs
@@ -130,7 +129,7 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
   hp, wp = processed_size(ch, cw, proc, preprocessing)
   patches, grid = preprocess_image(canonical, proc, size=(hp, wp), preprocessing=preprocessing)
   grid_tokens = (hp // proc.factor, wp // proc.factor)
-  ids = chat.encode_sample(tok, prompt or DEFAULT_PROMPT, [grid_tokens[0] * grid_tokens[1]])["input_ids"]
+  ids = chat.encode_sample(tok, prompt or chat.DEFAULT_PROMPT, [grid_tokens[0] * grid_tokens[1]])["input_ids"]
   seq_len = -(-len(ids) // seq_multiple) * seq_multiple
   batch = make_model_inputs([ids], model.config, [patches], [grid[1:]], padding_side="left", seq_len=seq_len,
                             pad_id=tok.pad_token_id)

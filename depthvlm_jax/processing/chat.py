@@ -14,6 +14,11 @@ from typing import Sequence
 import numpy as np
 
 IGNORE = -100
+# The depth request of the DepthVLM training data, used when a record has no prompt of its own, and
+# the stage-2 reply to it when a record has no solution.
+DEFAULT_PROMPT = ("Given this image, estimate the metric depth (in meters, rounded to two decimal places) "
+                  "for every pixel of the image.")
+DEFAULT_REPLY = "OK, I will estimate the depth map of this image."
 
 
 def format_user_turn(prompt: str, num_images: int) -> str:

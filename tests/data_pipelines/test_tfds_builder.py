@@ -9,7 +9,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 import grain  # noqa: E402
 
-from data_pipelines import pipeline, tfds_builder  # noqa: E402
+from data_pipelines import array_record, pipeline, tfds_builder  # noqa: E402
 from depthvlm_jax.model.config import Qwen3VLConfig  # noqa: E402
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig  # noqa: E402
 
@@ -31,7 +31,7 @@ def converted(synthetic_set, tmp_path_factory):
 def test_round_trip_gives_identical_examples(converted):
   root, splits, out = converted
   for split, sources in splits.items():
-    src = tfds_builder.data_source(out, split)
+    src = array_record.data_source(out, split)
     records, bad = pipeline.load_records(sources[0])
     good = []
     for r in records:
@@ -53,14 +53,14 @@ def test_round_trip_gives_identical_examples(converted):
       np.testing.assert_array_equal(ex["sparse_depth"], np.asarray(r.depth or [], np.float32))
   assert json.loads((out / "metadata.json").read_text())["skip_counts"]["mixed"] == {"bad_record": 1,
                                                                                      "missing_depth": 1}
-  assert tfds_builder.data_source(out, "mixed")[0]["pixel_coords"].shape == (2, 2)
+  assert array_record.data_source(out, "mixed")[0]["pixel_coords"].shape == (2, 2)
 
   # the same files through grain's own ArrayRecord reader, decoded with the dataset's feature spec
   files = sorted(str(p) for p in out.glob("*-train.array_record-*"))
   raw = grain.sources.ArrayRecordDataSource(files)
   features = tfds.builder_from_directory(str(out)).info.features
   ex = features.deserialize_example_np(raw[1])
-  np.testing.assert_array_equal(ex["depth"], tfds_builder.data_source(out, "train")[1]["depth"])
+  np.testing.assert_array_equal(ex["depth"], array_record.data_source(out, "train")[1]["depth"])
 
 
 def test_pipeline_from_array_record_equals_pipeline_from_jsonl(converted, tokenizer):
@@ -86,6 +86,6 @@ def test_pipeline_from_array_record_equals_pipeline_from_jsonl(converted, tokeni
 def test_bad_converted_dataset_paths(converted, tmp_path):
   _, _, out = converted
   with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
-    tfds_builder.data_source(tmp_path, "train")
+    array_record.data_source(tmp_path, "train")
   with pytest.raises(ValueError, match="no split 'nope'"):
-    tfds_builder.data_source(out, "nope")
+    array_record.data_source(out, "nope")

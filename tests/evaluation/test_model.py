@@ -63,7 +63,7 @@ def test_predict_writes_every_output(tmp_path, hf_dir, loaded):
   canonical = np.asarray(Image.open(tmp_path / "a.png").convert("RGB").resize(
       (res["canonical_size"][1], res["canonical_size"][0]), Image.Resampling.BILINEAR))
   patches, grid = preprocess_image(canonical, loaded.processor, size=res["processed_size"])
-  ids = chat.encode_sample(loaded.tokenizer, predict.DEFAULT_PROMPT, [int(grid[1] * grid[2] // 4)])["input_ids"]
+  ids = chat.encode_sample(loaded.tokenizer, chat.DEFAULT_PROMPT, [int(grid[1] * grid[2] // 4)])["input_ids"]
   batch = make_model_inputs([ids], loaded.model.config, [patches], [grid[1:]])
   batch.pop("rope_deltas")
   fwd = jax.jit(lambda p, b: loaded.model.apply({"params": p}, **b, compute_logits=False,
@@ -174,7 +174,7 @@ def test_official_protocol_feeds_the_model_like_the_authors(tmp_path, loaded, mo
   patches, _ = preprocess_image(image, proc, size=(hp, wp))
   np.testing.assert_array_equal(seen["patches"][0], patches)
   text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-          f"<|vision_start|><|image_pad|><|vision_end|>{rec.prompt or predict.DEFAULT_PROMPT}<|im_end|>\n"
+          f"<|vision_start|><|image_pad|><|vision_end|>{rec.prompt or chat.DEFAULT_PROMPT}<|im_end|>\n"
           "<|im_start|>assistant\n")
   ids = chat.expand_image_pads(tok(text, add_special_tokens=False).input_ids,
                                tok.convert_tokens_to_ids("<|image_pad|>"), [hp * wp // 1024])

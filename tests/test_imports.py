@@ -1,0 +1,112 @@
+"""The project's import graph: no cycles, and the layers point one way.
+
+Every module of `depthvlm_jax/`, `data_pipelines/` and `configs/` (plus `main.py`) is parsed with
+`ast`, function-local imports included, and each import of a project module becomes an edge. Layers,
+bottom up: `depthvlm_jax.model` / `depthvlm_jax.processing`, then `data_pipelines`, then
+`depthvlm_jax.train` / `depthvlm_jax.evaluation` and the command-line modules; nothing points back up.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import networkx as nx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("depthvlm_jax", "data_pipelines", "configs")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  if parts[-1] == "__init__":
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  found = {"main": ROOT / "main.py"}
+  for package in PACKAGES:
+    for path in sorted((ROOT / package).rglob("*.py")):
+      found[_module_name(path)] = path
+  return found
+
+
+def _is_package(path: pathlib.Path) -> bool:
+  return path.name == "__init__.py"
+
+
+def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
+  """Project modules that `name` imports anywhere in its body (module level or inside functions)."""
+  package = name if _is_package(path) else name.rpartition(".")[0]
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      targets = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+      # `from pkg import sub` imports the submodule `pkg.sub` when there is one, else a name of `pkg`.
+      targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    else:
+      continue
+    for target in targets:
+      while target and target not in modules:  # `import a.b.c` of a name inside a module
+        target = target.rpartition(".")[0]
+      if target and target != name and not _is_package(modules[target]):
+        out.add(target)
+  return out
+
+
+def import_graph() -> nx.DiGraph:
+  modules = _modules()
+  graph = nx.DiGraph()
+  graph.add_nodes_from(modules)
+  for name, path in modules.items():
+    graph.add_edges_from((name, target) for target in _imports(name, path, modules))
+  return graph
+
+
+def _clis(modules) -> set[str]:
+  """Top-level `depthvlm_jax` modules run as programs (`python -m depthvlm_jax.X`), and `main`."""
+  out = {"main"}
+  for name, path in modules.items():
+    if name.count(".") == 1 and name.startswith("depthvlm_jax.") and 'if __name__ == "__main__"' in path.read_text():
+      out.add(name)
+  return out
+
+
+def _in(name: str, prefixes) -> bool:
+  return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_graph_sees_function_local_imports():
+  graph = import_graph()
+  assert graph.number_of_nodes() > 40
+  # `evaluation.loading` imports the trainer inside a function only.
+  assert graph.has_edge("depthvlm_jax.evaluation.loading", "depthvlm_jax.train.trainer")
+  assert graph.has_edge("main", "depthvlm_jax.train.trainer")
+
+
+def test_no_import_cycles():
+  cycles = sorted(nx.simple_cycles(import_graph()), key=len)
+  assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c + [c[0]]) for c in cycles)
+
+
+def test_layers_point_down():
+  graph = import_graph()
+  clis = _clis(_modules())
+  upper = ("depthvlm_jax.train", "depthvlm_jax.evaluation")
+  rules = [  # (importer prefixes, forbidden import prefixes or names)
+      (("depthvlm_jax.model", "depthvlm_jax.processing"), ("data_pipelines", "configs") + upper),
+      (("data_pipelines",), upper + ("configs",)),
+  ]
+  bad = []
+  for importers, forbidden in rules:
+    for a, b in graph.edges:
+      if _in(a, importers) and (_in(b, forbidden) or b in clis):
+        bad.append(f"{a} -> {b}")
+  assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
+  assert "depthvlm_jax.evaluate" in clis and "depthvlm_jax.predict" in clis
