@@ -37,18 +37,19 @@ def write_checkpoint(out: pathlib.Path, gb: float) -> None:
   from safetensors.numpy import save_file
   from depthvlm_jax.model import hf_params
   from depthvlm_jax.model.config import Qwen3VLConfig, TextConfig, VisionConfig
-  from depthvlm_jax.model.hf_checkpoint import abstract_params
-  from depthvlm_jax.model.qwen3_vl import Qwen3VL
+  from flax import traverse_util
+  from depthvlm_jax.model.layers import abstract_params
+  from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
   layers = max(1, int(gb * 2**30 / 4 / (12 * 1024 * 1024)))
   config = Qwen3VLConfig(
       vision=VisionConfig(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024,
                           deepstack_visual_indexes=(0, 1), num_position_embeddings=256),
       text=TextConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=8, head_dim=128))
-  shapes = hf_params.flatten(abstract_params(Qwen3VL(config)))
+  shapes = traverse_util.flatten_dict(abstract_params(Qwen3VL(config), **dummy_inputs(config)))
   rng = np.random.default_rng(0)
   shard, size, idx, weight_map = {}, 0, 0, {}
-  items = list(hf_params.params_to_hf(hf_params.unflatten({p: np.zeros(s.shape, np.float32) for p, s in shapes.items()}), config))
+  items = list(hf_params.params_to_hf(traverse_util.unflatten_dict({p: np.zeros(s.shape, np.float32) for p, s in shapes.items()}), config))
   for key, arr in items:
     shard[key] = rng.standard_normal(arr.shape, np.float32)
     size += shard[key].nbytes

@@ -30,6 +30,8 @@ import numpy as np
 from configs import stage1, stage2
 from data_pipelines import pipeline
 from depthvlm_jax import sharding
+from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import distributed, optim, trainer
@@ -75,7 +77,7 @@ def train_step(config):
   """(jitted step, state, frozen, (mesh, data shard), model) for the config, built with the trainer's helpers."""
   model = trainer.build_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  boxed = trainer.abstract_boxed_params(model)
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
   param_sh = sharding.logical_shardings(boxed, mesh)
   mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
   params = trainer.initial_params(config, model, param_sh, jax.random.key(0))

@@ -336,12 +336,14 @@ def make_setup(config, topology: str | None, devices=None) -> Setup:
   """Model, mesh, bucket and sharded abstract params of `config` on a named TPU slice (or `devices`)."""
   import flax.linen as nn
   from depthvlm_jax import sharding
+  from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
+  from depthvlm_jax.model.layers import abstract_params
   from depthvlm_jax.train import optim, trainer
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
   model = trainer.build_model(config)
-  boxed = trainer.abstract_boxed_params(model)
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
   params = nn.unbox(boxed)
   params_like = _abstract(params, sharding.logical_shardings(boxed, mesh))
   mask = optim.trainable_mask(params, list(map(tuple, config.train.trainable)))

@@ -29,7 +29,6 @@ import numpy as np
 import safetensors.numpy
 from absl import app, flags
 
-from depthvlm_jax.model import depth_head as dh
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig
@@ -37,10 +36,7 @@ from depthvlm_jax.model.depthvlm import DepthHeadConfig
 
 def hf_tensors(params: dict[str, Any], config: Qwen3VLConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(official key, torch-layout array) for the backbone and, if present, the depth head."""
-  backbone = {k: v for k, v in params.items() if k != "depth_head"}
-  yield from hf_params.params_to_hf(backbone, config)
-  if "depth_head" in params:
-    yield from dh.flax_to_torch_state_dict(params["depth_head"]).items()
+  yield from hf_params.params_to_hf(params, config)
 
 
 # The widths the authors' DPT head is built with (SPEC §1): features, out_channels, head_features.

@@ -14,9 +14,8 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from depthvlm_jax.model.hf_params import flatten, unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -3,6 +3,7 @@ export -> import is bit-identical."""
 
 import jax
 import numpy as np
+from flax import traverse_util
 import pytest
 import torch
 import transformers
@@ -63,7 +64,7 @@ def test_export_loads_in_pytorch_and_matches(tmp_path, jax_model):
   # export -> import is bit-identical
   model2, params2 = hf_checkpoint.load_depthvlm(out)
   assert model2.head == model.head and model2.config == config
-  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
@@ -88,7 +89,7 @@ def test_bf16_export(tmp_path, jax_model):
   out = export.write_hf_dir(params, config, model.head, tmp_path / "bf16", dtype="bfloat16",
                             processing_files=False)
   _, params2 = hf_checkpoint.load_depthvlm(out, dtype=np.float32)
-  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   for k in a:
     np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-2, atol=1e-6)
 
@@ -124,7 +125,7 @@ def test_export_cli_from_training_workdir(tmp_path):
   DepthVLMForConditionalGeneration.from_pretrained(out)  # strict: every key present, none unexpected
   model2, params2 = hf_checkpoint.load_depthvlm(out)
   assert model2.head == model.head
-  a, b = hf_params.flatten(params), hf_params.flatten(params2)
+  a, b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
   assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 

@@ -27,6 +27,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model import hf_checkpoint
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 
@@ -74,7 +75,7 @@ def _tokenizer_and_processor(hf_dir: str | pathlib.Path | None):
 
 def param_shardings(model: DepthVLM, mesh) -> Any:
   """NamedShardings of the model's parameters on `mesh` (logical-axis rules of `sharding.py`)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **depthvlm_dummy_inputs(model.config))["params"])
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
   return sharding.logical_shardings(boxed, mesh)
 
 

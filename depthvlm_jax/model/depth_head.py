@@ -1,4 +1,4 @@
-"""DepthVLM depth heads (SPEC §1): the DPT head and the MLP ablation head, plus their key map.
+"""DepthVLM depth heads (SPEC §1): the DPT head and the MLP ablation head.
 
 Both heads read four token-feature maps of one image grid, in this order: DeepStack merger outputs
 0, 1, 2 and the LLM's last hidden states (after the final norm) at the image tokens, each
@@ -14,32 +14,23 @@ head selected by `depth_head_type == "mlp"` in `qwen3_vl/modeling_qwen3_vl.py`. 
   * all upsampling is bilinear with align_corners=True (`refinenet1` doubles the size);
   * the MLP head applies Softplus *after* the optional resize to `output_size`.
 
-Parameter tree <-> official keys (prefix `depth_head.`), one to one:
-  norm/{scale,bias}                            norm.{weight,bias}
-  projects_i/{kernel,bias}                     projects.i.{weight,bias}               1x1 conv
-  resize_layers_i/{kernel,bias}  (i < 3)       resize_layers.i.{weight,bias}          ConvTranspose k=s
-  scratch/layerN_rn/kernel                     scratch.layerN_rn.weight               3x3, no bias
-  scratch/refinenetN/resConfUnitK/convJ/...    scratch.refinenetN.resConfUnitK.convJ.*
-  scratch/refinenetN/out_conv/...              scratch.refinenetN.out_conv.*
-  scratch/output_conv1/...                     scratch.output_conv1.*
-  scratch/output_conv2_0/..., output_conv2_2   scratch.output_conv2.0.*, .2.*
-  MLP head: norm, mlp_0, mlp_2                 norm.*, mlp.0.*, mlp.2.*  (torch Linear)
+Parameter tree <-> official `depth_head.*` keys: rows of the one conversion table in
+`depthvlm_jax/model/hf_params.py`. The CPU-fast 3x3 convolution gradients are in `cpu_kernels.py`.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthvlm_jax.model.hf_params import KeyMapError, flatten, raise_if_mismatched, unflatten
-from depthvlm_jax.model.layers import Dense, LayerNorm, logical_init
-from depthvlm_jax.model.resize import align_corners_transpose_taps, apply_taps, resize_bilinear_align_corners
+from depthvlm_jax.model import hf_params
+from depthvlm_jax.model.cpu_kernels import conv3x3, conv3x3_of_resized, conv_same
+from depthvlm_jax.model.layers import Dense, LayerNorm, abstract_params, logical_init
+from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
 Dtype = Any
 
@@ -56,119 +47,6 @@ _bias_init = nn.initializers.zeros_init()
 
 
 # ----------------------------------------------------------------------------- layers
-def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """'Same' stride-1 convolution, NHWC x (k, k, in, out) kernel, odd k."""
-  pad = (kernel.shape[0] - 1) // 2
-  return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-# Below this many output positions XLA's own kernel-gradient convolution is as fast (see `conv3x3`).
-FLAT_KERNEL_GRAD_MIN_POSITIONS = 4096
-
-
-def kernel_grad_3x3(x: jax.Array, g: jax.Array) -> jax.Array:
-  """Kernel gradient of the 'same' 3x3 convolution, dK[a, b] = sum_p xpad[p + (a, b)]^T g[p], as one matmul.
-
-  On the zero-padded grid flattened row by row (row length w + 2), tap (a, b) of output position n
-  reads input position n + a (w + 2) + b, a plain offset. The three width offsets b are applied to
-  the input (side by side: (m, 3C)), the three row offsets a to the output gradient (stacked:
-  (3O, m), zero in the grid's padding columns), and a single (3O, m) x (m, 3C) matmul gives all nine
-  taps. XLA:CPU runs the autodiff form, a correlation with an (h, w) window and a single input
-  feature, far below its matmul speed; slicing one operand per tap instead would copy it each time.
-
-  Args:
-    x: (B, h, w, C) convolution input.
-    g: (B, h, w, O) output gradient.
-
-  Returns:
-    (3, 3, C, O) in the dtype of the product.
-  """
-  b, h, w, c = x.shape
-  row = w + 2
-  n = h * row  # output positions on the padded grid (the last two of each row are padding)
-  m = n + 2 * row  # positions one operand row offset reaches
-  flat = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, (h + 2) * row, c)
-  flat = jnp.pad(flat, ((0, 0), (0, 2), (0, 0)))  # the last width offsets run 2 past the end (into zeros of g)
-  width_taps = jnp.concatenate([flat[:, j:j + m] for j in range(3)], axis=-1)  # (B, m, 3C)
-  g_t = jnp.pad(g, ((0, 0), (0, 0), (0, 2), (0, 0))).reshape(b, n, -1).transpose(0, 2, 1)  # (B, O, n)
-  row_taps = jnp.concatenate([jnp.pad(g_t, ((0, 0), (0, 0), (a * row, (2 - a) * row))) for a in range(3)],
-                             axis=1)  # (B, 3O, m)
-  taps = jnp.einsum("bkm,bmj->kj", row_taps, width_taps)  # (3O, 3C): [(a, o), (b, c)]
-  return taps.reshape(3, -1, 3, c).transpose(0, 2, 3, 1)
-
-
-@jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """'Same' 3x3 convolution (B, h, w, C) x (3, 3, C, O) -> (B, h, w, O); for maps of at least
-  `FLAT_KERNEL_GRAD_MIN_POSITIONS` positions the kernel gradient is `kernel_grad_3x3`, otherwise
-  autodiff's. The value and the input gradient are XLA's convolutions."""
-  return _conv_same(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-  return _conv_same(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(residuals, g):
-  x, kernel = residuals
-  if x.shape[1] * x.shape[2] < FLAT_KERNEL_GRAD_MIN_POSITIONS:
-    return jax.vjp(_conv_same, x, kernel)[1](g)
-  (dx,) = jax.vjp(lambda v: _conv_same(v, kernel), x)[1](g)
-  return dx, kernel_grad_3x3(x, g).astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_of_resized(y: jax.Array, kernel: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-  """`_conv_same(resize_bilinear_align_corners(y, out_hw), kernel)` with both gradients taken at y's size.
-
-  The DPT head's last two 3x3 convs read bilinear upsamples of half-resolution maps. Autodiff
-  would form both gradients at the upsampled size: for a 640x480 image a 307200-position kernel
-  correlation (which XLA:CPU runs at a third of its forward-conv speed) and a full-size transposed
-  convolution whose (H, W, C) result is then resized down again. With x = R y (R the resize, linear
-  and separable) and S_t the shift of kernel tap t = (a, b), the forward is sum_t S_t^-1(x) K_t, so
-      T_t = R^T S_t g                  (the output gradient shifted and resized *down*: a few gathers)
-      dK_t = sum_q y[q]^T T_t[q]       (C, O)
-      dy   = sum_t T_t K_t^T           (B, h, w, C)
-  Every product runs at y's size. Same values up to float rounding; the upsampled map is not kept
-  for the backward pass either.
-
-  Args:
-    y: (B, h, w, C) map before the resize.
-    kernel: (3, 3, C, O) in y's dtype.
-    out_hw: static (H, W) the map is resized to before the convolution.
-
-  Returns:
-    (B, H, W, O).
-  """
-  return _conv_same(resize_bilinear_align_corners(y, out_hw), kernel)
-
-
-def _conv3x3_of_resized_fwd(y, kernel, out_hw):
-  return conv3x3_of_resized(y, kernel, out_hw), (y, kernel)
-
-
-def _conv3x3_of_resized_bwd(out_hw, residuals, g):
-  y, kernel = residuals
-  (h_in, w_in), (h_out, w_out) = y.shape[1:3], out_hw
-  dk = [[None] * 3 for _ in range(3)]
-  dy = None
-  for b in range(3):  # width first: it shrinks the array the three height passes read
-    g_b = apply_taps(g, align_corners_transpose_taps(w_in, w_out, 1 - b), axis=2)  # (B, H, w, O)
-    for a in range(3):
-      t = apply_taps(g_b, align_corners_transpose_taps(h_in, h_out, 1 - a), axis=1)  # T_ab: (B, h, w, O)
-      dk[a][b] = jnp.einsum("bhwc,bhwo->co", y, t)
-      term = jnp.einsum("bhwo,co->bhwc", t, kernel[a, b])
-      dy = term if dy is None else dy + term
-  return dy.astype(y.dtype), jnp.stack([jnp.stack(row) for row in dk]).astype(kernel.dtype)
-
-
-conv3x3_of_resized.defvjp(_conv3x3_of_resized_fwd, _conv3x3_of_resized_bwd)
-
-
 class Conv2d(nn.Module):
   """Square 'same' 2-D convolution, NHWC; kernel (k, k, in, out) = torch OIHW transposed (2,3,1,0).
 
@@ -197,7 +75,7 @@ class Conv2d(nn.Module):
       if size is not None:
         x = resize_bilinear_align_corners(x, size)
       y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0]) if k == 1 else (
-          conv3x3(x, kernel) if k == 3 else _conv_same(x, kernel))
+          conv3x3(x, kernel) if k == 3 else conv_same(x, kernel))
     if self.use_bias:
       bias = self.param("bias", logical_init(_bias_init, ("conv_out",)), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -430,101 +308,12 @@ def make_depth_head(head_type: str, hidden_size: int, **kw) -> nn.Module:
   raise ValueError(f"unknown depth head type {head_type!r}; expected one of {HEAD_TYPES}")
 
 
-# ----------------------------------------------------------------------------- key map
-# (regex over the official key without the `depth_head.` prefix, kind). First match wins; a key
-# that matches no rule is unexpected, never guessed.
-_KEY_RULES: list[tuple[re.Pattern, str]] = [(re.compile(p), k) for p, k in [
-    (r"^norm\.weight$", "norm"),
-    (r"^resize_layers\.[0-2]\.weight$", "conv_transpose"),
-    (r"^mlp\.[02]\.weight$", "linear"),
-    (r"^projects\.[0-3]\.weight$", "conv"),
-    (r"^scratch\.layer[1-4]_rn\.weight$", "conv"),
-    (r"^scratch\.refinenet[1-4]\.(resConfUnit[12]\.conv[12]|out_conv)\.weight$", "conv"),
-    (r"^scratch\.output_conv1\.weight$", "conv"),
-    (r"^scratch\.output_conv2\.[02]\.weight$", "conv"),
-    (r"^(norm|projects\.[0-3]|resize_layers\.[0-2]|mlp\.[02]|scratch\.(output_conv1|output_conv2\.[02]|"
-     r"refinenet[1-4]\.(resConfUnit[12]\.conv[12]|out_conv)))\.bias$", "bias"),
-]]
-
-# Flax leaf name for each kind, and torch -> flax / flax -> torch array transforms.
-_LEAF = {"norm": "scale", "conv": "kernel", "conv_transpose": "kernel", "linear": "kernel", "bias": "bias"}
-_TO_FLAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "conv": lambda t: t.transpose(2, 3, 1, 0),  # OIHW -> HWIO
-    "conv_transpose": lambda t: t.transpose(2, 3, 0, 1),  # (I, O, kh, kw) -> (kh, kw, I, O)
-    "linear": lambda t: t.T,  # (out, in) -> (in, out)
-    "norm": lambda t: t,
-    "bias": lambda t: t,
-}
-_TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "conv": lambda a: a.transpose(3, 2, 0, 1),
-    "conv_transpose": lambda a: a.transpose(2, 3, 0, 1),
-    "linear": lambda a: a.T,
-    "norm": lambda a: a,
-    "bias": lambda a: a,
-}
-_INDEXED = re.compile(r"^(projects|resize_layers|mlp|output_conv2)\.(\d+)$")
-
-
-def key_kind(key: str) -> str | None:
-  """Kind of an official head key (without prefix), or None if no rule covers it."""
-  for pattern, kind in _KEY_RULES:
-    if pattern.search(key):
-      return kind
-  return None
-
-
-def torch_key_to_path(key: str) -> tuple[tuple[str, ...], str] | None:
-  """Official key (without prefix) -> (Flax path, kind); None for a key no rule covers."""
-  kind = key_kind(key)
-  if kind is None:
-    return None
-  parts = key.split(".")[:-1]
-  merged: list[str] = []
-  for p in parts:  # "projects", "0" -> "projects_0"
-    if p.isdigit() and merged and _INDEXED.match(f"{merged[-1]}.{p}"):
-      merged[-1] = f"{merged[-1]}_{p}"
-    else:
-      merged.append(p)
-  return tuple(merged) + (_LEAF[kind],), kind
-
-
-def path_to_torch_key(path: tuple[str, ...]) -> str:
-  """Flax path -> official key (without prefix). Inverse of `torch_key_to_path`."""
-  *mods, leaf = path
-  mods = [re.sub(r"^(projects|resize_layers|mlp|output_conv2)_(\d+)$", r"\1.\2", m) for m in mods]
-  return ".".join(mods + ["bias" if leaf == "bias" else "weight"])
-
-
-def depth_head_key_map(params: Mapping[str, Any], prefix: str = "depth_head.") -> dict[str, tuple[tuple[str, ...], str]]:
-  """{official key: (Flax path, kind)} for every leaf of a head parameter tree.
-
-  Kinds and transforms (torch -> Flax): conv OIHW -> HWIO; conv_transpose (I, O, kh, kw) ->
-  (kh, kw, I, O); linear (out, in) -> (in, out); norm weight -> scale; bias unchanged.
-  """
-  out = {}
-  for path in flatten(nn.unbox(params)):
-    key = path_to_torch_key(path)
-    mapped = torch_key_to_path(key)
-    if mapped is None or mapped[0] != path:
-      raise KeyMapError(f"Flax parameter {'/'.join(path)} has no official depth-head key (got {key!r})")
-    out[prefix + key] = mapped
-  return out
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-  if hasattr(t, "detach"):  # torch tensor (bf16 has no numpy dtype: go through float32)
-    t = t.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-      t = t.float()
-    return t.numpy()
-  return np.asarray(t)
-
-
+# ----------------------------------------------------------------------------- official checkpoints
 def infer_depth_head(state_dict: Mapping[str, Any], prefix: str = "depth_head.") -> nn.Module:
   """A head whose parameter shapes follow the checkpoint (type, widths) for `expected=None`."""
-  shape = lambda k: tuple(_to_numpy(state_dict[prefix + k]).shape) if prefix + k in state_dict else None
+  shape = lambda k: tuple(np.shape(state_dict[prefix + k])) if prefix + k in state_dict else None
   if shape("norm.weight") is None:
-    raise KeyMapError(f"no {prefix}norm.weight in the state dict: cannot infer the depth head")
+    raise hf_params.KeyMapError(f"no {prefix}norm.weight in the state dict: cannot infer the depth head")
   c = shape("norm.weight")[0]
   if shape("mlp.0.weight") is not None and shape("mlp.2.weight") is not None:
     hidden, patch2 = shape("mlp.0.weight")[0], shape("mlp.2.weight")[0]
@@ -534,65 +323,19 @@ def infer_depth_head(state_dict: Mapping[str, Any], prefix: str = "depth_head.")
   f = shape("scratch.layer1_rn.weight")
   h2 = shape("scratch.output_conv2.0.weight")
   if any(o is None for o in outs) or f is None or h2 is None:
-    raise KeyMapError(f"state dict has neither a complete DPT nor an MLP depth head under {prefix!r}")
+    raise hf_params.KeyMapError(f"state dict has neither a complete DPT nor an MLP depth head under {prefix!r}")
   return DPTDepthHead(c, features=f[0], out_channels=tuple(o[0] for o in outs), head_features=h2[0])
 
 
 def abstract_head_params(head: nn.Module, grid: tuple[int, int] = (1, 1)):
   """Shape/dtype tree of a head's parameters (no allocation)."""
-  x = jax.ShapeDtypeStruct((1, *grid, head.hidden_size), jnp.float32)
-  return jax.eval_shape(lambda xs: nn.unbox(head.init(jax.random.key(0), xs)["params"]), [x] * 4)
+  x = np.zeros((1, *grid, head.hidden_size), np.float32)  # concrete and tiny: init is only traced
+  return abstract_params(head, [x] * 4)
 
 
-def torch_state_dict_to_flax(state_dict: Mapping[str, Any] | Iterable[tuple[str, Any]], expected: Any = None, *,
-                             prefix: str = "depth_head.", ignore_other_keys: bool = False,
-                             place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None) -> dict[str, Any]:
-  """Official depth-head tensors -> our Flax parameter tree.
-
-  Args:
-    state_dict: mapping or iterable of (key, tensor); torch tensors or numpy arrays.
-    expected: target tree of arrays / ShapeDtypeStructs (e.g. `abstract_head_params(head)`); None
-      infers the head from the state dict (`infer_depth_head`). Arrays are cast to its dtypes.
-    prefix: key prefix of the head ("depth_head." in the full checkpoint, "" for a bare head).
-    ignore_other_keys: skip keys outside `prefix` (a full-model checkpoint) instead of reporting them.
-    place: optional (path, np.ndarray) -> array hook (device placement / sharding).
-
-  Raises:
-    KeyMapError: listing every unexpected key, shape mismatch and unfilled parameter together.
-  """
-  items = list(state_dict.items()) if isinstance(state_dict, Mapping) else list(state_dict)
+def torch_state_dict_to_flax(state_dict: Mapping[str, Any], expected: Any = None, **kw) -> dict[str, Any]:
+  """Official depth-head tensors -> our head tree, through `hf_params.depth_head_to_params` (keyword
+  arguments go there); expected=None infers the head from the state dict (`infer_depth_head`)."""
   if expected is None:
-    head = infer_depth_head(dict(items), prefix)
-    expected = abstract_head_params(head)
-  want = flatten(nn.unbox(expected))
-  got: dict[tuple[str, ...], Any] = {}
-  unexpected, mismatched = [], []
-  for key, tensor in items:
-    if not key.startswith(prefix):
-      if not ignore_other_keys:
-        unexpected.append(key)
-      continue
-    mapped = torch_key_to_path(key[len(prefix):])
-    if mapped is None or mapped[0] not in want:
-      unexpected.append(key)
-      continue
-    path, kind = mapped
-    t = _to_numpy(tensor)
-    arr = _TO_FLAX[kind](t)
-    target = want[path]
-    if tuple(arr.shape) != tuple(target.shape):
-      mismatched.append(f"{key}: checkpoint {tuple(t.shape)} -> {tuple(arr.shape)}, model expects "
-                        f"{tuple(target.shape)} at {'/'.join(path)}")
-      continue
-    arr = np.asarray(arr).astype(target.dtype)
-    got[path] = place(path, arr) if place else jnp.asarray(arr)
-  missing = [f"{prefix}{path_to_torch_key(p)} ({'/'.join(p)})" for p in want if p not in got]
-  raise_if_mismatched("depth-head state dict does not match the model", unexpected, mismatched, missing)
-  return unflatten(got)
-
-
-def flax_to_torch_state_dict(params: Mapping[str, Any], prefix: str = "depth_head.") -> dict[str, np.ndarray]:
-  """Our head parameter tree -> {official key: numpy array in torch layout} (exact inverse)."""
-  flat = flatten(nn.unbox(params))
-  return {key: np.ascontiguousarray(_TO_TORCH[kind](np.asarray(flat[path])))
-          for key, (path, kind) in depth_head_key_map(params, prefix).items()}
+    expected = abstract_head_params(infer_depth_head(state_dict, kw.get("prefix", "depth_head.")))
+  return hf_params.depth_head_to_params(state_dict, expected, **kw)

@@ -19,11 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
-from depthvlm_jax.model.depth_head import make_depth_head
-from depthvlm_jax.model.qwen3_vl import Qwen3VL, Qwen3VLOutput
-
-HEAD_TYPES = ("dpt", "mlp")
-MLP_FEATURE_MODES = ("llm_last", "concat", "sum")
+from depthvlm_jax.model.depth_head import HEAD_TYPES, MLP_FEATURE_MODES, make_depth_head
+from depthvlm_jax.model.layers import abstract_params
+from depthvlm_jax.model.qwen3_vl import Qwen3VL, Qwen3VLOutput, dummy_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +122,6 @@ class DepthVLM(Qwen3VL):
 
 def depthvlm_dummy_inputs(config: Qwen3VLConfig) -> dict[str, Any]:
   """Smallest inputs touching every parameter, depth head included (one 1x1-token image)."""
-  from depthvlm_jax.model.qwen3_vl import dummy_inputs
   return dict(dummy_inputs(config), depth_grid=(1, 1))
 
 
@@ -134,12 +131,11 @@ def random_params(model: DepthVLM, seed: int = 0, std: float = 0.05) -> dict[str
   Every weight is normal(0, std) and every norm scale is 1. On a 2-core CPU this takes seconds where
   the jitted init takes about a minute; used by tests and by the web demo's tiny untrained model.
   """
-  import flax.linen as nn
   import numpy as np
-  from depthvlm_jax.model import hf_params
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(model.config))["params"]))
+  from flax import traverse_util
+  shapes = abstract_params(model, **depthvlm_dummy_inputs(model.config))
   rng = np.random.default_rng(seed)
   flat = {k: (np.ones(v.shape, v.dtype) if k[-1] == "scale" and any("norm" in x for x in k)
               else rng.normal(0, std, v.shape).astype(v.dtype))
-          for k, v in hf_params.flatten(shapes).items()}
-  return hf_params.unflatten(flat)
+          for k, v in traverse_util.flatten_dict(shapes).items()}
+  return traverse_util.unflatten_dict(flat)

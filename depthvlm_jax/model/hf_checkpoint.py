@@ -12,14 +12,16 @@ import json
 import pathlib
 from typing import Any, Callable, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
+from flax import traverse_util
 
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
 
 
@@ -83,7 +85,7 @@ def read_config_dict(model_dir: str | pathlib.Path) -> dict[str, Any]:
 
 def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
   """A `place` hook: cast to `dtype` and put on the sharding of that path (if given)."""
-  flat = hf_params.flatten(shardings) if shardings is not None else {}
+  flat = traverse_util.flatten_dict(shardings) if shardings is not None else {}
 
   def place(path, arr):
     arr = np.asarray(arr).astype(dtype, copy=False)
@@ -91,12 +93,6 @@ def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarra
     return jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
   return place
-
-
-def abstract_params(model: nn.Module, inputs: dict[str, Any] | None = None):
-  """Shapes/dtypes of the parameter tree without allocating it."""
-  inputs = dummy_inputs(model.config) if inputs is None else inputs
-  return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), **inputs)["params"]))
 
 
 def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: Any | None = None,
@@ -111,10 +107,11 @@ def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: A
     other_prefixes: key prefixes (e.g. "depth_head.") handled by another loader and skipped here.
   """
   config = Qwen3VLConfig.from_hf_dict(read_config_dict(model_dir))
-  expected = abstract_params(Qwen3VL(config))
+  expected = abstract_params(Qwen3VL(config), **dummy_inputs(config))
   files = weight_files(model_dir, allow_pickle)
   params = hf_params.hf_to_params(iter_tensors(files), config, expected, placer(dtype, shardings),
-                                  other_prefixes=other_prefixes)
+                                  other_prefixes=other_prefixes,
+                                  what="checkpoint does not match the Qwen3-VL config")
   return config, params
 
 
@@ -122,22 +119,14 @@ def load_depthvlm(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: A
                   allow_pickle: bool = False):
   """Loads a DepthVLM directory (Qwen3-VL layout plus `depth_head.*`). Returns (model, params).
 
-  A plain Qwen3-VL directory (no `depth_head.*` keys) is refused here: use `load_qwen3_vl` and a
-  fresh head (stage-1 training) instead.
+  One pass over the files: backbone and `depth_head.*` tensors go through the same key map. A plain
+  Qwen3-VL directory (no `depth_head.*` keys) is refused here: use `load_qwen3_vl` and a fresh head
+  (stage-1 training) instead.
   """
-  from depthvlm_jax.model import depth_head as dh
-  from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
-
   d = read_config_dict(model_dir)
   config = Qwen3VLConfig.from_hf_dict(d)
   model = DepthVLM(config, head=DepthHeadConfig.from_hf_dict(d))
-  expected = abstract_params(model, depthvlm_dummy_inputs(config))
-  files = weight_files(model_dir, allow_pickle)
-  place = placer(dtype, shardings)
-  backbone_expected = {k: v for k, v in expected.items() if k != "depth_head"}
-  params = hf_params.hf_to_params(iter_tensors(files), config, backbone_expected, place,
-                                  other_prefixes=("depth_head.",))
-  head_tensors = ((k, v) for k, v in iter_tensors(files) if k.startswith("depth_head."))
-  head_place = (lambda path, arr: place(("depth_head",) + path, arr))
-  params["depth_head"] = dh.torch_state_dict_to_flax(head_tensors, expected["depth_head"], place=head_place)
+  expected = abstract_params(model, **depthvlm_dummy_inputs(config))
+  params = hf_params.hf_to_params(iter_tensors(weight_files(model_dir, allow_pickle)), config, expected,
+                                  placer(dtype, shardings), what="checkpoint does not match the DepthVLM config")
   return model, params

@@ -22,6 +22,17 @@ def logical_init(init_fn, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init_fn, tuple(names))
 
 
+def abstract_params(module: nn.Module, *inputs, boxed: bool = False, **kw_inputs):
+  """Shape/dtype tree of `module`'s parameters (`jax.eval_shape` of its init: nothing allocated or compiled).
+
+  Inputs are what `module.init` takes after the key, e.g. `**depthvlm_dummy_inputs(config)` for the
+  model or the four feature maps for a depth head. boxed=True keeps the `nn.Partitioned` logical
+  axis names (for sharding rules); otherwise plain ShapeDtypeStructs.
+  """
+  params = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, **kw_inputs)["params"])
+  return params if boxed else nn.unbox(params)
+
+
 class Dense(nn.Module):
   """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear."""
 

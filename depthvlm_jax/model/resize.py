@@ -51,7 +51,7 @@ def align_corners_transpose_taps(n_in: int, n_out: int, shift: int = 0) -> tuple
   For an output-side array g of length `n_out`, the result r of length `n_in` is
   r[i] = sum_o R[o, i] * g[o + shift] (g is 0 outside [0, n_out)), where R (n_out, n_in) is the
   resize matrix. shift = 0 is the plain gradient of the resize; the shifted forms give the kernel
-  gradient of a convolution that reads a resized map (`depth_head.conv3x3_of_resized`).
+  gradient of a convolution that reads a resized map (`cpu_kernels.conv3x3_of_resized`).
 
   Returns:
     (idx, wt): int32 and float32 (n_in, K); r[i] = sum_k wt[i, k] * g[idx[i, k]] (padding taps

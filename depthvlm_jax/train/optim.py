@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import optax
 
-from depthvlm_jax.model.hf_params import flatten, unflatten
+from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
 
 
 class FreezeRuleError(ValueError):

@@ -28,6 +28,7 @@ from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_ima
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval
@@ -99,10 +100,6 @@ def build_model(config) -> DepthVLM:
                          head_features=config.model.dpt_head_features)
   return DepthVLM(backbone, head=head, dtype=DTYPES[config.model.compute_dtype],
                   param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
-
-
-def abstract_boxed_params(model: DepthVLM):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), **depthvlm_dummy_inputs(model.config))["params"])
 
 
 def initial_params(config, model: DepthVLM, shardings, rng):
@@ -255,7 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
   data_iter = iter(pipeline.batched(shard.select(ds), shard.local_batch, config.data.num_workers))
 
-  boxed = abstract_boxed_params(model)
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
   param_sh = sharding.logical_shardings(boxed, mesh)
   mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
   train_sh, frozen_sh = optim.split_params(param_sh, mask)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from depthvlm_jax.torch_export import DPTDepthHead as TorchDPT, MLPDepthHead as TorchMLP
 from depthvlm_jax.torch_export import ResidualConvUnit as TorchRCU
 
-from depthvlm_jax.model.depth_head import (DPTDepthHead, KeyMapError, MLPDepthHead, abstract_head_params,
-                                           depth_head_key_map, flax_to_torch_state_dict, make_depth_head,
+from depthvlm_jax.model.depth_head import (DPTDepthHead, MLPDepthHead, abstract_head_params, make_depth_head,
                                            torch_state_dict_to_flax)
+from depthvlm_jax.model.hf_params import KeyMapError, depth_head_key_map
+from depthvlm_jax.model.hf_params import depth_head_to_torch as flax_to_torch_state_dict
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
 C = 64  # small LLM hidden size
@@ -231,12 +232,12 @@ def test_resize_gradient_matches_torch():
 @pytest.mark.parametrize("src,dst", [((6, 8), (12, 16)), ((5, 7), (17, 9)), ((9, 6), (4, 5)), ((4, 4), (4, 4))])
 def test_conv3x3_of_resized_gradients_equal_autodiff(src, dst):
   """The low-resolution kernel gradient equals autodiff through resize -> conv (up- and downsizing)."""
-  from depthvlm_jax.model.depth_head import _conv_same, conv3x3_of_resized
+  from depthvlm_jax.model.cpu_kernels import conv3x3_of_resized, conv_same
   rng = np.random.default_rng(3)
   y = jnp.asarray(rng.normal(size=(2, *src, 5)).astype(np.float32))
   k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(2, *dst, 4)).astype(np.float32))
-  plain = lambda y, k: (_conv_same(resize_bilinear_align_corners(y, dst), k) * w).sum()
+  plain = lambda y, k: (conv_same(resize_bilinear_align_corners(y, dst), k) * w).sum()
   fused = lambda y, k: (conv3x3_of_resized(y, k, dst) * w).sum()
   np.testing.assert_allclose(jax.jit(fused)(y, k), jax.jit(plain)(y, k), rtol=1e-6)
   for got, want in zip(jax.jit(jax.grad(fused, (0, 1)))(y, k), jax.jit(jax.grad(plain, (0, 1)))(y, k)):
@@ -247,14 +248,14 @@ def test_conv3x3_of_resized_gradients_equal_autodiff(src, dst):
 def test_conv3x3_gradients_equal_autodiff(hw):
   """The flat-offset kernel gradient (large maps) and the autodiff fallback (small maps) both equal
   autodiff of XLA's convolution, input gradient included."""
-  from depthvlm_jax.model import depth_head
-  assert (hw[0] * hw[1] >= depth_head.FLAT_KERNEL_GRAD_MIN_POSITIONS) == (hw == (96, 90))
+  from depthvlm_jax.model import cpu_kernels
+  assert (hw[0] * hw[1] >= cpu_kernels.FLAT_KERNEL_GRAD_MIN_POSITIONS) == (hw == (96, 90))
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, *hw, 5)).astype(np.float32))
   k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(2, *hw, 4)).astype(np.float32))
-  plain = lambda x, k: (depth_head._conv_same(x, k) * w).sum()
-  custom = lambda x, k: (depth_head.conv3x3(x, k) * w).sum()
+  plain = lambda x, k: (cpu_kernels.conv_same(x, k) * w).sum()
+  custom = lambda x, k: (cpu_kernels.conv3x3(x, k) * w).sum()
   np.testing.assert_array_equal(jax.jit(custom)(x, k), jax.jit(plain)(x, k))
   for got, want in zip(jax.jit(jax.grad(custom, (0, 1)))(x, k), jax.jit(jax.grad(plain, (0, 1)))(x, k)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -262,7 +263,7 @@ def test_conv3x3_gradients_equal_autodiff(hw):
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
   want = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, a:a + hw[0], b:b + hw[1]], np.asarray(w))
                              for b in range(3)]) for a in range(3)])
-  np.testing.assert_allclose(depth_head.kernel_grad_3x3(x, w), want, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(cpu_kernels.kernel_grad_3x3(x, w), want, rtol=1e-5, atol=1e-3)
 
 
 def test_dpt_gradients_match_torch(small_dpt):

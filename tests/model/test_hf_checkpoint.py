@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+from flax import traverse_util
 import pytest
 import safetensors.numpy
 
@@ -28,7 +29,7 @@ def test_load_saved_directory_matches_state_dict(tmp_path, hf_model, shard_size)
   loaded_config, params = hf_checkpoint.load_qwen3_vl(tmp_path)
   assert loaded_config == config
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
-  flat = hf_params.flatten(params)
+  flat = traverse_util.flatten_dict(params)
   assert len(flat) == len(state)
   for key, value in hf_params.params_to_hf(params, config):
     np.testing.assert_array_equal(value, state[key])

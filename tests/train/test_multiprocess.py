@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from flax import traverse_util
 import orbax.checkpoint as ocp
 import pytest
 
@@ -84,7 +85,7 @@ def _final_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         checkpointer.metadata(path).item_metadata.tree)
   params = checkpointer.restore(path, target)["params"]
-  return {k: np.asarray(v) for k, v in hf_params.flatten(params).items()}
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def _metrics(workdir: pathlib.Path) -> tuple[list[dict], list[dict]]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import synthetic
-from depthvlm_jax.model.hf_params import flatten
+from flax.traverse_util import flatten_dict as flatten
 from depthvlm_jax.train import checkpoints
 from depthvlm_jax.train.optim import merge_params
 
