@@ -291,16 +291,16 @@ print({k: v for k, v in results.items() if k != "skipped_samples"})
 '''),
     md("## Look at a prediction of the fine-tuned model"),
     code('''\
-from depthvlm_jax import evaluate
-from depthvlm_jax.evaluation import outputs, protocol
+from depthvlm_jax.evaluation import outputs, predictors, protocol
 from depthvlm_jax.evaluation.loading import load_model
+from depthvlm_jax.processing.chat import DEFAULT_PROMPT
 
 loaded = load_model(WORKDIR, mesh=mesh)
-predictor = evaluate.ModelPredictor(loaded, batch_size=1, mesh=mesh)
+predictor = predictors.ModelPredictor(loaded, batch_size=1, mesh=mesh)
 split = "test" if (data / "test.jsonl").exists() else "train"
 record = rgbd.read_jsonl(data / f"{split}.jsonl")[0][0]
 sample = rgbd.load_sample(record, data, data, DATASET_KIND)  # focal-unified (canonical) image and GT
-pred = protocol.resize_map(predictor.depth_at_processed([sample.image], [evaluate.DEFAULT_PROMPT])[0],
+pred = protocol.resize_map(predictor.depth_at_processed([sample.image], [DEFAULT_PROMPT])[0],
                            sample.depth.shape)
 value_range = outputs.percentile_range(sample.depth[sample.depth > 0])
 show(np.concatenate([sample.image, outputs.colorize_depth(pred, value_range),
@@ -336,7 +336,8 @@ EXPORT_DIR = "/tmp/depthvlm_export"
     md("## Evaluate"),
     code('''\
 from data_pipelines import synthetic
-from depthvlm_jax import evaluate, sharding
+from depthvlm_jax import sharding
+from depthvlm_jax.evaluation import predictors, runner
 from depthvlm_jax.evaluation.loading import load_model
 
 if not pathlib.Path(CHECKPOINT).exists():
@@ -345,13 +346,13 @@ if not pathlib.Path(CHECKPOINT).exists():
 if not DATA:
     root = synthetic.ensure_synthetic_dataset(f"{EVAL_DIR}_data", num_train=0, num_test=4, seed=1)["test"].parent
     DATA = [f"synthetic_test={root}/test.jsonl|{root}|{root}|synthetic"]
-datasets = [evaluate.parse_dataset(d) for d in DATA]
+datasets = [runner.parse_dataset(d) for d in DATA]
 mesh = sharding.make_mesh({"data": -1})
 print("mesh", dict(mesh.shape))
 loaded = load_model(CHECKPOINT, mesh=mesh)
-predictor = evaluate.ModelPredictor(loaded, batch_size=BATCH, mesh=mesh)
-summary = evaluate.run(predictor, datasets, f"{EVAL_DIR}/model", modes=MODES, limit=LIMIT, progress=False)
-baseline = evaluate.run(evaluate.ConstantDepth(2.0), datasets, f"{EVAL_DIR}/constant_2m", modes=MODES,
+predictor = predictors.ModelPredictor(loaded, batch_size=BATCH, mesh=mesh)
+summary = runner.run(predictor, datasets, f"{EVAL_DIR}/model", modes=MODES, limit=LIMIT, progress=False)
+baseline = runner.run(predictors.ConstantDepth(2.0), datasets, f"{EVAL_DIR}/constant_2m", modes=MODES,
                         limit=LIMIT, progress=False)
 print(summary["table"])
 print()
@@ -362,11 +363,12 @@ print(baseline["table"])
 # One evaluated image: RGB | prediction | ground truth on the canonical grid (same colour range)
 from data_pipelines import rgbd
 from depthvlm_jax.evaluation import outputs, protocol
+from depthvlm_jax.processing.chat import DEFAULT_PROMPT
 
 ds = datasets[0]
 record = rgbd.read_jsonl(ds.jsonl)[0][0]
 sample = rgbd.load_sample(record, ds.image_root, ds.depth_root, ds.dataset_kind)
-pred_processed = predictor.depth_at_processed([sample.image], [record.prompt or evaluate.DEFAULT_PROMPT])[0]
+pred_processed = predictor.depth_at_processed([sample.image], [record.prompt or DEFAULT_PROMPT])[0]
 pred = protocol.resize_map(pred_processed, sample.depth.shape)
 value_range = outputs.percentile_range(sample.depth[sample.depth > 0])
 show(np.concatenate([sample.image, outputs.colorize_depth(pred, value_range),
@@ -390,7 +392,7 @@ from depthvlm_jax.torch_export import DepthVLMForConditionalGeneration
 torch_model = DepthVLMForConditionalGeneration.from_pretrained(out, torch_dtype=torch.float32).eval()
 hp, wp = predictor.processed_hw(sample.image.shape[:2])
 patches, grid = preprocess_image(sample.image, loaded.processor, size=(hp, wp))
-ids = chat.encode_sample(loaded.tokenizer, record.prompt or evaluate.DEFAULT_PROMPT,
+ids = chat.encode_sample(loaded.tokenizer, record.prompt or chat.DEFAULT_PROMPT,
                          [(hp // 32) * (wp // 32)])["input_ids"]
 batch = make_model_inputs([ids], loaded.model.config, [patches], [grid[1:]])
 _, torch_depths = torch_model.depth_forward(torch.tensor(batch["input_ids"], dtype=torch.long),

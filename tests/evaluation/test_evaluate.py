@@ -8,21 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthvlm_jax import evaluate as ev
-from depthvlm_jax.evaluation import metrics, protocol
+from depthvlm_jax.evaluation import metrics, predictors, protocol, runner
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 from tests.conftest import SHARED_DATA
 from tests.evaluation.helpers import write_dataset
 
 FRAMES = SHARED_DATA / "scannetpp_examples"
 needs_frames = pytest.mark.skipif(not FRAMES.exists(), reason=f"{FRAMES} not present")
-SCANNETPP = ev.EvalDataset("scannetpp", str(FRAMES / "examples.jsonl"), str(FRAMES / "rgb"), str(FRAMES / "depth"))
+SCANNETPP = runner.EvalDataset("scannetpp", str(FRAMES / "examples.jsonl"), str(FRAMES / "rgb"), str(FRAMES / "depth"))
 
 
 @needs_frames
 @pytest.mark.parametrize("coord_mode,frame", [("official", "rgb"), ("correct", "depth")])
 def test_ground_truth_gives_delta1_one(tmp_path, coord_mode, frame):
-  s = ev.run(ev.GroundTruth(), [SCANNETPP], tmp_path, ("sparse", "dense"), coord_mode, batch_size=2,
+  s = runner.run(predictors.GroundTruth(), [SCANNETPP], tmp_path, ("sparse", "dense"), coord_mode, batch_size=2,
              progress=False)
   d = s["datasets"]["scannetpp"]
   for mode in ("sparse", "dense"):
@@ -65,7 +64,7 @@ def test_constant_2m_equals_numpy_on_raw_files(tmp_path):
     xy = np.round(np.asarray(r["pixel_coords"], float) * np.asarray(r["canonical_size"]) / r["original_rgb_size"])
     vals = g[xy[:, 1].astype(int), xy[:, 0].astype(int)]
     official.append(_d1(np.full(len(vals), 2.0), np.where(vals > 0, vals, r["depth"])))
-  got = {c: ev.run(ev.ConstantDepth(2.0), [SCANNETPP], tmp_path / c, ("sparse", "dense"), c, progress=False)
+  got = {c: runner.run(predictors.ConstantDepth(2.0), [SCANNETPP], tmp_path / c, ("sparse", "dense"), c, progress=False)
          for c in ("correct", "official")}
   assert got["correct"]["datasets"]["scannetpp"]["dense"]["delta1"] == pytest.approx(dense, abs=1e-6)
   assert got["correct"]["datasets"]["scannetpp"]["sparse"]["delta1"] == pytest.approx(sparse_correct, abs=1e-6)
@@ -74,12 +73,12 @@ def test_constant_2m_equals_numpy_on_raw_files(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_table(tmp_path):
-  ds = [ev.EvalDataset("a", str(write_dataset(tmp_path / "a", 5, seed=1)), str(tmp_path / "a/rgb"),
+  ds = [runner.EvalDataset("a", str(write_dataset(tmp_path / "a", 5, seed=1)), str(tmp_path / "a/rgb"),
                        str(tmp_path / "a/depth"), "nyuv2", "depth"),
-        ev.EvalDataset("b", str(write_dataset(tmp_path / "b", 3, seed=2)), str(tmp_path / "b/rgb"),
+        runner.EvalDataset("b", str(write_dataset(tmp_path / "b", 3, seed=2)), str(tmp_path / "b/rgb"),
                        str(tmp_path / "b/depth"), "nyuv2", "depth")]
-  pred = ev.ConstantDepth(2.5)
-  once = ev.run(pred, ds, tmp_path / "once", batch_size=2, progress=False)
+  pred = predictors.ConstantDepth(2.5)
+  once = runner.run(pred, ds, tmp_path / "once", batch_size=2, progress=False)
 
   class Interrupt(Exception):
     pass
@@ -89,19 +88,19 @@ def test_interrupted_run_resumes_to_the_same_table(tmp_path):
       raise Interrupt
 
   with pytest.raises(Interrupt):
-    ev.run(pred, ds, tmp_path / "twice", batch_size=2, progress=False, after_batch=stop)
-  lines = (tmp_path / "twice" / ev.RESULTS_FILE).read_text().splitlines()
+    runner.run(pred, ds, tmp_path / "twice", batch_size=2, progress=False, after_batch=stop)
+  lines = (tmp_path / "twice" / runner.RESULTS_FILE).read_text().splitlines()
   assert 0 < len(lines) < 8
-  with (tmp_path / "twice" / ev.RESULTS_FILE).open("a") as f:
+  with (tmp_path / "twice" / runner.RESULTS_FILE).open("a") as f:
     f.write('{"key": "a:9:torn')  # killed in the middle of a write
   seen = []
-  twice = ev.run(pred, ds, tmp_path / "twice", batch_size=2, progress=False, after_batch=seen.append)
+  twice = runner.run(pred, ds, tmp_path / "twice", batch_size=2, progress=False, after_batch=seen.append)
   assert seen[-1] == 8 - len(lines)  # only the missing images were evaluated
   assert twice["table"] == once["table"] and twice["datasets"] == once["datasets"]
   assert twice["average"] == once["average"]
-  assert len((tmp_path / "twice" / ev.RESULTS_FILE).read_text().splitlines()) == 8
-  with pytest.raises(ev.EvalConfigError, match="different run"):
-    ev.run(ev.ConstantDepth(3.0), ds, tmp_path / "twice", progress=False)
+  assert len((tmp_path / "twice" / runner.RESULTS_FILE).read_text().splitlines()) == 8
+  with pytest.raises(runner.EvalConfigError, match="different run"):
+    runner.run(predictors.ConstantDepth(3.0), ds, tmp_path / "twice", progress=False)
 
 
 def test_frame_choice_per_record(tmp_path):
@@ -110,15 +109,15 @@ def test_frame_choice_per_record(tmp_path):
   lines = [json.loads(l) for l in path.read_text().splitlines()]
   lines[1]["pixel_coords_frame"] = "rgb"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  ds = ev.EvalDataset("x", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2")
-  items, _ = ev.plan([ds], ("sparse",), "correct")  # record 0: depth-sized coords, no setting: skipped
+  ds = runner.EvalDataset("x", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2")
+  items, _ = runner.plan([ds], ("sparse",), "correct")  # record 0: depth-sized coords, no setting: skipped
   assert items[0].skip[0] == "bad_coordinates" and "cannot tell" in items[0].skip[1] and items[1].skip is None
-  items, _ = ev.plan([ev.EvalDataset(**{**ds.__dict__, "coord_frame": "depth"})], ("sparse",), "correct")
+  items, _ = runner.plan([runner.EvalDataset(**{**ds.__dict__, "coord_frame": "depth"})], ("sparse",), "correct")
   assert [(i.frame.frame, i.frame.why) for i in items] == [("depth", "dataset setting"), ("rgb", "record")]
-  items, _ = ev.plan([ds], ("sparse",), "official")
+  items, _ = runner.plan([ds], ("sparse",), "official")
   assert {i.frame.frame for i in items} == {"rgb"}
   # a coordinate beyond the depth map can only be an RGB pixel; "depth" is then refused
-  rec = ev.plan([ds], ("dense",), "correct")[0][0].record
+  rec = runner.plan([ds], ("dense",), "correct")[0][0].record
   far = rec.__class__(**{**rec.__dict__, "pixel_coords": ((40.0, 30.0),), "depth": (1.0,)})
   assert protocol.choose_frame(far, "correct", "nyuv2") == ("rgb", "coordinates exceed the depth map")
   with pytest.raises(protocol.FrameError, match="cannot be depth-map pixels"):
@@ -126,7 +125,7 @@ def test_frame_choice_per_record(tmp_path):
   same = rec.__class__(**{**rec.__dict__, "original_depth_size": rec.original_rgb_size})
   assert protocol.choose_frame(same, "correct", "nyuv2")[0] == "rgb"
   # correct mode reads the annotated depths back at depth-frame points; the wrong frame does not
-  s = ev.run(ev.GroundTruth(), [ev.EvalDataset(**{**ds.__dict__, "coord_frame": "depth"})], tmp_path / "o",
+  s = runner.run(predictors.GroundTruth(), [runner.EvalDataset(**{**ds.__dict__, "coord_frame": "depth"})], tmp_path / "o",
              ("sparse",), "correct", progress=False)
   assert s["datasets"]["x"]["sparse"]["delta1"] == 1.0
 
@@ -147,18 +146,18 @@ def test_host_metrics_and_resize_match_jax():
 
 def test_train_median_and_bad_settings(tmp_path):
   path = write_dataset(tmp_path, 3, seed=4)
-  ds = ev.EvalDataset("t", str(path), str(tmp_path / "rgb"), str(tmp_path / "depth"), "nyuv2")
+  ds = runner.EvalDataset("t", str(path), str(tmp_path / "rgb"), str(tmp_path / "depth"), "nyuv2")
   pixels = np.concatenate([np.asarray(Image.open(tmp_path / "depth" / f"{i}.png")).ravel() / 1000.0
                            for i in range(3)])  # canonical = 2x nearest upsampling: same pixel multiset x4
   want = np.median(pixels[pixels > 0])
-  assert ev.train_median_depth(ds) == pytest.approx(want, rel=1e-3)
-  base = ev.make_baseline(f"constant:train_median:{path}|{tmp_path / 'rgb'}|{tmp_path / 'depth'}|nyuv2")
+  assert predictors.train_median_depth(ds) == pytest.approx(want, rel=1e-3)
+  base = predictors.make_baseline(f"constant:train_median:{path}|{tmp_path / 'rgb'}|{tmp_path / 'depth'}|nyuv2")
   assert base.value == pytest.approx(want, rel=1e-3)
   for bad in ("constant:-1", "median", "constant:x"):
-    with pytest.raises(ev.EvalConfigError):
-      ev.make_baseline(bad)
-  with pytest.raises(ev.EvalConfigError, match="NAME=JSONL"):
-    ev.parse_dataset("no_equals_sign")
-  with pytest.raises(ev.EvalConfigError, match="not found"):
-    ev.run(ev.GroundTruth(), [ev.EvalDataset("m", str(tmp_path / "missing.jsonl"), str(tmp_path))],
+    with pytest.raises(runner.EvalConfigError):
+      predictors.make_baseline(bad)
+  with pytest.raises(runner.EvalConfigError, match="NAME=JSONL"):
+    runner.parse_dataset("no_equals_sign")
+  with pytest.raises(runner.EvalConfigError, match="not found"):
+    runner.run(predictors.GroundTruth(), [runner.EvalDataset("m", str(tmp_path / "missing.jsonl"), str(tmp_path))],
            tmp_path / "o", progress=False)

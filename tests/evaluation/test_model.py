@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthvlm_jax import evaluate as ev
 from depthvlm_jax import export, predict
-from depthvlm_jax.evaluation import loading, outputs, protocol
+from depthvlm_jax.evaluation import loading, outputs, predictors, protocol, runner
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.inputs import make_model_inputs
@@ -81,12 +80,12 @@ def test_predict_writes_every_output(tmp_path, hf_dir, loaded):
 def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
   from depthvlm_jax import sharding
   path = write_dataset(tmp_path / "d", 3, seed=3)
-  ds = [ev.EvalDataset("d", str(path), str(tmp_path / "d/rgb"), str(tmp_path / "d/depth"), "nyuv2", "depth")]
+  ds = [runner.EvalDataset("d", str(path), str(tmp_path / "d/rgb"), str(tmp_path / "d/depth"), "nyuv2", "depth")]
   mesh = sharding.make_mesh({"data": 2}, jax.devices()[:2])
-  plain = ev.run(ev.ModelPredictor(loaded, batch_size=2), ds, tmp_path / "p", progress=False)
+  plain = runner.run(predictors.ModelPredictor(loaded, batch_size=2), ds, tmp_path / "p", progress=False)
   sharded_loaded = loading.load_model(loaded.path, mesh=mesh)
   assert sharded_loaded.kind == "hf_depthvlm" and sharded_loaded.head_trained
-  sharded = ev.run(ev.ModelPredictor(sharded_loaded, batch_size=1, mesh=mesh), ds, tmp_path / "s",
+  sharded = runner.run(predictors.ModelPredictor(sharded_loaded, batch_size=1, mesh=mesh), ds, tmp_path / "s",
                    progress=False)
   for mode in ("sparse", "dense"):
     a, b = plain["datasets"]["d"][mode], sharded["datasets"]["d"][mode]
@@ -152,11 +151,11 @@ def test_official_protocol_feeds_the_model_like_the_authors(tmp_path, loaded, mo
   from tests.evaluation.helpers import import_qwen_vl_utils
   q = import_qwen_vl_utils()
   path = write_dataset(tmp_path / "d", 1, seed=6, rgb_wh=(101, 75), depth_wh=(50, 37))
-  ds = ev.EvalDataset("d", str(path), str(tmp_path / "d/rgb"), str(tmp_path / "d/depth"), "nyuv2")
+  ds = runner.EvalDataset("d", str(path), str(tmp_path / "d/rgb"), str(tmp_path / "d/depth"), "nyuv2")
   seen = {}
   monkeypatch.setattr(inputs, "make_model_inputs", lambda ids, config, patches, *a, **k: seen.update(
       ids=ids, patches=patches) or make_model_inputs(ids, config, patches, *a, **k))
-  predictor = ev.ModelPredictor(loaded, batch_size=1)
+  predictor = predictors.ModelPredictor(loaded, batch_size=1)
   fwd = predictor._fwd
 
   def recording_fwd(*args):
@@ -164,8 +163,8 @@ def test_official_protocol_feeds_the_model_like_the_authors(tmp_path, loaded, mo
     return seen["depth"]
 
   predictor._fwd = recording_fwd
-  out = ev.run(predictor, [ds], tmp_path / "o", ("dense",), "official", progress=False)
-  row = json.loads((tmp_path / "o" / ev.RESULTS_FILE).read_text())
+  out = runner.run(predictor, [ds], tmp_path / "o", ("dense",), "official", progress=False)
+  row = json.loads((tmp_path / "o" / runner.RESULTS_FILE).read_text())
   proc, tok = loaded.processor, loaded.tokenizer
   rec = rgbd.read_jsonl(path)[0][0]
   sample = rgbd.load_sample(rec, ds.image_root, ds.depth_root, "nyuv2", nearest_rule="opencv", exif_transpose=False)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_pipelines import rgbd
 from depthvlm_jax import evaluate as ev
-from depthvlm_jax.evaluation import metrics, protocol
+from depthvlm_jax.evaluation import metrics, predictors, protocol, runner
 from depthvlm_jax.processing import image_processor as ip
 from tests.conftest import SHARED_DATA
 from tests.evaluation.helpers import import_qwen_vl_utils, write_dataset
@@ -132,7 +132,7 @@ def _write(path, lines):
 
 def _results_by_line(out_dir):
   """Results of the evaluated (not skipped, not empty) records, in file order."""
-  rows = [json.loads(l) for l in (out_dir / ev.RESULTS_FILE).read_text().splitlines()]
+  rows = [json.loads(l) for l in (out_dir / runner.RESULTS_FILE).read_text().splitlines()]
   rows.sort(key=lambda r: int(r["source"].rsplit(":", 1)[1]))
   return [r["results"] for r in rows if "results" in r and not r.get("empty")]
 
@@ -175,7 +175,7 @@ def test_broken_records_run_to_the_end_in_both_protocols(tmp_path, capsys):
       assert f"{path}:9: " in printed and "image file not found" in printed
       kept = [good[0], good[1], neg, far, good[2], no_scale]
     _write(clean, kept)
-    ref = ev.run(ev.ConstantDepth(2.5), [ev.EvalDataset("x", str(clean), str(root / "rgb"), str(root / "depth"),
+    ref = runner.run(predictors.ConstantDepth(2.5), [runner.EvalDataset("x", str(clean), str(root / "rgb"), str(root / "depth"),
                                                         "nyuv2", "depth")],
                  tmp_path / f"clean_{proto}", protocol_name=proto, progress=False)
     got = _results_by_line(tmp_path / proto)
@@ -189,7 +189,7 @@ def test_broken_records_run_to_the_end_in_both_protocols(tmp_path, capsys):
         assert d[mode]["delta1"] == pytest.approx(r["delta1"] * 6 / 7, abs=1e-12)
     if proto == "official":
       assert got[2]["sparse"]["outside"] == 1 and got[2]["sparse"]["points"] == 6  # the x = -1 point dropped
-    on_disk = json.loads((tmp_path / proto / ev.SUMMARY_FILE).read_text())["datasets"]["x"]
+    on_disk = json.loads((tmp_path / proto / runner.SUMMARY_FILE).read_text())["datasets"]["x"]
     assert on_disk["skipped"] == d["skipped"] and on_disk["skip_messages"] == d["skip_messages"]
 
 
@@ -200,10 +200,10 @@ def test_official_sparse_ignores_masks_dense_applies_them(tmp_path):
   mask = np.zeros((24, 32), np.uint8)
   mask[:, 16:] = 255
   Image.fromarray(mask).save(root / "depth" / "mask.png")
-  ds = ev.EvalDataset("m", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2", "depth")
+  ds = runner.EvalDataset("m", str(path), str(root / "rgb"), str(root / "depth"), "nyuv2", "depth")
   for proto in ("official", "correct"):
     conv = protocol.CONVENTIONS[proto]
-    item = ev._load(ev.plan([ds], ("sparse", "dense"), proto)[0][0], conv)
+    item = runner._load(runner.plan([ds], ("sparse", "dense"), proto)[0][0], conv)
     unmasked = rgbd.load_sample(item.record, root / "rgb", root / "depth", "nyuv2", nearest_rule=conv.nearest_rule,
                                 masks=False).depth
     assert not item.sample.depth[:, :32].any() and (item.sample.depth[:, 32:] == unmasked[:, 32:]).all()
