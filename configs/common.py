@@ -1,42 +1,95 @@
-"""Settings shared by both stages. A stage file calls `base_config(preset)` and changes what differs.
+"""Settings shared by both stages, and the presets as blocks of overrides.
 
 Presets (`--config=configs/stage1.py:PRESET`):
   default   tiny random-init Qwen3-VL + DPT head on the embedded synthetic RGB-D set; 2-core CPU, minutes.
   paper_4b  the paper's settings on Qwen3-VL-4B-Instruct read from `model.hf_dir` (bf16, remat).
   paper_8b  the same on Qwen3-VL-8B-Instruct.
+
+`base_config()` holds the paper's settings; `PRESETS[name]` lists what a preset changes in them
+and each stage file adds its own block per preset. A config is built as
+  base_config() <- PRESETS[preset] <- the stage's common settings <- the stage's block for the preset,
+then command-line `--config.x.y=v` overrides.
 """
 
 import ml_collections
 
-PRESETS = ("default", "paper_4b", "paper_8b")
+# {preset: {dotted config field: value}}: everything a preset changes in `base_config()`.
+PRESETS = {
+    "default": {
+        "model.size": "tiny",
+        # (64, (32, 64, 128, 128), 16) cost 59 GFLOP per stage-1 step at 192x256; these 18.
+        "model.dpt_features": 32,
+        "model.dpt_out_channels": (16, 32, 64, 64),
+        "model.dpt_head_features": 16,
+        "model.compute_dtype": "float32",
+        "model.remat": False,
+        # the 3x4 tokens of 96x128 keep a stage-1 step near 5 GFLOP
+        "data.image_size": (96, 128),
+        "data.seq_len": 128,
+        "data.num_workers": 0,
+        "train.lm_positions": 40,
+        "mesh.data": -1,
+        "mesh.fsdp": 1,
+    },
+    "paper_4b": {"model.size": "4b"},
+    "paper_8b": {"model.size": "8b"},
+}
 
 
 def parse_preset(arg):
   preset = arg or "default"
   if preset not in PRESETS:
-    raise ValueError(f"unknown config preset {preset!r}; expected one of {PRESETS}")
+    raise ValueError(f"unknown config preset {preset!r}; expected one of {tuple(PRESETS)}")
   return preset
 
 
+def default_workdir(stage: int, preset: str) -> str:
+  """Where `main.py` writes a run without `--workdir` (relative to the current directory)."""
+  return f"runs/stage{stage}_{preset}"
+
+
+def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets each dotted field of `values` in `c` (a field that does not exist is an error)."""
+  for name, value in values.items():
+    *parents, leaf = name.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"config override {name!r}: no such field")
+    node[leaf] = value
+  return c
+
+
+def make_config(arg, stage: int, common: dict, per_preset: dict) -> ml_collections.ConfigDict:
+  """base_config() <- PRESETS[preset] <- `common` (the stage's settings) <- `per_preset[preset]`; locked."""
+  preset = parse_preset(arg)
+  c = base_config(preset)
+  c.stage = stage
+  for values in (PRESETS[preset], common, per_preset[preset]):
+    override(c, values)
+  return c.lock()
+
+
 def base_config(preset):
+  """The paper's settings (4B backbone); presets and stages override fields of it."""
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.stage = 0  # set by the stage file
 
   # ---- model
   c.model = ml_collections.ConfigDict()
-  c.model.size = "tiny" if preset == "default" else preset.split("_")[1]  # tiny | 4b | 8b
+  c.model.size = "4b"  # tiny | 4b | 8b
   c.model.hf_dir = ""  # Qwen3-VL(-Instruct) or DepthVLM HF directory; "" = random init (tiny only)
   c.model.head_type = "dpt"  # dpt | mlp
   c.model.mlp_feature_mode = "llm_last"  # llm_last | concat | sum (mlp head only)
-  # DPT widths: the official (256, (256, 512, 1024, 1024), 32) for the paper; narrow for the CPU default.
-  # (64, (32, 64, 128, 128), 16) cost 59 GFLOP per stage-1 step at 192x256; these 18.
-  c.model.dpt_features = 32 if preset == "default" else 256
-  c.model.dpt_out_channels = (16, 32, 64, 64) if preset == "default" else (256, 512, 1024, 1024)
-  c.model.dpt_head_features = 16 if preset == "default" else 32
-  c.model.compute_dtype = "float32" if preset == "default" else "bfloat16"
+  # DPT widths: the official (256, (256, 512, 1024, 1024), 32); narrow for the CPU default.
+  c.model.dpt_features = 256
+  c.model.dpt_out_channels = (256, 512, 1024, 1024)
+  c.model.dpt_head_features = 32
+  c.model.compute_dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  c.model.remat = preset != "default"
+  c.model.remat = True
 
   # ---- initialisation / resumption (own workdir first, then `resume`, then `model_init`)
   c.model_init = ""  # checkpoint dir of a previous stage, or "" (fresh head on `model.hf_dir`)
@@ -51,14 +104,13 @@ def base_config(preset):
   c.data.synthetic_seed = 0
   c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
   c.data.eval_files = ml_collections.ConfigDict()
-  # (H, W) bucket, multiples of 32; the default's 3x4 tokens keep a stage-1 step near 5 GFLOP.
-  c.data.image_size = (96, 128) if preset == "default" else (768, 1024)
+  c.data.image_size = (768, 1024)  # (H, W) bucket, multiples of 32
   # Padded sequence length; 0 = the bucket's image tokens + `text_tokens` (768 + 128 = 896 for the
   # paper bucket: a sample is about 840 tokens, where a fixed 4096 spent ~80% of the step on padding).
-  c.data.seq_len = 128 if preset == "default" else 0
+  c.data.seq_len = 0
   c.data.text_tokens = 128  # prompt + reply budget when seq_len = 0; longer samples are skipped as too_long
   c.data.qa_weight = 0.0  # mixing weight of caption/QA samples (stage 2)
-  c.data.num_workers = 0 if preset == "default" else 16
+  c.data.num_workers = 16
   c.data.shuffle_seed = 0
 
   # ---- optimisation
@@ -80,7 +132,7 @@ def base_config(preset):
   # reply is refused with an error naming this setting.
   # The paper presets' replies are the fixed 12-token sentence: 64 positions instead of logits of
   # (B, L, 151936) for every position.
-  c.train.lm_positions = 40 if preset == "default" else 64
+  c.train.lm_positions = 64
 
   # ---- logging, evaluation, checkpoints
   c.log_every = 10  # metrics.jsonl + TensorBoard (workdir/tensorboard)
@@ -91,7 +143,5 @@ def base_config(preset):
   c.keep_ckpts = 2
 
   # ---- devices
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  if preset != "default":
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   return c
