@@ -44,13 +44,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from configs.common import default_workdir
 from data_pipelines import rgbd
 from depthvlm_jax import predict
 from depthvlm_jax.evaluation import outputs
 from depthvlm_jax.processing.chat import DEFAULT_PROMPT
 
-# The README's default runs (`main.py --workdir=...`), newest stage first.
-DEFAULT_WORKDIRS = ("/tmp/depthvlm_stage2", "/tmp/depthvlm_stage1")
+# Where `python main.py --config=configs/stage{2,1}.py` writes without --workdir, newest stage first.
+DEFAULT_WORKDIRS = (default_workdir(2, "default"), default_workdir(1, "default"))
 MAX_IMAGE_PIXELS = 40_000_000  # uploads above this are refused before decoding
 MAX_CANONICAL_PIXELS = 40_000_000  # image resized to the canonical focal length
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -94,7 +95,7 @@ def choose_model(model: str | None, scratch: pathlib.Path,
   path = write_tiny_random_model(scratch / "tiny_random_model")
   note = ("Model: **a tiny randomly initialised DepthVLM** (no `--model` given and no trained default run in "
           f"{' or '.join(f'`{d}`' for d in default_workdirs)}). Its depth maps and answers are meaningless; "
-          "train with `python main.py --config=configs/stage1.py --workdir=/tmp/depthvlm_stage1` or pass "
+          "train with `python main.py --config=configs/stage1.py` (it writes to `runs/stage1_default`) or pass "
           "`--model`.")
   return str(path), note
 
