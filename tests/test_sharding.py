@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
 from tests.model import hf_reference as ref
 
@@ -26,7 +27,7 @@ def test_make_mesh_autofill_and_errors():
 def test_every_parameter_has_logical_names_and_shards():
   config = Qwen3VLConfig.tiny()
   model = Qwen3VL(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+  boxed = abstract_params(model, **dummy_inputs(config), boxed=True)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -64,7 +65,7 @@ def test_sharded_forward_equals_unsharded():
   expected = fwd(params, batch)
 
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config))["params"])
+  boxed = abstract_params(model, **dummy_inputs(config), boxed=True)
   param_sh = sharding.logical_shardings(boxed, mesh)
   sharded_params = jax.device_put(params, param_sh)
   batch_sh = {k: sharding.activation_sharding(mesh, *(("batch",) if k not in ("position_ids",) else (None, "batch")),

@@ -4,7 +4,6 @@ unsharded ones."""
 
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from depthvlm_jax.evaluation import loading, outputs, predictors, protocol, runn
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing import chat
 from depthvlm_jax.processing.image_processor import preprocess_image
 from tests.evaluation.helpers import random_params, write_dataset
@@ -136,8 +136,8 @@ def test_loader_gives_a_plain_qwen3_vl_directory_a_fresh_head(tmp_path, loaded):
   assert all(np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(backbone), jax.tree.leaves({k: v for k, v in got.params.items()
                                                                           if k != "depth_head"})))
-  want = jax.eval_shape(lambda: got.model.init(jax.random.key(0), **depthvlm_dummy_inputs(got.model.config)))
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(want["params"]["depth_head"]))
+  want = abstract_params(got.model, **depthvlm_dummy_inputs(got.model.config))
+  shapes = jax.tree.map(lambda x: x.shape, want["depth_head"])
   assert jax.tree.map(lambda x: x.shape, got.params["depth_head"]) == shapes
 
 

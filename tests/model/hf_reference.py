@@ -8,10 +8,10 @@ import transformers
 
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
 
 import jax
-import flax.linen as nn
 
 
 def make_hf_model(config: Qwen3VLConfig, seed: int = 0):
@@ -29,7 +29,7 @@ def make_hf_model(config: Qwen3VLConfig, seed: int = 0):
 
 def jax_params_from_hf(model, config: Qwen3VLConfig):
   flax_model = Qwen3VL(config)
-  expected = jax.eval_shape(lambda: nn.unbox(flax_model.init(jax.random.key(0), **dummy_inputs(config))["params"]))
+  expected = abstract_params(flax_model, **dummy_inputs(config))
   state = ((k, v.detach().numpy()) for k, v in model.state_dict().items())
   return flax_model, jax.tree.map(jax.numpy.asarray, hf_params.hf_to_params(state, config, expected))
 

@@ -9,6 +9,7 @@ import pytest
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import checkpoints, optim
 
 STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)]
@@ -17,7 +18,7 @@ OPT = optim.make_optimizer(lambda c: 1e-3, 1.0, 0.0)
 
 
 def param_shardings(mesh):
-  boxed = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), **depthvlm_dummy_inputs(MODEL.config))["params"])
+  boxed = abstract_params(MODEL, **depthvlm_dummy_inputs(MODEL.config), boxed=True)
   return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
 
 
@@ -88,6 +89,6 @@ def test_model_init_places_another_runs_params_on_this_mesh(saved, tmp_path):
     np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
     assert value.sharding == target[path]
   other = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512, tie_word_embeddings=True), head=DepthHeadConfig.tiny())
-  boxed = jax.eval_shape(lambda: other.init(jax.random.key(0), **depthvlm_dummy_inputs(other.config))["params"])
+  boxed = abstract_params(other, **depthvlm_dummy_inputs(other.config), boxed=True)
   with pytest.raises(ConfigError, match="model_init=.*does not match this model.*lm_head"):
     trainer.initial_params(config, other, sharding.logical_shardings(boxed, mesh), jax.random.key(0))

@@ -10,6 +10,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import optim
 from depthvlm_jax.train.step import initial_state, loss_terms, make_train_step, max_supervised_tokens
 from tests.model import hf_reference as ref
@@ -122,7 +123,7 @@ def test_sharded_step_equals_unsharded(setup):
   sgd = optax.sgd(1.0)  # Adam's first step divides by |g| and amplifies rounding in tiny gradients
   expected, _, m1 = run(model, params, STAGE2, batch, with_lm=True, opt=sgd)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(config), boxed=True)
   sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
   sharded_batch = {k: jax.device_put(v, sharding.activation_sharding(
       mesh, *((None, "batch") if k == "position_ids" else ("batch",)), shape=v.shape)) for k, v in batch.items()}
