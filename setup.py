@@ -23,5 +23,7 @@ setuptools.setup(
         "test": _read_requirements("requirements-test.txt") + _read_requirements("requirements-tpu.txt"),
         # The TPU compiler (libtpu) for `python -m depthvlm_jax.aot` on any host, and for TPU runs.
         "tpu": _read_requirements("requirements-tpu.txt"),
+        # The CUDA compiler plugin for `python -m depthvlm_jax.aot --topology=h100:8` on a host without GPUs.
+        "gpu-aot": _read_requirements("requirements-gpu-aot.txt"),
     },
 )
