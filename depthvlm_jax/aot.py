@@ -652,7 +652,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.sweep:
-    rows = sweep(pathlib.Path(f.sweep_out), programs=tuple(f.programs))
+    rows = sweep(pathlib.Path(f.sweep_out), presets=tuple(f.sweep_presets), topologies=tuple(f.sweep_topologies),
+                 programs=tuple(f.programs))
     print(table(rows))
     return 0
   if not f.topology:
@@ -683,6 +684,8 @@ def _define_flags():
                     "give e.g. --programs=train to compile the train steps only).")
   flags.DEFINE_bool("sweep", False, "Compile the README plan table (paper presets x stages x slices).")
   flags.DEFINE_string("sweep_out", "runs/aot_sweep", "Folder for the sweep's per-row JSON files.")
+  flags.DEFINE_list("sweep_presets", list(SWEEP_PRESETS), "Presets of the sweep.")
+  flags.DEFINE_list("sweep_topologies", list(SWEEP_TOPOLOGIES), "Slices of the sweep.")
 
 
 if __name__ == "__main__":
