@@ -12,9 +12,12 @@ steps it skipped and why.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import pathlib
 import shutil
+import sys
 from typing import Any, Callable
 
 import grain
@@ -69,6 +72,42 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}"[:300]
 
 
+class _UnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of orbax's array reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not (text.startswith("Task exception was never retrieved") and "async_deserialize" in text)
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Keeps a failed restore down to the one error the caller reports.
+
+  orbax reads arrays in concurrent asyncio tasks; when one fails, the others' failures are never
+  retrieved and asyncio logs a traceback for each. The reads still in flight then finish on
+  TensorStore's threads and try to wake orbax's event loop, already closed; that RuntimeError
+  reaches sys.unraisablehook. Both kinds (and only those) are dropped.
+  """
+  if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):  # installed once, stays: reads end late
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+  logger = logging.getLogger("asyncio")
+  quiet = _UnretrievedReadErrors()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()  # the failed reads' tasks are reported (and dropped) now, while the filter is on
+    logger.removeFilter(quiet)
+
+
 def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any]) -> tuple[int, Any, list[int]]:
   """(step, restore_step(step), damaged newer steps) for the newest step that restores.
 
@@ -78,7 +117,8 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
   errors = []
   for step in steps:
     try:
-      out = restore_step(step)
+      with _quiet_failed_reads():
+        out = restore_step(step)
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file: any failure means skip
       errors.append((step, _first_line(e)))
       log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous step",

@@ -58,10 +58,10 @@ def folder_run(hf_dir, tmp_path_factory):
   Image.fromarray(np.zeros((17, 31, 3), np.uint8)).save(images / "thin.png")
   (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
   bomb_png(images / "bomb.png")
-  Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(images / "big.jpg")  # over a 0.002 MP cap
+  Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(images / "big.jpg")  # over a 0.005 MP cap (a_good is under)
   out = tmp_path_factory.mktemp("out")
   code, err = call("--model", hf_dir, "--image", images, "--out", out, "--fx", 100, "--max_new_tokens", 2,
-                   "--max_megapixels", 0.002)
+                   "--max_megapixels", 0.005)
   return images, out, code, err
 
 
@@ -101,7 +101,7 @@ def test_decompression_bomb_is_refused_by_the_size_cap(folder_run):
 
 def test_size_cap_is_configurable(folder_run):
   images, _, _, err = folder_run
-  assert "exceeds --max_megapixels=0.002" in failure_line(err, str(images / "big.jpg"))
+  assert "exceeds --max_megapixels=0.005" in failure_line(err, str(images / "big.jpg"))
 
 
 @pytest.mark.parametrize("flag,value", [("--fx", 0), ("--fx", -3), ("--fx", "nan"), ("--max_megapixels", 0),
