@@ -49,6 +49,19 @@ def one_line(e: BaseException) -> str:
   return out
 
 
+def verbosity_from_argv(argv: list[str]) -> int:
+  """The value of `--verbosity=N` / `--verbosity N` in `argv` (0 when absent or not a number)."""
+  for i, a in enumerate(argv):
+    value = a.split("=", 1)[1] if a.startswith("--verbosity=") else (
+        argv[i + 1] if a == "--verbosity" and i + 1 < len(argv) else None)
+    if value is not None:
+      try:
+        return int(value)
+      except ValueError:
+        return 0
+  return 0
+
+
 @contextlib.contextmanager
 def user_errors(verbosity: int = 0, extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
   """Turns a user error raised inside into `error: MESSAGE` on stderr and exit status 1.
