@@ -16,7 +16,8 @@ COMMON = {
 }
 
 _STAGE1 = common.default_workdir(1, "default")
-_PAPER = {"train.lr": 2e-5, "train.global_batch": 640, "train.micro_batches": 4}
+# 128 rows per micro-batch: 2 per chip on a 64-chip slice
+_PAPER = {"train.lr": 2e-5, "train.global_batch": 640, "train.micro_batches": 5}
 PER_PRESET = {
     # 640 steps, half of each batch caption/QA samples: about 12 min on this 2-core CPU. At 128
     # steps the replies had the template but no number yet ("About "); at 640 every held-out

@@ -24,7 +24,7 @@ from absl import flags
 from PIL import Image
 
 from data_pipelines import rgbd
-from data_pipelines.skips import DropSkipped, Skipped
+from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
@@ -121,11 +121,21 @@ class PrepareExample:
   """
 
   def __init__(self, source: SourceSpec, spec: ExampleSpec, model_config: Qwen3VLConfig, tokenizer,
-               processor: ImageProcessorConfig):
+               processor: ImageProcessorConfig, tag_source: bool = False):
     self.source, self.spec, self.model_config = source, spec, model_config
     self.tokenizer, self.processor = tokenizer, processor
+    self.tag_source = tag_source  # examples and skips carry the source's name (for DropSkipped)
 
   def __call__(self, record: Any, rng: np.random.Generator | None = None):
+    out = self._prepare(record, rng)
+    if not self.tag_source:
+      return out
+    if isinstance(out, Skipped):
+      return dataclasses.replace(out, source=self.source.jsonl)
+    out[SOURCE_KEY] = self.source.jsonl
+    return out
+
+  def _prepare(self, record: Any, rng: np.random.Generator | None):
     if isinstance(record, Skipped):
       return record
     h, w = self.spec.image_size
@@ -142,6 +152,8 @@ class PrepareExample:
         image, depth = sample.image, sample.depth
       except rgbd.SampleError as e:
         return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
+      except Exception as e:  # any other failure to read a sample skips it too; it never stops training
+        return Skipped("other", f"{record.image}: {type(e).__name__}: {e}")
     if depth is None and (image.shape[0] < h or image.shape[1] < w):
       image = _cover(image, (h, w))  # no depth to keep metric: upscaling is harmless
     if image.shape[0] < h or image.shape[1] < w:
@@ -202,7 +214,7 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float], spec: 
     items = bad + records if bad else records
     if not len(items):
       raise ValueError(f"{source.jsonl}: no records")
-    prepare = PrepareExample(source, spec, model_config, tokenizer, processor)
+    prepare = PrepareExample(source, spec, model_config, tokenizer, processor, tag_source=True)
     ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs)
     parts.append(ds.random_map(prepare, seed=seed))
   if len(parts) == 1:
@@ -210,9 +222,14 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float], spec: 
   return grain.MapDataset.mix(parts, weights=list(weights))
 
 
-def batched(ds: grain.MapDataset, batch_size: int, num_workers: int = 0) -> grain.IterDataset:
-  """Drops/counts skipped samples, batches, and optionally loads in worker processes."""
-  it = DropSkipped(ds.to_iter_dataset()).batch(batch_size, drop_remainder=True)
+def batched(ds: grain.MapDataset, batch_size: int, num_workers: int = 0,
+            give_up_after: int = GIVE_UP_AFTER) -> grain.IterDataset:
+  """Drops/counts skipped samples, batches, and optionally loads in worker processes.
+
+  A source whose first `give_up_after` samples were all skipped stops iteration with
+  `SourceExhaustedError` (see `skips`).
+  """
+  it = DropSkipped(ds.to_iter_dataset(), give_up_after).batch(batch_size, drop_remainder=True)
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use their defaults
       flags.FLAGS.mark_as_parsed()

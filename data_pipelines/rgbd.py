@@ -157,6 +157,12 @@ def resolve_path(root: str | pathlib.Path, rel: str) -> pathlib.Path:
   return p
 
 
+def _describe(e: BaseException) -> str:
+  if isinstance(e, Image.DecompressionBombError):
+    return f"{e} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+  return str(e) if isinstance(e, (UnidentifiedImageError, OSError)) else f"{type(e).__name__}: {e}"
+
+
 def load_rgb(path: pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
   """(H, W, 3) uint8 RGB; EXIF rotation applied (unless `exif_transpose=False`); grey/RGBA/16-bit converted."""
   try:
@@ -165,8 +171,8 @@ def load_rgb(path: pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
       return np.asarray(to_rgb(im, exif_transpose))
   except FileNotFoundError:
     raise SampleError("unreadable_image", f"{path}: image file not found") from None
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise SampleError("unreadable_image", f"{path}: cannot decode image ({e})") from None
+  except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError, ...
+    raise SampleError("unreadable_image", f"{path}: cannot decode image ({_describe(e)})") from None
 
 
 def load_depth(path: pathlib.Path, scale: float, fmt: str = "png", size_wh: tuple[int, int] | None = None) -> np.ndarray:
@@ -191,8 +197,8 @@ def load_depth(path: pathlib.Path, scale: float, fmt: str = "png", size_wh: tupl
     depth = depth.astype(np.float32) / np.float32(scale)
   except SampleError:
     raise
-  except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise SampleError("corrupt_depth", f"{path}: cannot decode depth ({e})") from None
+  except Exception as e:  # any decoder failure, as in load_rgb
+    raise SampleError("corrupt_depth", f"{path}: cannot decode depth ({_describe(e)})") from None
   return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
 
 
@@ -201,8 +207,8 @@ def load_mask(path: pathlib.Path) -> np.ndarray:
     with Image.open(path) as im:
       im.load()
       m = np.asarray(im)
-  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-    raise SampleError("corrupt_depth", f"{path}: cannot read mask ({e})") from None
+  except Exception as e:  # any decoder failure, as in load_rgb
+    raise SampleError("corrupt_depth", f"{path}: cannot read mask ({_describe(e)})") from None
   return m if m.ndim == 2 else m[..., 0]
 
 

@@ -71,7 +71,9 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 16, 197, 819),
     "v5p": Chip("TPU v5p", 95, 459, 2765),
     "v6e": Chip("TPU v6e", 32, 918, 1640),
+    "h100": Chip("H100 SXM", 80, 989, 3352),  # dense bf16; compiled through the CUDA plugin (see below)
 }
+GPU_TARGETS = {"h100": pathlib.Path(__file__).parent / "gpu_targets" / "h100_sxm.txtpb"}
 
 # The README's plan table: presets x stages x slices.
 SWEEP_PRESETS = ("paper_4b", "paper_8b")
@@ -89,15 +91,34 @@ def chip_of(topology: str) -> Chip:
   kind = topology.split(":")[0]
   if kind not in CHIPS:
     raise ValueError(f"--topology={topology!r}: unknown chip {kind!r}; expected one of {sorted(CHIPS)} "
-                     "followed by ':' and the slice shape, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2")
+                     "followed by ':' and the slice shape, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2, h100:8")
   return CHIPS[kind]
 
 
+def _gpu_devices(kind: str, shape: str):
+  """Compile-only CUDA devices from a GPU target description ("h100:8" = one host with 8 GPUs,
+  "h100:2x8" = 2 hosts). Needs the CUDA PJRT plugin (`pip install -e ".[gpu-aot]"`) and `ptxas`."""
+  from jax.experimental import topologies
+  parts = [int(x) for x in shape.split("x")]
+  hosts, per_host = (1, parts[0]) if len(parts) == 1 else parts
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+  except ImportError:
+    raise ValueError(f"--topology={kind}:{shape}: compiling for GPUs without a GPU needs the CUDA PJRT "
+                     "plugin: pip install -e \".[gpu-aot]\" (and a CUDA ptxas on PATH or in /usr/local/cuda)") from None
+  return list(topologies.get_topology_desc(topology_name="", platform="cuda",
+                                           target_config=GPU_TARGETS[kind].read_text(),
+                                           topology=f"1x{hosts}x{per_host}").devices)
+
+
 def topology_devices(topology: str):
-  """The TPU devices of a named slice, described by libtpu (no TPU needed)."""
+  """The devices of a named slice, described by libtpu (or the CUDA plugin for GPUs); none needed."""
   import jax
   from jax.experimental import topologies
   chip_of(topology)
+  kind, _, shape = topology.partition(":")
+  if kind in GPU_TARGETS:
+    return _gpu_devices(kind, shape)
   _quiet_libtpu()
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
@@ -277,6 +298,20 @@ def argument_bytes_by_group(compiled, groups: dict[str, Any]) -> dict[str, int]:
   return out
 
 
+def _generic_cost(compiled) -> dict[str, float]:
+  """FLOPs and bytes of the optimised per-device module by XLA's platform-neutral HloCostAnalysis
+  (no time estimate: `est_step_s` is then the roofline)."""
+  import jax
+  from jax._src.lib import _jax
+  try:
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+  except Exception:  # noqa: BLE001 -- a private API: without it only the model FLOPs remain
+    return {}
+  cost.pop("optimal_seconds", None)
+  return cost
+
+
 def compile_stats(jitted, args: tuple, inspect: Callable | None = None) -> dict[str, Any]:
   """Lowers and compiles; returns memory/cost/collective figures or `fits: False` with the message.
 
@@ -297,6 +332,8 @@ def compile_stats(jitted, args: tuple, inspect: Callable | None = None) -> dict[
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost is None:  # the CUDA plugin has no cost model: XLA's generic HLO cost analysis instead
+    cost = _generic_cost(compiled)
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   return {
@@ -478,6 +515,8 @@ def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str
 def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   """Adds the chip's HBM, MFU and throughput figures."""
   row["hbm_gib"] = chip.hbm_gib if chip else None
+  if row.get("fits") and not row.get("flops"):  # no cost model at all: count the model's own FLOPs
+    row["flops"] = row["model_flops"]
   if not row.get("fits"):
     for k in ("argument_gib", "output_gib", "peak_gib", "flops", "bytes_accessed", "est_step_s", "est_mfu",
               "images_per_s", "est_hours"):
@@ -559,18 +598,47 @@ def _json_safe(x):
   return x
 
 
+# Largest per-chip micro-batch the sweep gives each stage on each chip (samples), from the chip's HBM.
+SWEEP_MICRO_BATCH = {1: {"v4": 2, "v5e": 1, "v5p": 5, "v6e": 2}, 2: {"v4": 1, "v5e": 1, "v5p": 2, "v6e": 1}}
+
+
+def slice_overrides(stage: int, global_batch: int, topology: str, chips: int) -> list[str]:
+  """Mesh and micro-batching for one sweep row, as --config overrides.
+
+  FSDP over every chip, or FSDP x 2-way tensor parallelism when the global batch does not split
+  over every chip (640 over 256 v5e chips); then the fewest micro-batches whose per-chip rows stay
+  within `SWEEP_MICRO_BATCH`.
+  """
+  tensor = 1
+  while global_batch % (chips // tensor) and tensor < chips:
+    tensor *= 2
+  shards = chips // tensor
+  per_chip = global_batch // shards
+  limit = SWEEP_MICRO_BATCH[stage][topology.split(":")[0]]
+  k = next(k for k in range(1, per_chip + 1) if per_chip % k == 0 and per_chip // k <= limit)
+  return [f"--config.mesh.fsdp={shards}", f"--config.mesh.tensor={tensor}", "--config.mesh.data=1",
+          f"--config.train.micro_batches={k}"]
+
+
 def sweep(out_dir: pathlib.Path, presets=SWEEP_PRESETS, topologies=SWEEP_TOPOLOGIES, stages=(1, 2),
-          extra_args=(), timeout_s: int = 3600) -> list[dict[str, Any]]:
-  """One subprocess per (preset, stage, slice) so each compile starts clean; JSON files in out_dir."""
+          programs=("train",), timeout_s: int = 7200) -> list[dict[str, Any]]:
+  """One subprocess per (preset, stage, slice) so each compile starts clean; JSON files in out_dir.
+
+  Rows already in out_dir are reused, so an interrupted sweep continues where it stopped.
+  """
+  from configs import stage1, stage2
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
   for preset in presets:
     for stage in stages:
+      batch = (stage1 if stage == 1 else stage2).get_config(preset).train.global_batch
       for topo in topologies:
         path = out_dir / f"{preset}_stage{stage}_{topo.replace(':', '_')}.json"
         if not path.exists():
+          chips = len(topology_devices(topo))
           cmd = [sys.executable, "-m", "depthvlm_jax.aot", f"--config=configs/stage{stage}.py:{preset}",
-                 f"--topology={topo}", f"--json={path}", *extra_args]
+                 f"--topology={topo}", f"--json={path}", f"--programs={','.join(programs)}",
+                 *slice_overrides(stage, batch, topo, chips)]
           print("+", " ".join(cmd), flush=True)
           try:
             subprocess.run(cmd, check=False, timeout=timeout_s)
@@ -586,7 +654,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if f.sweep:
-    rows = sweep(pathlib.Path(f.sweep_out))
+    rows = sweep(pathlib.Path(f.sweep_out), presets=tuple(f.sweep_presets), topologies=tuple(f.sweep_topologies),
+                 programs=tuple(f.programs))
     print(table(rows))
     return 0
   if not f.topology:
@@ -613,9 +682,12 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", "configs/stage1.py", "Training configuration file.", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v5e:2x2.")
   flags.DEFINE_string("json", None, "Write the report as JSON here.")
-  flags.DEFINE_list("programs", ["train", "prefill", "decode"], "Programs to compile.")
+  flags.DEFINE_list("programs", ["train", "prefill", "decode"], "Programs to compile (with --sweep: "
+                    "give e.g. --programs=train to compile the train steps only).")
   flags.DEFINE_bool("sweep", False, "Compile the README plan table (paper presets x stages x slices).")
   flags.DEFINE_string("sweep_out", "runs/aot_sweep", "Folder for the sweep's per-row JSON files.")
+  flags.DEFINE_list("sweep_presets", list(SWEEP_PRESETS), "Presets of the sweep.")
+  flags.DEFINE_list("sweep_topologies", list(SWEEP_TOPOLOGIES), "Slices of the sweep.")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--workers", type=int, default=4)
   ap.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=-1 or data=2,fsdp=4")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--verbosity", type=int, default=0, help="1: print the traceback of an error too")
   args = ap.parse_args(argv)
   if bool(args.model) == bool(args.baseline):
     ap.error("give exactly one of --model or --baseline")
@@ -98,9 +99,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  from depthvlm_jax.evaluation.loading import ModelLoadError
-  from depthvlm_jax.model.hf_checkpoint import CheckpointError
-  try:
+  from depthvlm_jax import cli
+  with cli.user_errors(cli.verbosity_from_argv(sys.argv[1:]), extra=(EvalConfigError,)):
     main()
-  except (EvalConfigError, protocol.FrameError, ModelLoadError, CheckpointError) as e:
-    sys.exit(f"error: {e}")

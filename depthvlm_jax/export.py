@@ -13,6 +13,11 @@ A DPT head with the official widths (`OFFICIAL_DPT`) is exported as the authors'
 out: `architectures` = ["Qwen3VLForConditionalGeneration"] (their model class) and the released
 `vision_config`. Other widths get architectures ["DepthVLMForConditionalGeneration"] and a warning:
 the authors' code builds the head with fixed widths and cannot load them.
+
+`--out` is never emptied blindly: an existing non-empty folder is replaced only when it is an
+earlier export (it holds the `EXPORT_MARKER` file every export writes) or with `--overwrite`, and a
+training workdir, a folder holding one, the `--checkpoint` source, the current directory, the home
+directory and their parents are refused even then.
 """
 
 from __future__ import annotations
@@ -32,6 +37,62 @@ from absl import app, flags
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig
+
+EXPORT_MARKER = ".depthvlm_export.json"  # written into every export: marks a folder this tool may replace
+MAX_ENTRIES_CHECKED = 100_000  # --overwrite: files looked at for a training workdir inside --out
+
+
+class ExportError(ValueError):
+  """A refused or failed export (message names --out and what was expected)."""
+
+
+def _is_training_workdir(p: pathlib.Path) -> bool:
+  return (p / "checkpoints").is_dir() or ((p / "config.json").is_file() and (p / "metrics.jsonl").is_file())
+
+
+def _contains(parent: pathlib.Path, child: pathlib.Path) -> bool:
+  return parent == child or parent in child.parents
+
+
+def check_out_dir(out_dir: str | pathlib.Path, overwrite: bool = False,
+                  sources: tuple[str | pathlib.Path, ...] = ()) -> pathlib.Path:
+  """Refuses an `--out` whose contents an export would destroy; returns it resolved.
+
+  Accepted: a missing or empty folder, an earlier export (holds `EXPORT_MARKER`), or with
+  `overwrite` any other folder, except one that is or holds a training workdir, holds one of
+  `sources` (the model being exported), or is the current or home directory or one of their parents.
+  """
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  flag = f"--out={out_dir}"
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"{flag}: exists and is not a directory; give a new or empty folder")
+  if not out.exists() or not any(out.iterdir()):
+    return out
+  for src in sources:
+    if _contains(out, pathlib.Path(src).expanduser().resolve()):
+      raise ExportError(f"{flag}: holds the model being exported ({src}); give a new or empty folder")
+  for protected, what in ((pathlib.Path.cwd().resolve(), "the current directory"),
+                          (pathlib.Path.home().resolve(), "the home directory")):
+    if _contains(out, protected):
+      raise ExportError(f"{flag}: is {what} or one of its parents; give a new or empty folder")
+  if _is_training_workdir(out):
+    raise ExportError(f"{flag}: is a training workdir (checkpoints/ or config.json + metrics.jsonl); "
+                      "exporting there would delete the run; give a new or empty folder")
+  if (out / EXPORT_MARKER).is_file():
+    return out
+  if not overwrite:
+    raise ExportError(f"{flag}: folder is not empty and is not an earlier export (no {EXPORT_MARKER}); give a "
+                      "new or empty folder, or pass --overwrite to replace its contents")
+  seen = 0
+  for root, dirs, files in os.walk(out):
+    seen += len(dirs) + len(files)
+    if _is_training_workdir(pathlib.Path(root)):
+      raise ExportError(f"{flag}: holds a training workdir ({root}); --overwrite never deletes one; give a new "
+                        "or empty folder")
+    if seen > MAX_ENTRIES_CHECKED:
+      raise ExportError(f"{flag}: holds over {MAX_ENTRIES_CHECKED} files and folders; refusing to replace it; "
+                        "give a new or empty folder")
+  return out
 
 
 def hf_tensors(params: dict[str, Any], config: Qwen3VLConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -57,17 +118,22 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadConfig | None, out_dir: str | pathlib.Path,
                  tokenizer=None, processor=None, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
-                 processing_files: bool = True) -> pathlib.Path:
-  """Writes the HF directory atomically.
+                 processing_files: bool = True, overwrite: bool = False,
+                 sources: tuple[str | pathlib.Path, ...] = ()) -> pathlib.Path:
+  """Writes the HF directory atomically (an existing `out_dir` is accepted as in `check_out_dir`).
 
   Args:
+    overwrite, sources: see `check_out_dir`.
     tokenizer, processor: a Hugging Face tokenizer and an `ImageProcessorConfig` whose files are
       written beside the weights (defaults: the embedded offline Qwen tokenizer and default
       processor settings); skipped when `processing_files=False`.
   """
-  out = pathlib.Path(out_dir).absolute()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  out = check_out_dir(out_dir, overwrite, sources)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  except OSError as e:
+    raise ExportError(f"--out={out_dir}: cannot create it ({e.strerror or e})") from None
   try:
     cfg = config.to_hf_dict()
     cfg["torch_dtype"] = dtype
@@ -108,9 +174,22 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "depthvlm_jax.export", "dtype": dtype}))
+    old = None
+    if out.exists():  # the previous contents move aside and go only once the new export is in place
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+      os.replace(out, old / "previous")
+    try:
+      os.replace(tmp, out)
+    except BaseException:
+      if old is not None:
+        os.replace(old / "previous", out)
+      raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ExportError(f"--out={out_dir}: export failed, {out} unchanged ({e.strerror or type(e).__name__})") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -122,14 +201,22 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (orbax
 _OUT = flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above this size.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out that is not an earlier export "
+                               "(never a training workdir, a folder holding one, or the --checkpoint source).")
 
 
 def main(argv):
   del argv
-  from depthvlm_jax.evaluation.loading import load_model
-  loaded = load_model(_CHECKPOINT.value)
-  out = write_hf_dir(loaded.params, loaded.model.config, loaded.model.head, _OUT.value, loaded.tokenizer,
-                     loaded.processor, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30))
+  from depthvlm_jax import cli
+  with cli.user_errors(flags.FLAGS.verbosity, extra=(ExportError,)):
+    if not _MAX_SHARD_GB.value > 0:
+      raise ExportError(f"--max_shard_gb={_MAX_SHARD_GB.value}: expected a positive size in GB")
+    check_out_dir(_OUT.value, _OVERWRITE.value, (_CHECKPOINT.value,))  # before the (slow) model load
+    from depthvlm_jax.evaluation.loading import load_model
+    loaded = load_model(_CHECKPOINT.value)
+    out = write_hf_dir(loaded.params, loaded.model.config, loaded.model.head, _OUT.value, loaded.tokenizer,
+                       loaded.processor, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30), overwrite=_OVERWRITE.value,
+                       sources=(_CHECKPOINT.value,))
   print(f"wrote {out}")
 
 

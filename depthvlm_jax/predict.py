@@ -10,7 +10,11 @@ file). For an image `NAME` it writes into DIR:
   NAME_vis.png     (H, 2W, 3) RGB | Turbo depth (2nd-98th percentile range)
   NAME.ply         binary PLY point cloud (x, y, z float32 metres; red, green, blue uint8)
   NAME.json        the answer text, intrinsics, sizes and depth statistics
-and `predictions.jsonl` with one summary line per image.
+and `predictions.jsonl` with one summary line per image. Each file is written under a temporary
+name and renamed when complete, and an image's line is added only once its files are all in
+place, so a killed run leaves complete outputs only. An image that cannot be used (unreadable, below
+`--min_side` pixels on a side, above `--max_megapixels`) is reported and skipped; the others are still
+written, and the exit status is 1 if any image failed.
 
 Camera: `--fx` is the focal length in pixels of the image as given; fy = fx and the principal point is
 the image centre. Without it, fx = DEFAULT_FX_FRACTION * width (a 60° horizontal field of view,
@@ -28,8 +32,10 @@ KV cache that same pass filled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -48,6 +54,8 @@ from depthvlm_jax.processing.image_processor import PREPROCESSING, preprocess_im
 CANONICAL_FX = 1000.0
 DEFAULT_FX_FRACTION = 0.5 / math.tan(math.radians(30.0))  # fx / width for a 60° horizontal FoV
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MIN_SIDE = 32  # pixels: the model's patch-merge unit; smaller images carry no usable depth
+MAX_MEGAPIXELS = 100.0  # default input cap (about 2 GB of host memory at 20 bytes per pixel)
 
 
 class PredictError(ValueError):
@@ -56,6 +64,57 @@ class PredictError(ValueError):
 
 def default_fx(width: int) -> float:
   return DEFAULT_FX_FRACTION * width
+
+
+def check_fx(fx: float | None, where: str = "--fx") -> float | None:
+  """`fx` unchanged if None or a positive finite number; else PredictError naming `where`."""
+  if fx is not None and not (math.isfinite(fx) and fx > 0):
+    raise PredictError(f"{where}={fx!r}: expected a positive focal length in pixels (omit it for a 60 degree "
+                       "field of view)")
+  return fx
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: float | None):
+  """PIL's decompression-bomb limit set to `max_pixels` (None: off) for the body; our cap replaces it."""
+  saved = Image.MAX_IMAGE_PIXELS
+  Image.MAX_IMAGE_PIXELS = None if max_pixels is None else int(max_pixels)
+  try:
+    yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | pathlib.Path, max_megapixels: float | None = MAX_MEGAPIXELS,
+               min_side: int = MIN_SIDE) -> np.ndarray:
+  """(H, W, 3) uint8 RGB of an image file, refusing (PredictError) sizes outside the limits.
+
+  The size is read from the file header first, so an oversized image is refused before decoding.
+  """
+  path = pathlib.Path(path)
+  max_pixels = None if max_megapixels is None else max_megapixels * 1e6
+  try:
+    with _pil_pixel_limit(None), Image.open(path) as im:  # the header only
+      w, h = im.size
+  except FileNotFoundError:
+    raise PredictError(f"{path}: image file not found") from None
+  except Exception as e:  # any decoder failure
+    raise PredictError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+  if max_pixels is not None and w * h > max_pixels:
+    raise PredictError(f"{path}: {w}x{h} = {w * h / 1e6:.1f} megapixels exceeds --max_megapixels="
+                       f"{max_megapixels:g}; downscale the image or raise --max_megapixels")
+  _check_min_side(path, w, h, min_side)
+  try:
+    with _pil_pixel_limit(max(w * h, 1)):  # this size passed our cap; PIL's own limit would refuse ~179 MP
+      return rgbd.load_rgb(path)
+  except rgbd.SampleError as e:
+    raise PredictError(str(e)) from None
+
+
+def _check_min_side(name: Any, w: int, h: int, min_side: int) -> None:
+  if min(w, h) < min_side:
+    raise PredictError(f"{name}: {w}x{h} pixels; expected at least {min_side} pixels on each side (smaller "
+                       f"images would be upscaled many times over; see --min_side)")
 
 
 def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple[pathlib.Path, float | None]]:
@@ -80,6 +139,7 @@ def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple
         f = float(parts[1]) if len(parts) > 1 else fx
       except ValueError:
         raise PredictError(f"{p}:{n}: expected 'path [fx]', got {line!r}") from None
+      check_fx(f, f"{p}:{n}: fx")
       if not q.exists():
         raise PredictError(f"{p}:{n}: image {q} not found")
       out.append((q, f))
@@ -89,7 +149,9 @@ def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple
 
 def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | None = None,
                   prompt: str | None = None, out_dir: str | pathlib.Path | None = None, name: str | None = None,
-                  max_new_tokens: int = 64, seq_multiple: int = 64, preprocessing: str = "direct") -> dict[str, Any]:
+                  max_new_tokens: int = 64, seq_multiple: int = 64, preprocessing: str = "direct",
+                  max_megapixels: float | None = MAX_MEGAPIXELS, min_side: int = MIN_SIDE,
+                  return_points: bool = True) -> dict[str, Any]:
   """Depth (metres, original resolution), point cloud and text answer for one image.
 
   Args:
@@ -103,26 +165,27 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
     seq_multiple: prompt length is padded to a multiple of this (fewer recompiles across sizes).
     preprocessing: "direct" (one resize to multiples of 32) or "official" (28-then-32, the authors'
       evaluation input).
+    max_megapixels, min_side: images outside these limits are refused with PredictError
+      (`max_megapixels=None`: no cap).
+    return_points: include `points`/`colours` (N, 3) in the result (15 bytes per pixel; the PLY file
+      is written either way, in row chunks).
 
   Returns:
     dict with depth (H, W) float32, text, fx, intrinsics (3, 3), canonical_size / processed_size
     (H, W), points (N, 3) float32, colours (N, 3) uint8, and files {kind: path} when written.
   """
+  check_fx(fx, "fx")
   if isinstance(image, (str, pathlib.Path)):
-    try:
-      rgb = rgbd.load_rgb(pathlib.Path(image))
-    except rgbd.SampleError as e:
-      raise PredictError(str(e)) from None
+    rgb = load_image(image, max_megapixels, min_side)
     name = name or pathlib.Path(image).stem
   else:
     rgb = np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
       raise PredictError(f"image array of shape {rgb.shape} and dtype {rgb.dtype}: expected (H, W, 3) uint8")
     name = name or "image"
+    _check_min_side("image array", rgb.shape[1], rgb.shape[0], min_side)
   h0, w0 = rgb.shape[:2]
-  fx = float(fx) if fx else default_fx(w0)
-  if not (fx > 0 and math.isfinite(fx)):
-    raise PredictError(f"fx={fx!r}: expected a positive focal length in pixels")
+  fx = float(fx) if fx is not None else default_fx(w0)
   model, params, tok, proc = loaded.model, loaded.params, loaded.tokenizer, loaded.processor
   cw, ch = rgbd.canonical_size((w0, h0), fx, CANONICAL_FX)
   canonical = np.asarray(Image.fromarray(rgb).resize((cw, ch), Image.Resampling.BILINEAR))
@@ -142,41 +205,71 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
   text = tok.decode(gen.strip_after_eos(np.asarray(tokens), eos)[0], skip_special_tokens=True)
   depth = protocol.resize_map(np.asarray(prefill.depth[0], np.float32), (h0, w0))
   k = outputs.intrinsics(w0, h0, fx)
-  points, colours = outputs.backproject(depth, k, rgb)
   result = dict(name=name, depth=depth, text=text, fx=fx, intrinsics=k, original_size=(h0, w0),
-                canonical_size=(ch, cw), processed_size=(hp, wp), points=points, colours=colours)
+                canonical_size=(ch, cw), processed_size=(hp, wp))
+  if return_points:
+    result["points"], result["colours"] = outputs.backproject(depth, k, rgb)
   if out_dir is not None:
     result["files"] = write_outputs(out_dir, name, rgb, result)
   return result
 
 
+@contextlib.contextmanager
+def _atomic(path: pathlib.Path):
+  """Yields a temporary path beside `path` (same suffix) that replaces `path` when the body succeeds."""
+  tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, result: dict[str, Any]) -> dict[str, str]:
-  """Writes NAME_depth.npy/.png, NAME_vis.png, NAME.ply, NAME.json; returns {kind: path}."""
+  """Writes NAME_depth.npy/.png, NAME_vis.png, NAME.ply, NAME.json (each atomically); returns {kind: path}.
+
+  The per-pixel outputs are produced in row chunks: beyond `rgb` and `depth`, memory stays near one
+  RGB image of twice the width (the visualisation being encoded).
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   depth = result["depth"]
   files = {"npy": out / f"{name}_depth.npy", "png": out / f"{name}_depth.png", "vis": out / f"{name}_vis.png",
            "ply": out / f"{name}.ply", "json": out / f"{name}.json"}
-  np.save(files["npy"], depth)
-  outputs.save_depth_png_mm(files["png"], depth)
-  Image.fromarray(outputs.side_by_side(rgb, depth)).save(files["vis"])
-  outputs.write_ply(files["ply"], result["points"], result["colours"])
+  with _atomic(files["npy"]) as tmp:
+    np.save(tmp, depth)
+  with _atomic(files["png"]) as tmp:
+    outputs.save_depth_png_mm(tmp, depth)
   lo, hi = outputs.percentile_range(depth)
+  with _atomic(files["vis"]) as tmp:
+    outputs.save_side_by_side(tmp, rgb, depth, (lo, hi))
+  with _atomic(files["ply"]) as tmp:
+    n_points = outputs.write_ply_from_depth(tmp, depth, result["intrinsics"], rgb)
   info = {"name": name, "text": result["text"], "fx": result["fx"], "intrinsics": result["intrinsics"].tolist(),
           "original_size": list(result["original_size"]), "canonical_size": list(result["canonical_size"]),
-          "processed_size": list(result["processed_size"]), "points": int(len(result["points"])),
+          "processed_size": list(result["processed_size"]), "points": int(n_points),
           "depth_min": float(depth.min()), "depth_max": float(depth.max()), "depth_p2": lo, "depth_p98": hi,
           "files": {k: str(v) for k, v in files.items()}}
-  files["json"].write_text(json.dumps(info, indent=2))
+  with _atomic(files["json"]) as tmp:
+    tmp.write_text(json.dumps(info, indent=2))
   return {k: str(v) for k, v in files.items()}
 
 
 def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], out_dir: str | pathlib.Path,
                  prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True,
-                 preprocessing: str = "direct") -> list[dict[str, Any]]:
-  """`predict_image` over (path, fx) pairs; appends a summary line per image to predictions.jsonl."""
+                 preprocessing: str = "direct", max_megapixels: float | None = MAX_MEGAPIXELS,
+                 min_side: int = MIN_SIDE) -> list[dict[str, Any]]:
+  """`predict_image` over (path, fx) pairs; appends a summary line per image to predictions.jsonl.
+
+  An image that fails (PredictError: unreadable, too small, too large) is logged and skipped; its
+  row has `error` (the message) instead of `text` and `files`, and is not written to predictions.jsonl.
+  """
+  import logging
+
   import tqdm
   out = pathlib.Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise PredictError(f"--out={out}: exists and is not a directory")
   out.mkdir(parents=True, exist_ok=True)
   names = [p.stem for p, _ in images]
   if len(set(names)) != len(names):  # same stem in different folders: keep files apart
@@ -184,7 +277,13 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   summaries = []
   with (out / "predictions.jsonl").open("a") as f:
     for (path, fx), name in tqdm.tqdm(list(zip(images, names)), desc="predict", disable=not progress):
-      r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens, preprocessing=preprocessing)
+      try:
+        r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens, preprocessing=preprocessing,
+                          max_megapixels=max_megapixels, min_side=min_side, return_points=False)
+      except PredictError as e:
+        logging.warning("skipping image: %s", e)
+        summaries.append({"image": str(path), "name": name, "error": str(e)})
+        continue
       row = {"image": str(path), "name": name, "text": r["text"], "fx": r["fx"], "files": r["files"]}
       f.write(json.dumps(row) + "\n")
       f.flush()
@@ -203,21 +302,39 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--preprocess", default="direct", choices=PREPROCESSING,
                   help="official: resize as the authors' evaluation does (28-then-32 multiples)")
+  ap.add_argument("--max_megapixels", type=float, default=MAX_MEGAPIXELS,
+                  help=f"refuse larger images (default {MAX_MEGAPIXELS:g}; host memory is about 20 bytes per pixel)")
+  ap.add_argument("--min_side", type=int, default=MIN_SIDE,
+                  help=f"refuse images with a side shorter than this many pixels (default {MIN_SIDE})")
+  ap.add_argument("--verbosity", type=int, default=0, help="1: print the traceback of an error too")
   args = ap.parse_args(argv)
-  import jax.numpy as jnp
-  from depthvlm_jax.evaluation.loading import load_model
-  images = list_images(args.image, args.fx)
-  loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
-  rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens, preprocessing=args.preprocess)
+  from depthvlm_jax import cli
+  with cli.user_errors(args.verbosity, extra=(PredictError,)):
+    check_fx(args.fx)
+    if not args.max_megapixels > 0:
+      raise PredictError(f"--max_megapixels={args.max_megapixels}: expected a positive number")
+    if args.min_side < 1:
+      raise PredictError(f"--min_side={args.min_side}: expected a positive number of pixels")
+    if args.max_new_tokens < 1:
+      raise PredictError(f"--max_new_tokens={args.max_new_tokens}: expected a positive number")
+    import jax.numpy as jnp
+    from depthvlm_jax.evaluation.loading import load_model
+    images = list_images(args.image, args.fx)
+    loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens, preprocessing=args.preprocess,
+                        max_megapixels=args.max_megapixels, min_side=args.min_side)
+  failed = [r for r in rows if "error" in r]
   for r in rows:
-    print(f"{r['image']}: {r['text']!r} -> {r['files']['vis']}")
+    if "error" not in r:
+      print(f"{r['image']}: {r['text']!r} -> {r['files']['vis']}")
+  if failed:
+    for r in failed:
+      sys.stderr.write(f"error: {cli.one_line(PredictError(r['error']))}\n")
+    sys.stderr.write(f"error: {len(failed)} of {len(rows)} images failed (listed above); the others were written "
+                     f"to {args.out}\n")
+    raise SystemExit(1)
   return rows
 
 
 if __name__ == "__main__":
-  from depthvlm_jax.evaluation.loading import ModelLoadError
-  from depthvlm_jax.model.hf_checkpoint import CheckpointError
-  try:
-    main()
-  except (PredictError, ModelLoadError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  main()

@@ -1,5 +1,5 @@
 """Config values per stage and preset are pinned: `tests/config_values.json` holds every field of
-`get_config(preset).to_dict()` for both stages, as written before the presets became override blocks.
+`get_config(preset).to_dict()` for both stages, as main wrote them before the presets became override blocks (regenerate from main when a value changes on purpose).
 The only intended difference: the default stage-2 run starts from `runs/stage1_default` (the default
 workdir of stage 1) instead of a /tmp path."""
 

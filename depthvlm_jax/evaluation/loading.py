@@ -95,8 +95,12 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
   if _is_workdir(p):
     import ml_collections
     from depthvlm_jax.train import checkpoints, optim, trainer
-    config = ml_collections.ConfigDict(json.loads((p / "config.json").read_text()))
-    model = trainer.build_model(config)
+    try:
+      config = ml_collections.ConfigDict(json.loads((p / "config.json").read_text()))
+      model = trainer.build_model(config)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # JSONDecodeError is a ValueError
+      raise ModelLoadError(f"{p / 'config.json'}: not a valid training config ({type(e).__name__}: {e}); it "
+                           "records the run's settings, restore it from a backup or rewrite it") from None
     trainable, frozen = checkpoints.restore_params(p)
     params = optim.merge_params(trainable, frozen)
     shardings = param_shardings(model, mesh) if mesh is not None else None

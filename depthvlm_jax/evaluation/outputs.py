@@ -60,10 +60,36 @@ def side_by_side(rgb: np.ndarray, depth: np.ndarray) -> np.ndarray:
   return np.concatenate([rgb, colour], axis=1)
 
 
+ROWS_PER_CHUNK = 256  # row chunks of the full-resolution writers below: memory independent of the height
+
+
+def _row_chunks(height: int, rows: int = ROWS_PER_CHUNK):
+  for r0 in range(0, height, rows):
+    yield r0, min(height, r0 + rows)
+
+
 def save_depth_png_mm(path: str | pathlib.Path, depth: np.ndarray) -> None:
   """Writes (H, W) metres as a 16-bit PNG of millimetres (rounded; 0 = invalid; clipped to 65535)."""
-  mm = np.where(np.isfinite(depth) & (depth > 0), np.round(depth * 1000.0), 0)
-  Image.fromarray(np.clip(mm, 0, 65535).astype(np.uint16)).save(path)
+  mm = np.empty(depth.shape, np.uint16)
+  for r0, r1 in _row_chunks(depth.shape[0]):
+    d = depth[r0:r1]
+    mm[r0:r1] = np.clip(np.where(np.isfinite(d) & (d > 0), np.round(d * 1000.0), 0), 0, 65535).astype(np.uint16)
+  Image.fromarray(mm).save(path)
+
+
+def save_side_by_side(path: str | pathlib.Path, rgb: np.ndarray, depth: np.ndarray,
+                      value_range: tuple[float, float] | None = None) -> None:
+  """Writes `side_by_side(rgb, depth)` as an image file, colouring row chunks into one PIL image."""
+  if depth.shape != rgb.shape[:2]:
+    Image.fromarray(side_by_side(rgb, depth)).save(path)
+    return
+  value_range = value_range or percentile_range(depth)
+  h, w = depth.shape
+  canvas = Image.new("RGB", (2 * w, h))
+  for r0, r1 in _row_chunks(h):
+    canvas.paste(Image.fromarray(np.concatenate([rgb[r0:r1], colorize_depth(depth[r0:r1], value_range)], 1)),
+                 (0, r0))
+  canvas.save(path)
 
 
 def intrinsics(width: int, height: int, fx: float, fy: float | None = None, cx: float | None = None,
@@ -96,22 +122,46 @@ def backproject(depth: np.ndarray, k: np.ndarray, rgb: np.ndarray | None = None)
   return points, colours
 
 
-def write_ply(path: str | pathlib.Path, points: np.ndarray, colours: np.ndarray) -> None:
-  """Binary little-endian PLY with (x, y, z) float32 and (red, green, blue) uint8 per vertex."""
-  if points.shape != colours.shape or points.ndim != 2 or points.shape[1] != 3:
-    raise ValueError(f"points {points.shape} and colours {colours.shape} must both be (N, 3)")
+def _ply_header(count: int) -> bytes:
+  return ("ply\nformat binary_little_endian 1.0\n"
+          f"element vertex {count}\n"
+          "property float x\nproperty float y\nproperty float z\n"
+          "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n").encode("ascii")
+
+
+def _ply_records(points: np.ndarray, colours: np.ndarray) -> np.ndarray:
   data = np.empty(len(points), PLY_DTYPE)
   for i, name in enumerate("xyz"):
     data[name] = points[:, i]
   for i, name in enumerate(("red", "green", "blue")):
     data[name] = colours[:, i]
-  header = ("ply\nformat binary_little_endian 1.0\n"
-            f"element vertex {len(points)}\n"
-            "property float x\nproperty float y\nproperty float z\n"
-            "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+  return data
+
+
+def write_ply(path: str | pathlib.Path, points: np.ndarray, colours: np.ndarray) -> None:
+  """Binary little-endian PLY with (x, y, z) float32 and (red, green, blue) uint8 per vertex."""
+  if points.shape != colours.shape or points.ndim != 2 or points.shape[1] != 3:
+    raise ValueError(f"points {points.shape} and colours {colours.shape} must both be (N, 3)")
   with open(path, "wb") as f:
-    f.write(header.encode("ascii"))
-    f.write(data.tobytes())
+    f.write(_ply_header(len(points)))
+    f.write(_ply_records(points, colours).tobytes())
+
+
+def write_ply_from_depth(path: str | pathlib.Path, depth: np.ndarray, k: np.ndarray, rgb: np.ndarray | None = None) -> int:
+  """The file of `write_ply(path, *backproject(depth, k, rgb))`, back-projected in row chunks.
+
+  Returns the number of points. Memory stays at one chunk's points instead of 15 bytes per pixel.
+  """
+  count = sum(int(np.count_nonzero(np.isfinite(depth[r0:r1]) & (depth[r0:r1] > 0)))
+              for r0, r1 in _row_chunks(depth.shape[0]))
+  with open(path, "wb") as f:
+    f.write(_ply_header(count))
+    for r0, r1 in _row_chunks(depth.shape[0]):
+      k_rows = np.array(k, np.float64)
+      k_rows[1, 2] -= r0  # the chunk's rows start at r0: same rays as in the whole image
+      points, colours = backproject(depth[r0:r1], k_rows, None if rgb is None else rgb[r0:r1])
+      f.write(_ply_records(points, colours).tobytes())
+  return count
 
 
 def read_ply(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:

@@ -103,7 +103,11 @@ def resize_map(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     i0, i1, lam = align_corners_taps(h, int(out_hw[0]))
     x = x[i0] * (1 - lam)[:, None] + x[i1] * lam[:, None]
     i0, i1, lam = align_corners_taps(w, int(out_hw[1]))
-    x = x[:, i0] * (1 - lam)[None] + x[:, i1] * lam[None]
+    out = np.empty((x.shape[0], len(i0)), np.float32)
+    for r0 in range(0, x.shape[0], 256):  # row chunks: a few temporaries of 256 rows, not of the whole map
+      rows = x[r0:r0 + 256]
+      out[r0:r0 + 256] = rows[:, i0] * (1 - lam)[None] + rows[:, i1] * lam[None]
+    return out
   return x.astype(np.float32)
 
 

@@ -50,8 +50,10 @@ def weight_files(model_dir: str | pathlib.Path, allow_pickle: bool = False) -> l
   pickles = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
   if pickles:
     if not allow_pickle:
-      raise CheckpointError(f"{d}: only pickle weights {[p.name for p in pickles]} found; pickle files can run "
-                            "arbitrary code, pass allow_pickle=True if you trust them (or convert to safetensors)")
+      raise CheckpointError(f"{d}: only pickle weights {[p.name for p in pickles]} found, and pickle files are not "
+                            "loaded (they can run arbitrary code); convert them to safetensors, e.g. with transformers: "
+                            "from_pretrained(DIR).save_pretrained(NEW_DIR), and use NEW_DIR (in Python, "
+                            "allow_pickle=True loads trusted pickle files)")
     return pickles
   raise CheckpointError(f"{d}: no model.safetensors, model.safetensors.index.json or *.bin weights")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -31,7 +32,7 @@ from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
-from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval
+from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval, workdir_lock
 from depthvlm_jax.train.metrics_log import MetricsLog
 from depthvlm_jax.train.step import initial_state, make_train_step, max_supervised_tokens
 
@@ -53,15 +54,47 @@ class NonFiniteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- config checks
+def _source_problems(field: str, value: str) -> list[str]:
+  """Problems of one `data.train_files`/`eval_files` entry "ann.jsonl|image_root|depth_root[|kind]"."""
+  parts = str(value).split("|")
+  if len(parts) < 2 or not parts[0]:
+    return [f"{field}={value!r}: expected 'ann.jsonl|image_root|depth_root[|kind]'"]
+  out = []
+  if not pathlib.Path(parts[0]).is_file():
+    out.append(f"{field}: annotation file {parts[0]!r} not found")
+  for name, root in zip(("image_root", "depth_root"), parts[1:3]):
+    if root and not pathlib.Path(root).is_dir():
+      out.append(f"{field}: {name} {root!r} is not a directory")
+  return out
+
+
 def validate_config(config) -> None:
   """Raises ConfigError listing every problem, before any data or model work starts."""
   errors = []
   h, w = config.data.image_size
   if h % 32 or w % 32 or h <= 0 or w <= 0:
     errors.append(f"data.image_size={tuple(config.data.image_size)}: both sides must be positive multiples of 32")
-  if config.train.global_batch % config.train.micro_batches:
-    errors.append(f"train.global_batch={config.train.global_batch} not divisible by "
-                  f"train.micro_batches={config.train.micro_batches}")
+  t = config.train
+  for name, value in (("train.global_batch", t.global_batch), ("train.micro_batches", t.micro_batches),
+                      ("ckpt_every", config.ckpt_every), ("log_every", config.log_every),
+                      ("keep_ckpts", config.keep_ckpts), ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+                      ("data.seq_len", config.data.seq_len)):
+    if value <= 0:
+      errors.append(f"{name}={value}: expected a positive integer")
+  if t.global_batch > 0 and t.micro_batches > 0 and t.global_batch % t.micro_batches:
+    errors.append(f"train.global_batch={t.global_batch} not divisible by train.micro_batches={t.micro_batches}")
+  if t.total_steps < 0:
+    errors.append(f"train.total_steps={t.total_steps}: expected >= 0 (0 = from train.epochs)")
+  if t.total_steps == 0 and not t.epochs > 0:
+    errors.append(f"train.epochs={t.epochs}: expected > 0 when train.total_steps=0")
+  # NaN passes on purpose: every update is then refused by the step's non-finite guard, which stops the
+  # run after train.max_nonfinite_steps naming the last good checkpoint (a tested fault path).
+  if t.lr <= 0 or t.lr == float("inf"):
+    errors.append(f"train.lr={t.lr}: expected a positive learning rate")
+  if not 0 <= t.warmup_fraction < 1:
+    errors.append(f"train.warmup_fraction={t.warmup_fraction}: expected 0 <= f < 1")
+  if config.eval_every < 0:
+    errors.append(f"eval_every={config.eval_every}: expected >= 0 (0 = only at the end)")
   if config.stage not in (1, 2):
     errors.append(f"stage={config.stage}: expected 1 or 2")
   if not config.train.trainable:
@@ -73,10 +106,17 @@ def validate_config(config) -> None:
     errors.append(f"model.size={config.model.size!r} needs model.hf_dir (a local Qwen3-VL-Instruct directory)")
   if config.model.hf_dir and not (pathlib.Path(config.model.hf_dir) / "config.json").exists():
     errors.append(f"model.hf_dir={config.model.hf_dir!r}: no config.json there")
+  for name in ("model_init", "resume"):
+    if config[name] and not (pathlib.Path(config[name]) / "checkpoints").is_dir():
+      errors.append(f"{name}={config[name]!r}: no checkpoints/ there (expected the workdir of an earlier run)")
   if config.data.kind not in ("synthetic", "jsonl"):
     errors.append(f"data.kind={config.data.kind!r}: expected 'synthetic' or 'jsonl'")
-  if config.data.kind == "jsonl" and not config.data.train_files:
-    errors.append("data.kind='jsonl' needs data.train_files")
+  if config.data.kind == "jsonl":
+    if not config.data.train_files:
+      errors.append("data.kind='jsonl' needs data.train_files")
+    for group in ("train_files", "eval_files"):
+      for key, value in config.data[group].items():
+        errors += _source_problems(f"data.{group}.{key}", value)
   if not 0 <= config.data.qa_weight < 1:
     errors.append(f"data.qa_weight={config.data.qa_weight}: expected 0 <= w < 1")
   try:
@@ -85,6 +125,102 @@ def validate_config(config) -> None:
     errors.append(str(e))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The device mesh of `config.mesh` (ConfigError naming `mesh` when the devices do not fit it, or
+  the train batch when its micro-batches do not split over the mesh's batch shards)."""
+  try:
+    mesh = sharding.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise ConfigError(f"invalid config: mesh={dict(config.mesh)}: {e}") from None
+  try:
+    sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
+  except ValueError as e:
+    raise ConfigError(f"invalid config: {e}") from None
+  return mesh
+
+
+# ----------------------------------------------------------------------------- the workdir's config.json
+# Settings a resumed run may not change: they define the parameter and optimizer-state trees (or
+# the stage's meaning), so the checkpoints of the workdir would not fit them.
+FIXED_ON_RESUME = ("stage", "model.", "train.trainable")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+  """(dotted key, old value, new value) for every setting that differs (JSON forms compared)."""
+  a, b = _flat(old), _flat(new)
+  missing = object()
+  return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)]
+
+
+def _show(v: Any) -> str:
+  return "(absent)" if not isinstance(v, (str, int, float, list, dict, bool, type(None))) else json.dumps(v)
+
+
+def read_workdir_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+  """The recorded config of the run in `workdir` (None if absent); ConfigError naming the file if invalid."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return None
+  try:
+    data = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not valid JSON ({e}); it records this workdir's run: restore it, or delete it "
+                      "to record the current config") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: expected a JSON object (the run's config), got {type(data).__name__}")
+  return data
+
+
+def check_resume_config(previous: dict[str, Any] | None, config, workdir: pathlib.Path) -> list[str]:
+  """Refuses (ConfigError with the diff) a config whose fixed settings differ from the workdir's run.
+
+  Returns "key: old -> new" lines of the other, allowed changes (schedule, steps, logging, ...).
+  """
+  if previous is None:
+    return []
+  diff = config_diff(previous, json.loads(config.to_json_best_effort()))
+  lines = [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diff]
+  fixed = [line for (k, _, _), line in zip(diff, lines) if k == "stage" or k.startswith(FIXED_ON_RESUME)]
+  if fixed:
+    raise ConfigError(f"{workdir / 'config.json'}: the checkpoints in this workdir were trained with another "
+                      f"config; changed: {'; '.join(fixed)}. Use a new --workdir (with --config.model_init="
+                      f"{workdir} to start from this run's parameters) or the settings recorded there")
+  return lines
+
+
+def _json_safe(obj: Any, path: str, flagged: list[str]) -> Any:
+  if isinstance(obj, float) and not math.isfinite(obj):
+    flagged.append(path)
+    return None
+  if isinstance(obj, dict):
+    return {k: _json_safe(v, f"{path}.{k}" if path else str(k), flagged) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v, f"{path}[{i}]", flagged) for i, v in enumerate(obj)]
+  return obj
+
+
+def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
+  """results.json as strict JSON: a non-finite number becomes null and its key is listed in `nonfinite`."""
+  flagged: list[str] = []
+  safe = _json_safe(results, "", flagged)
+  if flagged:
+    safe["nonfinite"] = flagged
+    log.warning("results.json: non-finite values written as null: %s", ", ".join(flagged))
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(safe, indent=2, allow_nan=False))
+  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- model
@@ -229,17 +365,28 @@ def _to_global(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates `config` in `workdir` (resuming its own checkpoints); returns the results.
+
+  Every config check (values, input files, the mesh against the devices) runs before anything is
+  written. The workdir is locked for the run; its `config.json` is rewritten only once the
+  parameters are restored or initialised, and a config whose model, stage or freeze rules differ
+  from the run recorded there is refused with the differences.
+  """
   validate_config(config)
+  mesh = make_mesh(config)
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
-  if distributed.is_main():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  with workdir_lock.hold(workdir, enabled=distributed.is_main()):
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
+  has_checkpoint = (workdir / "checkpoints").is_dir() and any(
+      p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+  changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
   model = build_model(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  try:
-    sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   tokenizer = load_tokenizer(config.model.hf_dir or None)
   processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
   spec = example_spec(config, model.config)
@@ -271,11 +418,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   state = initial_state(trainable, opt_state)
   start = mgr.latest_step()
   if start is not None:
-    state, frozen = checkpoints.restore(mgr, start, state, frozen, data_iter)
+    start, state, frozen, damaged = checkpoints.restore_latest(mgr, state, frozen, data_iter)
+    if damaged and distributed.is_main():
+      moved = checkpoints.set_aside(mgr, damaged, workdir / "checkpoints_damaged")
+      log.warning("damaged checkpoint step(s) %s moved to %s; resuming from step %d", damaged,
+                  ", ".join(map(str, moved)), start)
+    distributed.barrier("checkpoint_fallback")
+    if damaged and not distributed.is_main():
+      mgr.reload()
     log.info("resumed from %s step %d", workdir, start)
+    if changes:
+      log.info("resuming with changed settings: %s", "; ".join(changes))
   elif config.resume:
     rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
-    state, frozen = checkpoints.restore(rmgr, rmgr.latest_step(), state, frozen, data_iter)
+    _, state, frozen, _ = checkpoints.restore_latest(rmgr, state, frozen, data_iter)
+  if distributed.is_main():  # the run's record changes only now that its parameters are in place
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(config.to_json_best_effort(indent=2))
+    os.replace(tmp, workdir / "config.json")
 
   replicated = sharding.activation_sharding(mesh)
   state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
@@ -342,7 +502,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   results["skipped_samples"] = counts_to_dict(distributed.process_sum(skip_totals))
   results["skipped_updates"] = int(state["skipped_updates"])
   if distributed.is_main():
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    write_results(workdir / "results.json", results)
   return results
 
 
@@ -350,5 +510,5 @@ def check_label_budget(labels: np.ndarray, lm_positions: int, step: int) -> None
   """Refuses a batch whose reply is longer than the LM head's position budget (would be truncated)."""
   longest = max_supervised_tokens(labels)
   if longest > lm_positions:
-    raise ValueError(f"step {step}: a sample supervises {longest} reply tokens but train.lm_positions="
+    raise ConfigError(f"step {step}: a sample supervises {longest} reply tokens but train.lm_positions="
                      f"{lm_positions}; raise train.lm_positions (or set 0 for the LM head on every position)")

@@ -1,0 +1,119 @@
+"""`main.py` as a careless user drives it: bad values, bad overrides, a changed config on resume, two
+runs in one workdir, a damaged config.json. Each is refused before any work with one line naming
+the field, flag or file, and leaves the workdir as it was."""
+
+import json
+import os
+import socket
+
+import ml_collections
+import pytest
+
+from configs import stage1
+from depthvlm_jax.model.config import ConfigError
+from depthvlm_jax.train import trainer, workdir_lock
+from tests.hostile.conftest import error_line, run, train
+
+
+def config(**changes):
+  c = ml_collections.ConfigDict(stage1.get_config().to_dict())
+  for dotted, value in changes.items():
+    *path, leaf = dotted.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("train.lr", -1.0, "train.lr=-1.0: expected a positive learning rate"),
+    ("train.lr", 0.0, "train.lr=0.0: expected a positive learning rate"),
+    ("train.total_steps", -5, "train.total_steps=-5: expected >= 0"),
+    ("train.global_batch", 0, "train.global_batch=0: expected a positive integer"),
+    ("train.micro_batches", 0, "train.micro_batches=0: expected a positive integer"),  # was ZeroDivisionError
+    ("ckpt_every", 0, "ckpt_every=0: expected a positive integer"),
+    ("log_every", -1, "log_every=-1: expected a positive integer"),
+])
+def test_bad_training_values_are_config_errors(field, value, expected):
+  with pytest.raises(ConfigError, match="invalid config") as e:
+    trainer.validate_config(config(**{field: value}))
+  assert expected in str(e.value)
+
+
+def test_missing_train_files_are_config_errors(tmp_path):
+  c = config(**{"data.kind": "jsonl"})
+  c.data.train_files = {"mine": f"{tmp_path}/nope.jsonl|{tmp_path}/images|{tmp_path}"}
+  with pytest.raises(ConfigError) as e:
+    trainer.validate_config(c)
+  assert f"data.train_files.mine: annotation file '{tmp_path}/nope.jsonl' not found" in str(e.value)
+  assert f"data.train_files.mine: image_root '{tmp_path}/images' is not a directory" in str(e.value)
+
+
+def test_mesh_is_checked_before_the_workdir_is_touched(tmp_path):
+  workdir = tmp_path / "w"
+  with pytest.raises(ConfigError, match=r"mesh=\{'data': 3.*needs 3 devices"):
+    trainer.train_and_evaluate(config(**{"mesh.data": 3, "mesh.fsdp": 1}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_cli_config_error_is_one_line_without_traceback(tmp_path):
+  proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config.train.lr=-1", "--config.train.micro_batches=0")
+  error_line(proc.returncode, proc.stderr, "train.lr=-1.0", "train.micro_batches=0")
+  assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_cli_unknown_override_names_the_flag(tmp_path):
+  proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config.data.train_files.mydata=a.jsonl|img|depth")
+  line = error_line(proc.returncode, proc.stderr, "--config.data.train_files.mydata", "config file")
+  assert "c.data.train_files" in line  # says how to give named files instead
+
+
+def test_cli_missing_config_file_names_it(tmp_path):
+  proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/nope.py")
+  error_line(proc.returncode, proc.stderr, "--config=configs/nope.py", "No such file")
+
+
+def test_resume_with_changed_model_is_refused_with_the_diff(run_copy):
+  workdir, data = run_copy
+  before = (workdir / "config.json").read_text()
+  proc = train(workdir, data, "--config.model.dpt_features=32", "--config.train.total_steps=4")
+  error_line(proc.returncode, proc.stderr, str(workdir / "config.json"), "model.dpt_features: 16 -> 32")
+  assert "total_steps" not in proc.stderr  # allowed changes are not listed as the reason
+  assert (workdir / "config.json").read_text() == before  # the run's record is untouched
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_invalid_workdir_config_json_is_named(run_copy):
+  workdir, data = run_copy
+  (workdir / "config.json").write_text("{not json")
+  proc = train(workdir, data)
+  error_line(proc.returncode, proc.stderr, str(workdir / "config.json"), "not valid JSON")
+
+
+def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(run_copy):
+  workdir, data = run_copy
+  with workdir_lock.hold(workdir):  # this test process plays the running trainer
+    proc = train(workdir, data, "--config.train.total_steps=3")
+    error_line(proc.returncode, proc.stderr, f"pid {os.getpid()}", socket.gethostname(), "in use")
+    assert json.loads((workdir / workdir_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+  assert (workdir / workdir_lock.LOCK_NAME).read_text() == ""  # released
+
+
+def test_lock_is_free_again_after_the_holder_ends(tmp_path):
+  with workdir_lock.hold(tmp_path):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+      with workdir_lock.hold(tmp_path):
+        pass
+  with workdir_lock.hold(tmp_path):  # taken again once released
+    pass
+
+
+def test_results_json_is_strict_json_with_nonfinite_values_flagged(tmp_path):
+  trainer.write_results(tmp_path / "results.json", {"synthetic_test": {"delta1": float("nan"), "images": 2},
+                                                    "loss": [1.0, float("inf")]})
+  text = (tmp_path / "results.json").read_text()
+  got = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+  assert got["synthetic_test"]["delta1"] is None and got["loss"] == [1.0, None]
+  assert got["nonfinite"] == ["synthetic_test.delta1", "loss[1]"]
