@@ -176,3 +176,15 @@ def test_bad_topology_is_a_one_line_error(tmp_path):
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "--topology='v9z:2x2'" in proc.stderr and "v5p" in proc.stderr
+
+
+def test_sweep_rows_split_their_batches():
+  """Every sweep row's mesh and micro-batches split the preset's global batch over the slice."""
+  for stage, batch in ((1, stage1.get_config("paper_4b").train.global_batch),
+                       (2, stage2.get_config("paper_4b").train.global_batch)):
+    for topology, chips in (("v5p:4x4x4", 64), ("v5e:16x16", 256), ("v6e:8x8", 64), ("v5p:4x4x8", 128)):
+      args = dict(a.removeprefix("--config.").split("=") for a in aot.slice_overrides(stage, batch, topology, chips))
+      shards, tensor, k = int(args["mesh.fsdp"]), int(args["mesh.tensor"]), int(args["train.micro_batches"])
+      assert shards * tensor == chips
+      assert batch % (shards * k) == 0, (stage, topology, args)
+      assert batch // (shards * k) <= aot.SWEEP_MICRO_BATCH[stage][topology.split(":")[0]]
