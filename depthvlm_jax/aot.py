@@ -25,7 +25,9 @@ Figures per program (all per chip):
                      counts a while-loop body once (measured: a scan of K micro-batches reports the
                      cost of one), so for a scanned train step the figures are corrected to
                      K x (step - update) + update, where `update` is `step.guarded_update` (everything
-                     outside the micro-batch loop) compiled alone with the same shardings;
+                     outside the micro-batch loop) compiled alone with the same shardings; with
+                     `model.scan_layers` the layer loops inside are corrected first, from one
+                     iteration's cost measured by two probe compiles (`_correct_layer_loops`);
   model_flops, est_mfu
                      model FLOPs: every matmul and convolution of the program's jaxpr traced without
                      rematerialisation (scan bodies times their trip counts), per chip; MFU = model
@@ -430,6 +432,46 @@ def train_inputs(s: Setup) -> TrainInputs:
   return TrainInputs(optimizer, state_sh, _abstract(state_abs, state_sh), frozen, _batch_like(s, c.train.global_batch))
 
 
+COST_KEYS = ("flops", "bytes_accessed", "est_step_s")
+
+
+def scanned_runs(model) -> tuple[list[int], list[int]]:
+  """Trip counts of the layer loops `scan_layers` compiles: (text runs, vision runs); empty without it."""
+  if not model.scan_layers:
+    return [], []
+  c = model.config
+  text = [c.text.num_hidden_layers - len(c.vision.deepstack_visual_indexes)]
+  ends = sorted({*c.vision.deepstack_visual_indexes, c.vision.depth - 1})
+  vision = [b - a for a, b in zip([-1] + ends[:-1], ends)]
+  return [n for n in text if n > 1], [n for n in vision if n > 1]
+
+
+def _correct_layer_loops(out: dict[str, Any], s: Setup, build: Callable, args: tuple) -> None:
+  """Per-step cost figures for a program whose layers run as `lax.scan` loops.
+
+  The cost model counts each loop body once. One iteration's cost is read as a difference: the
+  program compiled again with the last block of the text run (then of every vision run) applied after
+  its loop (`scan_tail`, same result) costs exactly one more block. Each run then adds (trips - 1)
+  iterations. Runs inside the micro-batch loop, so this comes before that loop's correction.
+  """
+  text, vision = scanned_runs(s.model)
+  if not text and not vision:
+    return
+  info: dict[str, Any] = {"reported": {k: out[k] for k in COST_KEYS}, "text_trips": text, "vision_trips": vision}
+  for tower, runs, tail in (("text", text, (1, 0)), ("vision", vision, (0, 1))):
+    if not runs:
+      continue
+    probe = compile_stats(build(s.model.clone(scan_tail=tail)), args)
+    if not probe["fits"]:
+      raise RuntimeError(f"the {tower} loop-cost probe did not compile: {probe['error']}")
+    one = {k: (probe[k] - info["reported"][k]) / len(runs) for k in COST_KEYS}
+    info[f"{tower}_iteration"] = one
+    info[f"{tower}_probe_compile_s"] = probe["compile_s"]
+    for k in COST_KEYS:
+      out[k] += sum(n - 1 for n in runs) * one[k]
+  out["layer_loop_correction"] = info
+
+
 def train_program(s: Setup) -> dict[str, Any]:
   """Compiles the trainer's step (and, for a scanned step, the update alone) and reports it."""
   import jax
@@ -447,7 +489,11 @@ def train_program(s: Setup) -> dict[str, Any]:
     groups = {"state": state_like, "frozen": frozen, "batch": batch_like}
     return {"argument_shard_bytes": argument_bytes_by_group(compiled, groups)}
 
-  out = compile_stats(step, (state_like, frozen, batch_like), inspect=shards)
+  args = (state_like, frozen, batch_like)
+  out = compile_stats(step, args, inspect=shards)
+  if out["fits"]:
+    _correct_layer_loops(out, s, lambda model: trainer.jit_train_step(c, model, optimizer, s.mesh, ti.state_shardings,
+                                                                      s.depth_grid), args)
   k = c.train.micro_batches
   platform = s.mesh.devices.flat[0].platform
   scanned = k > 1 and platform != "cpu"

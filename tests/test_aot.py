@@ -142,6 +142,33 @@ def test_scanned_micro_batch_cost_is_corrected(stage1_cli):
   assert scanned["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
 
 
+def test_scanned_layer_cost_is_corrected(monkeypatch):
+  """With `model.scan_layers` each tower's layer loop is counted once by the cost model; corrected from
+  the probe compiles, the step costs what the unrolled step costs. A tiny model deep enough to scan:
+  text layers 3-7 and vision runs 0-1, 3-5, 6-7 are loops."""
+  import dataclasses
+  from depthvlm_jax.model.config import Qwen3VLConfig
+  small = Qwen3VLConfig.tiny
+
+  def deeper(**kw):
+    c = small(**kw)
+    return dataclasses.replace(c, vision=dataclasses.replace(c.vision, depth=8, deepstack_visual_indexes=(1, 2, 5)),
+                               text=dataclasses.replace(c.text, num_hidden_layers=8))
+
+  monkeypatch.setattr(Qwen3VLConfig, "tiny", staticmethod(deeper))
+  rows = {}
+  for scan in (False, True):
+    c = _config(stage1, **{"model.scan_layers": scan, "model.remat": True})
+    rows[scan] = aot.train_program(aot.make_setup(c, TOPOLOGY))
+  unrolled, scanned = rows[False], rows[True]
+  info = scanned["layer_loop_correction"]
+  assert info["text_trips"] == [5] and info["vision_trips"] == [2, 3, 2]
+  assert info["reported"]["flops"] < 0.8 * unrolled["flops"]  # loops counted once
+  for key in ("flops", "bytes_accessed"):
+    assert scanned[key] == pytest.approx(unrolled[key], rel=0.05), key
+  assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
+
+
 def test_collective_stats_multiply_loop_bodies():
   hlo = """HloModule m
 

@@ -6,7 +6,7 @@ matter of the rules table in the config (see `depthvlm_jax/sharding.py`), never 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -143,3 +143,54 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
                    preferred_element_type=jnp.float32)
   out = out.reshape(b, kvh, g, lq, d) / total
   return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(v.dtype)
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint_policies` entry called `name` (what a rematerialised block may keep)."""
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or not callable(policy) or name.startswith("_"):
+    raise ValueError(f"unknown remat policy {name!r}; expected a name from jax.checkpoint_policies, "
+                     "e.g. nothing_saveable, dots_saveable, dots_with_no_batch_dims_saveable")
+  return policy
+
+
+def run_blocks(parent: nn.Module, names: Sequence[str], make: Callable[[str | None], nn.Module],
+               call: Callable[[nn.Module, jax.Array], jax.Array], x: jax.Array, *, scan: bool,
+               remat: bool, remat_policy: str, tail: int = 0) -> jax.Array:
+  """Applies the identically shaped blocks `names` (children of `parent`) to `x`, in order.
+
+  `make(name)` builds a block: a child of `parent` called `name`, or with None an unbound template
+  of the same block. `call(block, x)` applies one block and returns the new `x`.
+
+  Unrolled (`scan=False`, and always while initialising, which creates the parameters): one call per
+  child, each a copy in the compiled program. Scanned: the children's parameters are stacked on a new
+  leading axis inside the program and one `lax.scan` runs the template over them, so the compiler
+  sees a single block whatever the depth. The parameter tree keeps one entry per layer (the
+  Hugging Face and checkpoint layout); the stacking costs one extra copy of these blocks' weights per
+  step, small against their activations. With `remat`, each block keeps only what
+  `remat_policy` allows and recomputes the rest in the backward pass.
+
+  `tail` blocks at the end of a scanned run are called after the loop instead of in it (same
+  result). XLA's cost analysis counts a loop body once whatever its trip count; the compile report
+  (`depthvlm_jax.aot`) compiles with a tail of 1 to read one iteration's cost as the difference.
+  """
+  policy = checkpoint_policy(remat_policy) if remat else None
+  if not scan or len(names) < 2 or parent.is_initializing():
+    for name in names:
+      x = call(make(name), x)
+    return x
+  tail = min(tail, len(names) - 1)
+  looped, after = names[:len(names) - tail], names[len(names) - tail:]
+  template = make(None)
+  params = parent.variables["params"]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[name] for name in looped])
+
+  def body(h, block_params):
+    return template.apply({"params": block_params}, h, method=call), None
+
+  if remat:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  for name in after:
+    x = call(make(name), x)
+  return x

@@ -83,12 +83,18 @@ class Qwen3VL(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (jax.checkpoint_policies)
+  scan_layers: bool = False  # both towers' repeated blocks as lax.scan (one block in the program)
+  # (text, vision) blocks of each scanned run applied after its loop: the compile report's probe of
+  # one loop iteration's cost (`layers.run_blocks`); 0 otherwise
+  scan_tail: tuple[int, int] = (0, 0)
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-    self.visual = VisionTower(c.vision, **kw)
-    self.language_model = TextDecoder(c.text, **kw)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, remat_policy=self.remat_policy,
+              scan_layers=self.scan_layers)
+    self.visual = VisionTower(c.vision, scan_tail=self.scan_tail[1], **kw)
+    self.language_model = TextDecoder(c.text, scan_tail=self.scan_tail[0], **kw)
     if not c.tie_word_embeddings:
       self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthvlm_jax.model.config import TextConfig
-from depthvlm_jax.model.layers import Dense, RMSNorm, apply_rotary, attention, logical_init
+from depthvlm_jax.model.layers import Dense, RMSNorm, apply_rotary, attention, checkpoint_policy, logical_init, run_blocks
 
 Dtype = Any
 KVCache = tuple[jax.Array, jax.Array]  # each (batch, cache_len, kv_heads, head_dim)
@@ -115,13 +115,17 @@ class TextDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat)
+  scan_layers: bool = False  # run the layers after the DeepStack ones as one lax.scan (see `run_blocks`)
+  scan_tail: int = 0  # layers of the scanned run applied after its loop (compile-report probe; see `run_blocks`)
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = self.param("embed_tokens", logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
                                    (c.vocab_size, c.hidden_size), self.param_dtype)
-    layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
+    layer_cls = (nn.remat(DecoderLayer, static_argnums=(), policy=checkpoint_policy(self.remat_policy))
+                 if self.remat else DecoderLayer)
     self.layers = [layer_cls(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, "embed", **kw)
 
@@ -151,10 +155,21 @@ class TextDecoder(nn.Module):
     """
     cos, sin = mrope_cos_sin(position_ids, self.config)
     x = embeds
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-      new_cache.append(layer_cache)
-      if i < len(deepstack_at_positions):
-        x = x + deepstack_at_positions[i].astype(x.dtype)
-    return self.norm(x), (None if cache is None else new_cache)
+    if cache is not None:  # prefill / decode: one call per layer, each with its own cache
+      new_cache = []
+      for i, layer in enumerate(self.layers):
+        x, layer_cache = layer(x, cos, sin, mask, cache[i], cache_index)
+        new_cache.append(layer_cache)
+        if i < len(deepstack_at_positions):
+          x = x + deepstack_at_positions[i].astype(x.dtype)
+      return self.norm(x), new_cache
+    for i, feat in enumerate(deepstack_at_positions):  # the layers followed by a DeepStack addition
+      x = self.layers[i](x, cos, sin, mask)[0] + feat.astype(x.dtype)
+    rest = range(len(deepstack_at_positions), len(self.layers))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = run_blocks(self, [f"layers_{i}" for i in rest],
+                   lambda name: self.layers[int(name.split("_")[1])] if name else DecoderLayer(
+                       self.config, parent=None, **kw),
+                   lambda layer, h: layer(h, cos, sin, mask)[0], x, scan=self.scan_layers, remat=self.remat,
+                   remat_policy=self.remat_policy, tail=self.scan_tail)
+    return self.norm(x), None

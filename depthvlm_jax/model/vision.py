@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from depthvlm_jax.model.config import VisionConfig
-from depthvlm_jax.model.layers import Dense, LayerNorm, apply_rotary, attention, logical_init
+from depthvlm_jax.model.layers import (Dense, LayerNorm, apply_rotary, attention, checkpoint_policy, logical_init,
+                                       run_blocks)
 
 Dtype = Any
 
@@ -173,6 +174,9 @@ class VisionTower(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat)
+  scan_layers: bool = False  # blocks between DeepStack taps as one lax.scan each (see `run_blocks`)
+  scan_tail: int = 0  # blocks of each scanned run applied after its loop (compile-report probe; see `run_blocks`)
 
   @nn.compact
   def __call__(self, pixel_values: jax.Array, image_grid_hw: jax.Array):
@@ -201,12 +205,17 @@ class VisionTower(nn.Module):
     x = x + interpolated_position_embedding(table, row, col, image_grid_hw, c.num_grid_per_side).astype(x.dtype)
     cos, sin = vision_rotary(row, col, c.head_dim, c.rope_theta)
     mask = valid[:, None, None, :]  # keys restricted to the image's own real patches
-    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+    block_cls = nn.remat(VisionBlock, policy=checkpoint_policy(self.remat_policy)) if self.remat else VisionBlock
     deepstack = []
-    for i in range(c.depth):
-      x = block_cls(c, name=f"blocks_{i}", **kw)(x, cos, sin, mask)
-      if i in c.deepstack_visual_indexes:
-        k = c.deepstack_visual_indexes.index(i)
+    start = 0
+    for end in sorted({*c.deepstack_visual_indexes, c.depth - 1}):  # runs of blocks between taps
+      x = run_blocks(self, [f"blocks_{i}" for i in range(start, end + 1)],
+                     lambda name: block_cls(c, name=name, **kw) if name else VisionBlock(c, parent=None, **kw),
+                     lambda block, h: block(h, cos, sin, mask), x, scan=self.scan_layers, remat=self.remat,
+                     remat_policy=self.remat_policy, tail=self.scan_tail)
+      start = end + 1
+      if end in c.deepstack_visual_indexes:
+        k = c.deepstack_visual_indexes.index(end)
         deepstack.append(PatchMerger(c, True, name=f"deepstack_merger_list_{k}", **kw)(x))
     merged = PatchMerger(c, False, name="merger", **kw)(x)
     token_valid = valid.reshape(n, p // unit, unit)[..., 0]

@@ -29,7 +29,7 @@ from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_ima
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
-from depthvlm_jax.model.layers import abstract_params
+from depthvlm_jax.model.layers import abstract_params, checkpoint_policy
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval, workdir_lock
@@ -99,6 +99,10 @@ def validate_config(config) -> None:
     errors.append(f"stage={config.stage}: expected 1 or 2")
   if not config.train.trainable:
     errors.append("train.trainable is empty: give (regex, trainable) rules")
+  try:
+    checkpoint_policy(config.model.remat_policy)
+  except ValueError as e:
+    errors.append(f"model.remat_policy: {e}")
   for name in ("compute_dtype", "param_dtype"):
     if config.model[name] not in DTYPES:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
@@ -235,7 +239,8 @@ def build_model(config) -> DepthVLM:
                          features=config.model.dpt_features, out_channels=tuple(config.model.dpt_out_channels),
                          head_features=config.model.dpt_head_features)
   return DepthVLM(backbone, head=head, dtype=DTYPES[config.model.compute_dtype],
-                  param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
+                  param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat,
+                  remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
 
 
 def initial_params(config, model: DepthVLM, shardings, rng):
