@@ -8,7 +8,7 @@ Steps, each in its own process (peak resident memory from `os.wait4`'s `ru_maxrs
             preprocessor files. Tensors are drawn one at a time and each shard is written as soon
             as it is full (`export.write_hf_tensors`), so the model is never whole in memory.
   predict   `python -m depthvlm_jax.predict` (bfloat16) on one 1920x1440 ScanNet++ frame of
-            ../shared/data;
+            ../shared/data with its focal length (canonical 1006x1342, processed 992x1344, HxW);
   evaluate  `python -m depthvlm_jax.evaluate` (bfloat16, one image per batch) on the four shared
             ScanNet++ frames;
   train     `main.py` stage 1 from that directory: one step at global batch 1 on the same frames,
@@ -167,7 +167,8 @@ def main(argv=None) -> dict[str, Any]:
     ap.error(f"--steps: unknown {sorted(unknown)}; expected a subset of {STEPS}")
   bucket = tuple(int(v) for v in args.bucket.lower().split("x"))
   work.mkdir(parents=True, exist_ok=True)
-  frame = sorted((FRAMES / "rgb").glob("*.jpg"))[0]
+  record = json.loads((FRAMES / "examples.jsonl").read_text().splitlines()[0])  # its focal length too
+  frame, fx = FRAMES / "rgb" / record["image"], record["original_fx"]
   data = f"{FRAMES / 'examples.jsonl'}|{FRAMES / 'rgb'}|{FRAMES / 'depth'}|scannetpp"
   _, head = model_configs(args.size)
   (work / "train_config.py").write_text(TRAIN_CONFIG.format(
@@ -178,7 +179,7 @@ def main(argv=None) -> dict[str, Any]:
   commands = {
       "write": [py, "-m", "benchmarks.full_size", f"--size={args.size}", f"--dir={work}",
                 f"--max_shard_gb={args.max_shard_gb}", "--write_only"],
-      "predict": [py, "-m", "depthvlm_jax.predict", f"--model={hf_dir}", f"--image={frame}",
+      "predict": [py, "-m", "depthvlm_jax.predict", f"--model={hf_dir}", f"--image={frame}", f"--fx={fx}",
                   f"--out={work / 'predict'}", "--dtype=bfloat16", "--max_new_tokens=1"],
       "evaluate": [py, "-m", "depthvlm_jax.evaluate", f"--model={hf_dir}", f"--data=scannetpp={data}",
                    f"--out={work / 'evaluate'}", "--dtype=bfloat16", "--mesh=data=1", "--per_device_batch=1",
