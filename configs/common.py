@@ -29,6 +29,7 @@ PRESETS = {
         "data.seq_len": 128,
         "data.num_workers": 0,
         "train.lm_positions": 40,
+        "eval_per_device_batch": 8,  # the 48 held-out scenes in 6 batches on one CPU device
         "mesh.data": -1,
         "mesh.fsdp": 1,
     },
@@ -143,6 +144,9 @@ def base_config(preset):
   # ---- logging, evaluation, checkpoints
   c.log_every = 10  # metrics.jsonl + TensorBoard (workdir/tensorboard)
   c.eval_every = 0  # depth δ1 on the held-out split every N steps; 0 = only at the end
+  # Held-out δ1 batch: rows per device of the mesh's batch axes (a forward only: small next to a
+  # train micro-batch); the split is streamed and its last batch padded.
+  c.eval_per_device_batch = 4
   c.eval_qa = 64  # held-out distance questions answered greedily at the end (synthetic data); 0 = off
   c.eval_qa_new_tokens = 12
   c.ckpt_every = 50

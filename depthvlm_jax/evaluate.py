@@ -26,8 +26,10 @@ No single record stops a run: a bad JSON line, a missing or broken file, a missi
 is counted per reason, with its file:line message (`skipped`, `skip_messages`, and the table).
 
 Model predictions are batched and jitted: images are grouped by processed size (one compiled program
-per size and padded prompt length, the last batch padded by repetition) and the batch is sharded over
-the mesh's data axes (`--mesh data=-1`). Single-process; multi-host would need
+per size and padded prompt length, from one jitted forward built once with explicit shardings; the
+last batch padded by repetition and the padded rows dropped) and the batch is sharded over the mesh's
+batch axes (`--mesh data=-1`; `--per_device_batch N` = N images per batch shard). Images are read one
+batch at a time (never the whole set in memory). Single-process; multi-host would need
 `jax.make_array_from_process_local_data`.
 
 This module is the command line only: the loop is `evaluation/runner.py`, the predictors
@@ -60,7 +62,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--preprocess", default=None, choices=PREPROCESSING,
                   help="image preprocessing (default: the protocol's; official = 28-then-32 resize)")
   ap.add_argument("--coord_frame", action="append", default=[], help="NAME=rgb|depth (correct protocol)")
-  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--batch_size", type=int, default=8, help="images per model call (rounded up to the mesh's "
+                  "batch shards)")
+  ap.add_argument("--per_device_batch", type=int, default=None,
+                  help="images per device of the mesh's batch axes (sets the batch; overrides --batch_size)")
   ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
   ap.add_argument("--workers", type=int, default=4)
   ap.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=-1 or data=2,fsdp=4")
@@ -69,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = ap.parse_args(argv)
   if bool(args.model) == bool(args.baseline):
     ap.error("give exactly one of --model or --baseline")
+  for name in ("batch_size", "per_device_batch"):
+    if getattr(args, name) is not None and getattr(args, name) <= 0:
+      ap.error(f"--{name}={getattr(args, name)}: expected a positive integer")
   if args.protocol and args.coords and args.protocol != args.coords:
     ap.error(f"--coords {args.coords} contradicts --protocol {args.protocol} (--coords is its former name)")
   protocol_name = args.protocol or args.coords or "correct"
@@ -88,11 +96,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from depthvlm_jax.evaluation.loading import load_model
     mesh = sharding.make_mesh({k: int(v) for k, v in (p.split("=") for p in args.mesh.split(","))})
     loaded = load_model(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
-    predictor = ModelPredictor(loaded, args.batch_size, mesh)
+    batch_size = args.batch_size if args.per_device_batch is None else \
+        args.per_device_batch * sharding.batch_shards(mesh)
+    predictor = ModelPredictor(loaded, batch_size, mesh)
+    batch_size = predictor.batch_size  # images read per step: one model batch at a time
   else:
     predictor = make_baseline(args.baseline)
+    batch_size = args.batch_size
   summary = run(predictor, datasets, args.out, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                protocol_name, args.batch_size, args.limit, args.workers, preprocessing=args.preprocess)
+                protocol_name, batch_size, args.limit, args.workers, preprocessing=args.preprocess)
   print(summary["table"])
   print(f"wrote {pathlib.Path(args.out) / SUMMARY_FILE}")
   return summary

@@ -3,7 +3,7 @@
   python -m depthvlm_jax.export --checkpoint WORKDIR_OR_HF_DIR --out DIR [--dtype bfloat16] [--max_shard_gb 5]
 
 writes config.json (Qwen3-VL config + `depth_head_*` fields), model.safetensors (or shards plus
-model.safetensors.index.json), the tokenizer files and preprocessor_config.json, with the official
+model.safetensors.index.json; each shard written as soon as it is full), the tokenizer files and preprocessor_config.json, with the official
 key names: `transformers.Qwen3VLForConditionalGeneration.from_pretrained(DIR)` loads every backbone
 weight, and `depthvlm_jax.torch_export.DepthVLMForConditionalGeneration` loads everything strictly.
 The directory is written next to DIR and renamed into place when complete (readable by others, as
@@ -28,7 +28,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import safetensors.numpy
@@ -120,13 +120,26 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
                  tokenizer=None, processor=None, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
                  processing_files: bool = True, overwrite: bool = False,
                  sources: tuple[str | pathlib.Path, ...] = ()) -> pathlib.Path:
-  """Writes the HF directory atomically (an existing `out_dir` is accepted as in `check_out_dir`).
+  """Writes the HF directory of `params` atomically (an existing `out_dir` is accepted as in `check_out_dir`).
 
   Args:
     overwrite, sources: see `check_out_dir`.
     tokenizer, processor: a Hugging Face tokenizer and an `ImageProcessorConfig` whose files are
       written beside the weights (defaults: the embedded offline Qwen tokenizer and default
       processor settings); skipped when `processing_files=False`.
+  """
+  return write_hf_tensors(hf_tensors(params, config), config, head, out_dir, tokenizer, processor, dtype,
+                          max_shard_bytes, processing_files, overwrite, sources)
+
+
+def write_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: Qwen3VLConfig, head: DepthHeadConfig | None,
+                     out_dir: str | pathlib.Path, tokenizer=None, processor=None, dtype: str = "float32",
+                     max_shard_bytes: int = 5 * 2**30, processing_files: bool = True, overwrite: bool = False,
+                     sources: tuple[str | pathlib.Path, ...] = ()) -> pathlib.Path:
+  """`write_hf_dir` for a stream of (official key, torch-layout array) pairs.
+
+  Streamed: each shard file is written as soon as it is full and its arrays dropped, so besides the
+  source of the tensors at most one shard (`max_shard_bytes`) is held.
   """
   out = check_out_dir(out_dir, overwrite, sources)
   try:
@@ -146,24 +159,36 @@ def write_hf_dir(params: dict[str, Any], config: Qwen3VLConfig, head: DepthHeadC
                         head.head_features, OFFICIAL_DPT)
         cfg["architectures"] = ["DepthVLMForConditionalGeneration"]
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in hf_tensors(params, config):
+    # Shards are written under part names as they fill; the final names need their count.
+    parts: list[list[str]] = []  # keys of each written part
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+      safetensors.numpy.save_file(shard, str(tmp / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"})
+      parts.append(list(shard))
+      shard.clear()
+
+    for key, value in tensors:
       arr = np.ascontiguousarray(_cast(value, dtype))
-      if shards[-1] and size + arr.nbytes > max_shard_bytes:
-        shards.append({})
+      del value
+      if shard and size + arr.nbytes > max_shard_bytes:
+        flush()
         size = 0
-      shards[-1][key] = arr
+      shard[key] = arr
       size += arr.nbytes
-    if len(shards) == 1:
-      safetensors.numpy.save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+      total += arr.nbytes
+      del arr
+    if shard or not parts:
+      flush()
+    if len(parts) == 1:
+      os.replace(tmp / "part-00000.safetensors", tmp / "model.safetensors")
     else:
-      weight_map, total = {}, 0
-      for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        total += sum(a.nbytes for a in shard.values())
+      weight_map = {}
+      for i, keys in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(tmp / f"part-{i:05d}.safetensors", tmp / name)
+        weight_map.update({k: name for k in keys})
       (tmp / "model.safetensors.index.json").write_text(
           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if processing_files:
@@ -212,8 +237,10 @@ def main(argv):
     if not _MAX_SHARD_GB.value > 0:
       raise ExportError(f"--max_shard_gb={_MAX_SHARD_GB.value}: expected a positive size in GB")
     check_out_dir(_OUT.value, _OVERWRITE.value, (_CHECKPOINT.value,))  # before the (slow) model load
+    import jax.numpy as jnp
     from depthvlm_jax.evaluation.loading import load_model
-    loaded = load_model(_CHECKPOINT.value)
+    # A HF directory is read straight in the stored dtype (a bfloat16 export never holds float32 weights).
+    loaded = load_model(_CHECKPOINT.value, dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32)
     out = write_hf_dir(loaded.params, loaded.model.config, loaded.model.head, _OUT.value, loaded.tokenizer,
                        loaded.processor, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30), overwrite=_OVERWRITE.value,
                        sources=(_CHECKPOINT.value,))

@@ -1,6 +1,7 @@
 """Depth metrics equal plain NumPy references on random arrays with invalid pixels."""
 
 import numpy as np
+import pytest
 
 from depthvlm_jax.evaluation import metrics
 
@@ -42,3 +43,24 @@ def test_best_constant():
   maps = [np.full((4, 4), 2.0, np.float32), np.full((4, 4), 2.2, np.float32)]
   c, d1 = metrics.best_constant_delta1(maps)
   assert d1 == 1.0 and 2.2 / 1.25 < c < 2.0 * 1.25
+
+
+def test_best_constant_streamed_equals_brute_force():
+  rng = np.random.default_rng(0)
+  maps = [np.where(rng.random((6, 7)) < 0.2, 0.0, rng.uniform(0.5, 20.0, (6, 7))) for _ in range(4)]
+  maps.append(np.zeros((3, 3)))  # no valid pixel: left out
+  acc = metrics.BestConstant()
+  for m in maps:
+    acc.add(m)
+  c, d1 = acc.best()
+  # every candidate's mean per-image δ1 computed directly
+  cands = np.exp(acc.lo + np.arange(acc.bins + 1) * acc.width)
+  valid = [m[m > 0] for m in maps if np.any(m > 0)]
+  direct = np.mean([[np.mean(np.maximum(k / v, v / k) < 1.25) for k in cands] for v in valid], axis=0)
+  np.testing.assert_allclose(acc.delta1_sums / acc.images, direct, atol=1e-12)
+  assert d1 == pytest.approx(direct.max()) and acc.images == 4
+  # summed states of two halves (two processes) give the same answer
+  a, b = metrics.BestConstant(), metrics.BestConstant()
+  for i, m in enumerate(maps):
+    (a if i % 2 else b).add(m)
+  assert a.best(a.state() + b.state()) == (c, d1)

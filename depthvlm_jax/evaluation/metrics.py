@@ -8,6 +8,8 @@ convention, λ = 1). Each image is reduced on its own; datasets average the per-
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,14 +63,55 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
   return {k: (int(v[0]) if k == "count" else float(v[0])) for k, v in out.items()}
 
 
-def best_constant_delta1(gts: list[np.ndarray], num: int = 400) -> tuple[float, float]:
+class BestConstant:
+  """The constant depth with the highest mean per-image δ1, accumulated one map at a time.
+
+  Memory stays O(candidates) whatever the number of images (the held-out set is streamed). The
+  candidates are c_j = exp(log(lo_m) + j·w) with w = log(1.25) / `steps_per_threshold`; a pixel of
+  depth v counts for c_j when |log v − log c_j| < log 1.25, i.e. when log v falls in the
+  2·`steps_per_threshold` bins of width w around log c_j. So each image costs one histogram of its
+  log depths and every candidate's δ1 is a difference of its cumulative sums: exact for every
+  candidate (up to ties on a bin edge), with candidates 1.25^(1/steps) apart.
+  """
+
+  def __init__(self, lo_m: float = 1e-3, hi_m: float = 1e4, steps_per_threshold: int = 16):
+    self.k = int(steps_per_threshold)
+    self.width = math.log(1.25) / self.k
+    self.lo = math.log(lo_m)
+    self.bins = int(math.ceil((math.log(hi_m) - self.lo) / self.width))
+    self.delta1_sums = np.zeros(self.bins + 1, np.float64)  # per candidate, over images
+    self.images = 0
+
+  def add(self, gt: np.ndarray) -> None:
+    """One (H, W) ground-truth map (0 = invalid); a map without a valid pixel is left out."""
+    v = np.asarray(gt, np.float64)
+    v = v[v > 0]
+    if not v.size:
+      return
+    idx = np.clip(np.floor((np.log(v) - self.lo) / self.width), 0, self.bins - 1).astype(np.int64)
+    below = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=self.bins))])  # pixels in bins < j
+    j = np.arange(self.bins + 1)
+    inside = below[np.minimum(j + self.k, self.bins)] - below[np.maximum(j - self.k, 0)]
+    self.delta1_sums += inside / v.size
+    self.images += 1
+
+  def state(self) -> np.ndarray:
+    """(candidates + 1,) float64: the per-candidate sums and the image count (summable over processes)."""
+    return np.append(self.delta1_sums, self.images)
+
+  def best(self, state: np.ndarray | None = None) -> tuple[float, float]:
+    """(constant in metres, its mean per-image δ1), of this accumulator or of a summed `state()`."""
+    state = self.state() if state is None else np.asarray(state, np.float64)
+    sums, images = state[:-1], state[-1]
+    if images == 0:
+      raise ValueError("best constant of no image with valid depth")
+    j = int(np.argmax(sums))
+    return float(math.exp(self.lo + j * self.width)), float(sums[j] / images)
+
+
+def best_constant_delta1(gts: list[np.ndarray]) -> tuple[float, float]:
   """The constant depth with the highest mean per-image δ1 on these maps: (constant, δ1)."""
-  valid = [g[g > 0] for g in gts if np.any(g > 0)]
-  lo = min(v.min() for v in valid)
-  hi = max(v.max() for v in valid)
-  best = (0.0, -1.0)
-  for c in np.geomspace(lo, hi, num):
-    score = float(np.mean([np.mean(np.maximum(c / v, v / c) < 1.25) for v in valid]))
-    if score > best[1]:
-      best = (float(c), score)
-  return best
+  acc = BestConstant()
+  for g in gts:
+    acc.add(g)
+  return acc.best()

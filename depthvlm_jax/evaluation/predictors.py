@@ -71,18 +71,15 @@ class ModelPredictor:
   def __init__(self, loaded, batch_size: int = 8, mesh=None, seq_multiple: int = 64):
     import jax
     from depthvlm_jax import sharding
+    from depthvlm_jax.evaluation import step
     self.loaded, self.mesh, self.seq_multiple = loaded, mesh, seq_multiple
-    data_ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    data_ways = 1 if mesh is None else sharding.batch_shards(mesh)
     self.batch_size = -(-batch_size // data_ways) * data_ways
     self.description = f"model:{loaded.path}"
-    model = loaded.model
-    self._sharding = sharding
-    self._fwd = jax.jit(
-        lambda params, batch, grid: model.apply({"params": params}, batch["input_ids"], batch["position_ids"],
-                                                batch["attention_mask"], batch["pixel_values"],
-                                                batch["image_grid_hw"], compute_logits=False,
-                                                depth_grid=grid).depth,
-        static_argnums=2)
+    self._step = step
+    # Built once: one program per bucket (processed size, padded prompt length), explicit shardings.
+    shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, loaded.params)
+    self._fwd = step.jit_depth_maps(loaded.model, mesh, shardings)
 
   def processed_hw(self, canonical_hw: tuple[int, int], preprocessing: str = "direct") -> tuple[int, int]:
     return processed_size(canonical_hw[0], canonical_hw[1], self.loaded.processor, preprocessing)
@@ -111,12 +108,9 @@ class ModelPredictor:
     grids = [g[1:] for g in grid] + [grid[-1][1:]] * pad
     batch = make_model_inputs(ids, model.config, patches, grids, padding_side="right", seq_len=seq_len,
                               pad_id=tok.pad_token_id)
-    batch.pop("rope_deltas")
-    if self.mesh is not None:
-      names = {"position_ids": (None, "batch"), "pixel_values": ("images",), "image_grid_hw": ("images",)}
-      batch = {k: jax.device_put(v, self._sharding.activation_sharding(self.mesh, *names.get(k, ("batch",)),
-                                                                        shape=v.shape))
-               for k, v in batch.items()}
+    batch = {k: batch[k] for k in self._step.MODEL_INPUTS}
+    if self.mesh is not None:  # pad (above), shard, unpad (below)
+      batch = {k: jax.device_put(v, self._step.input_sharding(self.mesh, k)) for k, v in batch.items()}
     depth = self._fwd(self.loaded.params, batch, (hp // merge_px, wp // merge_px))
     return np.asarray(depth, np.float32)[:n]
 

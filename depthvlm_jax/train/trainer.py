@@ -25,7 +25,7 @@ import tqdm
 from data_pipelines import pipeline, synthetic
 from data_pipelines.skips import SKIP_REASONS, counts_to_dict
 from depthvlm_jax import sharding
-from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_image
+from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
@@ -33,6 +33,7 @@ from depthvlm_jax.model.layers import abstract_params, checkpoint_policy
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval, workdir_lock
+from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
 from depthvlm_jax.train.step import initial_state, make_train_step, max_supervised_tokens
 
@@ -78,7 +79,8 @@ def validate_config(config) -> None:
   for name, value in (("train.global_batch", t.global_batch), ("train.micro_batches", t.micro_batches),
                       ("ckpt_every", config.ckpt_every), ("log_every", config.log_every),
                       ("keep_ckpts", config.keep_ckpts), ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-                      ("data.seq_len", config.data.seq_len)):
+                      ("data.seq_len", config.data.seq_len),
+                      ("eval_per_device_batch", config.eval_per_device_batch)):
     if value <= 0:
       errors.append(f"{name}={value}: expected a positive integer")
   if t.global_batch > 0 and t.micro_batches > 0 and t.global_batch % t.micro_batches:
@@ -321,35 +323,6 @@ def data_sources(config, workdir: pathlib.Path):
   return train, weights, evals
 
 
-# ----------------------------------------------------------------------------- evaluation
-def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_grid, batch_size: int):
-  """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1."""
-  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
-                                         b["pixel_values"], b["image_grid_hw"], compute_logits=False,
-                                         depth_grid=depth_grid).depth)
-  scores = []
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i:i + batch_size]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # pad: one program for every batch
-    b = {k: np.stack([e[k] for e in chunk]) for k in ("input_ids", "attention_mask", "pixel_values",
-                                                      "image_grid_hw", "depth")}
-    b["position_ids"] = np.stack([e["position_ids"] for e in chunk], 1)
-    pred = fwd(params, b)
-    d1, count = delta1_per_image(pred, jnp.asarray(b["depth"]))
-    n_real = min(batch_size, len(examples) - i)
-    scores += [float(x) for x, c in zip(np.asarray(d1)[:n_real], np.asarray(count)[:n_real]) if c > 0]
-  constant, constant_d1 = best_constant_delta1([e["depth"] for e in examples])
-  return {"delta1": float(np.mean(scores)), "images": len(scores), "best_constant_m": constant,
-          "best_constant_delta1": constant_d1}
-
-
-def prepared_eval_examples(source, spec, model_config, tokenizer, processor) -> list[dict[str, np.ndarray]]:
-  prepare = pipeline.PrepareExample(source, spec, model_config, tokenizer, processor)
-  records, _ = pipeline.load_records(source)
-  out = [prepare(r) for r in records]
-  return [e for e in out if isinstance(e, dict)]
-
-
 # ----------------------------------------------------------------------------- main loop
 def batch_names(key: str) -> tuple[str | None, ...]:
   """Logical names of a global train-batch array's leading dims (position_ids is (3, B, L))."""
@@ -446,10 +419,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
                        else jax.device_put(x, replicated), state)
   train_step = jit_train_step(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state), depth_grid)
-  eval_examples = {name: prepared_eval_examples(src, pipeline.ExampleSpec(spec.image_size, spec.seq_len, False,
-                                                                          random_crop=False),
-                                                model.config, tokenizer, processor)
-                   for name, src in eval_sources.items()}
+  # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params' shardings.
+  eval_sets = [make_eval_set(name, src, spec, model.config, tokenizer, processor, mesh, config.eval_per_device_batch)
+               for name, src in eval_sources.items()]
+  eval_step = jit_delta1(model, mesh, param_sh)
   skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
   first = int(state["step"])
   metrics = MetricsLog(workdir, start, enabled=distributed.is_main())
@@ -480,8 +453,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       metrics.write(done, row)
     if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
       full = optim.merge_params(state["params"], frozen)
-      for name, examples in eval_examples.items():
-        results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch)
+      for eval_set in eval_sets:
+        name = eval_set.name
+        results[name] = evaluate_depth(eval_step, full, eval_set, mesh)
         bar.write(f"step {done} eval {name}: delta1 {results[name]['delta1']:.4f} (best constant "
                   f"{results[name]['best_constant_delta1']:.4f} at {results[name]['best_constant_m']:.2f} m)")
         metrics.write(done, results[name], prefix=f"eval/{name}")

@@ -85,8 +85,19 @@ def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
   plain = runner.run(predictors.ModelPredictor(loaded, batch_size=2), ds, tmp_path / "p", progress=False)
   sharded_loaded = loading.load_model(loaded.path, mesh=mesh)
   assert sharded_loaded.kind == "hf_depthvlm" and sharded_loaded.head_trained
-  sharded = runner.run(predictors.ModelPredictor(sharded_loaded, batch_size=1, mesh=mesh), ds, tmp_path / "s",
-                   progress=False)
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(depth_maps)":
+      compiles.append(1)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:  # one image per device: two batches of 2 (the last padded), one program
+    sharded = runner.run(predictors.ModelPredictor(sharded_loaded, batch_size=1, mesh=mesh), ds, tmp_path / "s",
+                         progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert len(compiles) == 1
   for mode in ("sparse", "dense"):
     a, b = plain["datasets"]["d"][mode], sharded["datasets"]["d"][mode]
     assert a["images"] == b["images"] == 3
