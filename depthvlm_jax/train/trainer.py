@@ -192,6 +192,8 @@ def check_resume_config(previous: dict[str, Any] | None, config, workdir: pathli
   """
   if previous is None:
     return []
+  # runs recorded before `model.frozen_dtype` existed kept their frozen parameters in float32
+  previous = dict(previous, model={"frozen_dtype": "float32", **previous.get("model", {})})
   diff = config_diff(previous, json.loads(config.to_json_best_effort()))
   lines = [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diff]
   fixed = [line for (k, _, _), line in zip(diff, lines) if k == "stage" or k.startswith(FIXED_ON_RESUME)]
@@ -320,6 +322,8 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, 
     distributed.barrier("checkpoint_fallback")
     if damaged and not distributed.is_main():
       mgr.reload()
+    if not checkpoints.frozen_path(mgr.directory).is_dir():  # steps of an earlier version, frozen params in each
+      checkpoints.save_frozen(workdir, frozen)
     return start, state, frozen, mgr
   if config.resume:
     rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
@@ -500,6 +504,21 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   bar = tqdm.tqdm(range(first, total_steps), initial=first, total=total_steps, desc=f"stage {config.stage}",
                   dynamic_ncols=True, disable=not distributed.is_main(), unit="step")
   t0 = time.time()
+  # The host reads a step's non-finite counter one step late (after the next step is dispatched, so
+  # loading and transferring the next batch overlap the running step), or at once on the steps
+  # where it waits for the device anyway (logging, evaluation, checkpoint, last step). Either way
+  # the run stops at the step that reached train.max_nonfinite_steps, before its host work.
+  unchecked = None  # (step, its non-finite counter) not read yet
+
+  def stop_if_nonfinite(done: int, nonfinite: jax.Array) -> None:
+    count = int(nonfinite)
+    if count >= config.train.max_nonfinite_steps:
+      mgr.wait_until_finished()
+      metrics.close()
+      raise NonFiniteError(f"{count} consecutive non-finite steps (loss, gradient or update) at step {done} "
+                           f"(train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopping. Last good "
+                           f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+
   for step in bar:
     batch = next(data_iter)
     skip_totals += batch["skip_counts"].sum(0)
@@ -507,12 +526,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     state, m = train_step(state, frozen, _to_global(batch, mesh, shard))
     done = step + 1
-    if int(state["nonfinite"]) >= config.train.max_nonfinite_steps:
-      mgr.wait_until_finished()
-      metrics.close()
-      raise NonFiniteError(f"{int(state['nonfinite'])} consecutive non-finite steps (loss, gradient or update) at step {done} "
-                           f"(train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopping. Last good "
-                           f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+    if unchecked is not None:
+      stop_if_nonfinite(*unchecked)
+    unchecked = (done, m.pop("nonfinite"))
+    eval_now = (config.eval_every and done % config.eval_every == 0) or done == total_steps
+    ckpt_now = done % config.ckpt_every == 0 or done == total_steps
+    if done % config.log_every == 0 or eval_now or ckpt_now:
+      stop_if_nonfinite(*unchecked)
+      unchecked = None
     if done % config.log_every == 0 or done == total_steps:
       row = {k: float(v) for k, v in m.items()}
       row.update(lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(distributed.process_sum(skip_totals)),
@@ -521,7 +542,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}",
                       lr=f"{row['lr']:.2e}", gnorm=f"{row['grad_norm']:.3f}", skipped=row["skipped_updates"])
       metrics.write(done, row)
-    if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
+    if eval_now:
       full = optim.merge_params(state["params"], frozen)
       for name, examples in eval_examples.items():
         results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch)
@@ -529,7 +550,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
                   f"{results[name]['best_constant_delta1']:.4f} at {results[name]['best_constant_m']:.2f} m)")
         metrics.write(done, results[name], prefix=f"eval/{name}")
     # Only good states are checkpointed: during a streak of refused updates the last good checkpoint stays the latest.
-    if (done % config.ckpt_every == 0 or done == total_steps) and int(state["nonfinite"]) == 0:
+    if ckpt_now and int(state["nonfinite"]) == 0:
       checkpoints.save(mgr, done, state, None, data_iter)  # frozen params: written once, at the start
   bar.close()
   mgr.wait_until_finished()

@@ -24,7 +24,7 @@ def stand_in_step(*args, **kwargs):
   def step(state, frozen, batch):
     zero = jnp.zeros((), jnp.float32)
     metrics = {k: zero for k in ("loss", "depth_loss", "lm_loss", "grad_norm", "param_norm", "update_norm")}
-    return dict(state, step=state["step"] + 1), metrics
+    return dict(state, step=state["step"] + 1), dict(metrics, nonfinite=state["nonfinite"])
   return step
 
 

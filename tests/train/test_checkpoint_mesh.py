@@ -100,3 +100,25 @@ def test_model_init_restores_another_runs_params_onto_this_mesh(saved, tmp_path,
   other = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512, tie_word_embeddings=True), head=DepthHeadConfig.tiny())
   with pytest.raises(ConfigError, match="model_init=.*does not match this model.*lm_head"):
     trainer.initial_params(config, other, _like(other, mesh), jax.random.key(0))
+
+
+def test_resume_from_steps_of_an_earlier_version_writes_the_frozen_params_once(saved, tmp_path):
+  """A workdir whose steps hold their own frozen params (earlier versions) resumes, and the frozen
+  params are then written to `frozen_params`, which the run's new steps (state only) rely on."""
+  import shutil
+  import ml_collections
+  from depthvlm_jax.train import trainer
+  directory, state, frozen = saved
+  workdir = tmp_path / "run"
+  shutil.copytree(directory, workdir / "checkpoints")
+  config = ml_collections.ConfigDict({"train": {"trainable": STAGE2, "seed": 0}, "model": {"frozen_dtype": "float32"},
+                                      "keep_ckpts": 2, "resume": "", "model_init": ""})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  start, got_state, got_frozen, mgr = trainer.restore_or_initialise(config, MODEL, mesh, workdir, OPT, None)
+  assert start == 7
+  for want, got in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves((got_state, got_frozen)), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (workdir / checkpoints.FROZEN_DIR).is_dir()
+  again = checkpoints.restore_frozen(workdir / "checkpoints", got_frozen)
+  for want, got in zip(jax.tree.leaves(frozen), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
