@@ -23,15 +23,12 @@ import pathlib
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from configs import stage1, stage2
 from data_pipelines import pipeline
 from depthvlm_jax import sharding
-from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
-from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import distributed, optim, trainer
@@ -77,10 +74,8 @@ def train_step(config):
   """(jitted step, state, frozen, (mesh, data shard), model) for the config, built with the trainer's helpers."""
   model = trainer.build_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
-  param_sh = sharding.logical_shardings(boxed, mesh)
-  mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
-  params = trainer.initial_params(config, model, param_sh, jax.random.key(0))
+  like, mask = trainer.params_like(config, model, mesh)
+  params = trainer.initial_params(config, model, like, jax.random.key(0))
   trainable, frozen = optim.split_params(params, mask)
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(config.train.lr, 1000, 0.04),
                                    config.train.grad_clip, config.train.weight_decay)

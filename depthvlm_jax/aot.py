@@ -373,19 +373,13 @@ def shard_bytes(tree) -> int:
 
 def make_setup(config, topology: str | None, devices=None) -> Setup:
   """Model, mesh, bucket and sharded abstract params of `config` on a named TPU slice (or `devices`)."""
-  import flax.linen as nn
   from depthvlm_jax import sharding
-  from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
-  from depthvlm_jax.model.layers import abstract_params
-  from depthvlm_jax.train import optim, trainer
+  from depthvlm_jax.train import trainer
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
   model = trainer.build_model(config)
-  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
-  params = nn.unbox(boxed)
-  params_like = _abstract(params, sharding.logical_shardings(boxed, mesh))
-  mask = optim.trainable_mask(params, list(map(tuple, config.train.trainable)))
+  params_like, mask = trainer.params_like(config, model, mesh)  # frozen towers in model.frozen_dtype
   spec = trainer.example_spec(config, model.config)
   return Setup(config, topology, chip_of(topology) if topology else None, mesh, model, spec,
                spec.token_grid(model.config.vision.image_token_pixels), params_like, mask)

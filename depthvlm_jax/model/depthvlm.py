@@ -125,6 +125,19 @@ def depthvlm_dummy_inputs(config: Qwen3VLConfig) -> dict[str, Any]:
   return dict(dummy_inputs(config), depth_grid=(1, 1))
 
 
+def depth_head_init(model: DepthVLM, rng: jax.Array) -> dict[str, Any]:
+  """{"depth_head": params} of a fresh head alone, without creating the backbone's parameters.
+
+  The values equal the `depth_head` subtree of `model.init(rng, ...)`: Linen derives each module's
+  key from the root key and the module's path, which is the same here. Jittable (e.g. with
+  `out_shardings`). The head's parameter shapes do not depend on the feature maps' size, so four
+  1x1 maps suffice.
+  """
+  import flax.linen as nn
+  maps = [jnp.zeros((1, 1, 1, model.config.text.hidden_size), jnp.float32)] * 4
+  return nn.unbox(model.init(rng, maps, method=lambda m, x: m.depth_head(x))["params"])
+
+
 def random_params(model: DepthVLM, seed: int = 0, std: float = 0.05) -> dict[str, Any]:
   """Random parameters for `model` without compiling its init (shapes from `jax.eval_shape`).
 

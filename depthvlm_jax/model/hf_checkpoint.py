@@ -85,12 +85,14 @@ def read_config_dict(model_dir: str | pathlib.Path) -> dict[str, Any]:
     raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
-  """A `place` hook: cast to `dtype` and put on the sharding of that path (if given)."""
+def placer(dtype, shardings: Any | None, dtypes: Any | None = None) -> Callable[[tuple[str, ...], np.ndarray], jax.Array]:
+  """A `place` hook: cast to `dtype` (or the path's entry of the `dtypes` tree) and put on the
+  sharding of that path (if given)."""
   flat = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  flat_dtypes = traverse_util.flatten_dict(dtypes) if dtypes is not None else {}
 
   def place(path, arr):
-    arr = np.asarray(arr).astype(dtype, copy=False)
+    arr = np.asarray(arr).astype(flat_dtypes.get(path, dtype), copy=False)
     sharding = flat.get(path)
     return jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
@@ -98,7 +100,7 @@ def placer(dtype, shardings: Any | None) -> Callable[[tuple[str, ...], np.ndarra
 
 
 def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: Any | None = None,
-                  allow_pickle: bool = False, other_prefixes: tuple[str, ...] = ()):
+                  allow_pickle: bool = False, other_prefixes: tuple[str, ...] = (), dtypes: Any | None = None):
   """Loads a HF Qwen3-VL directory. Returns (config, params).
 
   Args:
@@ -107,11 +109,13 @@ def load_qwen3_vl(model_dir: str | pathlib.Path, dtype=jnp.float32, shardings: A
     shardings: optional tree of `jax.sharding.Sharding` matching the params (load straight into shards).
     allow_pickle: accept `*.bin`/`*.pt` weights.
     other_prefixes: key prefixes (e.g. "depth_head.") handled by another loader and skipped here.
+    dtypes: optional tree of per-parameter dtypes overriding `dtype` (e.g. frozen towers in bfloat16
+      next to trainable float32 ones).
   """
   config = Qwen3VLConfig.from_hf_dict(read_config_dict(model_dir))
   expected = abstract_params(Qwen3VL(config), **dummy_inputs(config))
   files = weight_files(model_dir, allow_pickle)
-  params = hf_params.hf_to_params(iter_tensors(files), config, expected, placer(dtype, shardings),
+  params = hf_params.hf_to_params(iter_tensors(files), config, expected, placer(dtype, shardings, dtypes),
                                   other_prefixes=other_prefixes,
                                   what="checkpoint does not match the Qwen3-VL config")
   return config, params

@@ -1,9 +1,17 @@
-"""orbax checkpoints holding the train state, the frozen parameters and the grain iterator together.
+"""orbax checkpoints: per step the train state and the grain iterator; the frozen parameters once per run.
+
+A step holds what changes while training: the trainable parameters, the optimizer state, the step
+and non-finite counters, and the grain iterator. The frozen parameters (in stage 1 the whole
+backbone: 17.7 GB at fp32 for the 4B model) never change, so they are written once, when the run
+starts, to `<workdir>/frozen_params` (FROZEN_DIR), and every step of the run restores with them.
+Steps written by earlier versions, which hold a `frozen` item of their own, still restore.
 
 orbax writes each step into a temporary directory and renames it when complete, so a kill leaves
 either the previous checkpoint or the new one, never a half-written one. Saves are asynchronous;
-the last `keep` steps are kept. Restoring takes target shardings, so a checkpoint written on one
-mesh restores onto another.
+the last `keep` steps are kept. The frozen parameters are written the same way (temporary directory,
+then rename). Restoring takes abstract targets (shape, dtype and sharding per array), so every process
+reads its own shards straight onto its devices, a checkpoint written on one mesh restores onto
+another, and a float32 array restores as bfloat16 when the target asks for it.
 
 A damaged step (a truncated or missing array file, e.g. a disk that filled up or a copy cut short)
 does not stop a run: restoring falls back to the newest step that restores completely and logs which
@@ -24,15 +32,22 @@ import grain
 import jax
 import optax
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
 
 log = logging.getLogger(__name__)
+FROZEN_DIR = "frozen_params"  # in the workdir, next to checkpoints/
 
 
 class NoIntactCheckpointError(RuntimeError):
   """Every checkpoint step in a directory failed to restore (message lists each step's error)."""
 
 
+class ParamTreeMismatchError(ValueError):
+  """A checkpoint's parameter paths differ from the target's (message names the first differences)."""
+
+
 def manager(directory: str | pathlib.Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  # "frozen" stays an item name so that steps of earlier versions (frozen parameters in every step) restore.
   # cleanup_tmp_directories: a save interrupted by a kill leaves an unfinished temporary directory,
   # never a step directory; it is deleted when the next run opens the manager.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -41,8 +56,11 @@ def manager(directory: str | pathlib.Path, keep: int, async_save: bool = True) -
                                item_names=("state", "frozen", "data"))
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any, frozen: Any, data_iter: Any | None) -> None:
-  items = {"state": ocp.args.StandardSave(state), "frozen": ocp.args.StandardSave(frozen)}
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, frozen: Any | None, data_iter: Any | None) -> None:
+  """Saves `step` asynchronously. frozen=None (the trainer): the step relies on the run's `save_frozen`."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if frozen is not None:
+    items["frozen"] = ocp.args.StandardSave(frozen)
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   mgr.save(step, args=ocp.args.Composite(**items))
@@ -108,10 +126,12 @@ def _quiet_failed_reads():
     logger.removeFilter(quiet)
 
 
-def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any]) -> tuple[int, Any, list[int]]:
+def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any],
+                   reraise: tuple[type[BaseException], ...] = ()) -> tuple[int, Any, list[int]]:
   """(step, restore_step(step), damaged newer steps) for the newest step that restores.
 
-  Raises NoIntactCheckpointError naming the directory and each step's error when none restores.
+  Raises NoIntactCheckpointError naming the directory and each step's error when none restores;
+  exceptions of the `reraise` types are not damage and propagate at once.
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
@@ -119,6 +139,8 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
     try:
       with _quiet_failed_reads():
         out = restore_step(step)
+    except reraise:
+      raise
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file: any failure means skip
       errors.append((step, _first_line(e)))
       log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous step",
@@ -132,14 +154,51 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
   raise NoIntactCheckpointError(f"{mgr.directory}: no checkpoint could be restored ({detail})")
 
 
+def frozen_path(ckpt_directory: str | pathlib.Path) -> pathlib.Path:
+  """Where the run whose steps live in `ckpt_directory` (<workdir>/checkpoints) keeps its frozen parameters."""
+  return pathlib.Path(ckpt_directory).absolute().parent / FROZEN_DIR
+
+
+def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
+  """Writes the run's frozen parameters to `<workdir>/frozen_params` (replacing any), synchronously.
+
+  Called once when a run starts (before its first step is saved). orbax writes a temporary
+  directory and renames it when every process has finished, so a kill leaves no partial copy; a
+  run killed before its first step starts afresh and writes them again.
+  """
+  path = pathlib.Path(workdir).absolute() / FROZEN_DIR
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, frozen, force=True)
+    checkpointer.wait_until_finished()
+  return path
+
+
+def _frozen_in_step(step_dir: pathlib.Path) -> bool:
+  return (step_dir / "frozen").is_dir()
+
+
+def restore_frozen(ckpt_directory: str | pathlib.Path, frozen_like: Any) -> Any:
+  """The frozen parameters of the run whose steps live in `ckpt_directory`, as `frozen_like` asks."""
+  path = frozen_path(ckpt_directory)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: missing; the checkpoints in {ckpt_directory} hold only the trainable state "
+                            f"and restore with the frozen parameters the run wrote there when it started")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, _abstract(frozen_like))
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, state_like: Any, frozen_like: Any, data_iter: Any | None):
-  """Restores (state, frozen) of `step` with the shardings of the `*_like` trees; restores `data_iter` in place."""
-  items = {"state": ocp.args.StandardRestore(_abstract(state_like)),
-           "frozen": ocp.args.StandardRestore(_abstract(frozen_like))}
+  """Restores (state, frozen) of `step` as the `*_like` trees ask (shapes, dtypes, shardings);
+  restores `data_iter` in place. frozen comes from the run's `frozen_params` (or from a step of an
+  earlier version that holds its own)."""
+  in_step = _frozen_in_step(pathlib.Path(mgr.directory) / str(step))
+  items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
+  if in_step:
+    items["frozen"] = ocp.args.StandardRestore(_abstract(frozen_like))
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   out = mgr.restore(step, args=ocp.args.Composite(**items))
-  return out["state"], out["frozen"]
+  return out["state"], out["frozen"] if in_step else restore_frozen(mgr.directory, frozen_like)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, state_like: Any, frozen_like: Any, data_iter: Any | None):
@@ -170,14 +229,68 @@ def set_aside(mgr: ocp.CheckpointManager, steps: list[int], destination: pathlib
   return moved
 
 
-def restore_params(workdir: str | pathlib.Path) -> tuple[Any, Any]:
-  """(trainable, frozen) parameter trees of the newest intact checkpoint in another run's workdir."""
+def _restore_subtree(path: pathlib.Path, like: Any, key: str | None = None) -> Any:
+  """The arrays of `like` (a nested dict of ShapeDtypeStructs with shardings) from the orbax tree at
+  `path` (under its top-level `key` if given), each read straight into its target shards and cast
+  to its target dtype; the checkpoint's other arrays are not read."""
+  item = {key: like} if key else like
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
+  out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  return out[key] if key else out
+
+
+def _stored_paths(path: pathlib.Path, key: str | None = None) -> set[tuple[str, ...]]:
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  meta = getattr(meta, "item_metadata", meta)  # a directory written by a Checkpointer carries step metadata
+  tree = getattr(meta, "tree", meta)
+  return set(flatten(tree[key] if key else tree))
+
+
+def restore_params(workdir: str | pathlib.Path, like: Any | None = None) -> tuple[Any, Any]:
+  """(trainable, frozen) parameter trees of the newest intact checkpoint in another run's workdir.
+
+  like: None = host arrays as stored (the whole trees). Otherwise the abstract parameters of the
+    model to start (nested dict of ShapeDtypeStructs with shardings, e.g. `trainer.params_like`):
+    every array is read straight onto its target shards in its target dtype (no host copy of the
+    model, works when arrays span processes), the other run's optimizer state is not read, and a
+    parameter tree that differs from `like` raises ParamTreeMismatchError naming the paths. The split
+    is the other run's: its trainable and frozen parameters.
+  """
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no checkpoint directory (expected the workdir of a finished run)")
   mgr = ocp.CheckpointManager(directory, item_names=("state", "frozen", "data"))
   if mgr.latest_step() is None:
     raise FileNotFoundError(f"{directory}: no checkpoint (expected the workdir of a finished run)")
-  _, out, _ = _newest_intact(mgr, lambda step: mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore())))
-  return out["state"]["params"], out["frozen"]
+  if like is None:
+    def read(step):
+      step_dir = directory / str(step)
+      if _frozen_in_step(step_dir):
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        frozen=ocp.args.StandardRestore()))
+        return out["state"]["params"], out["frozen"]
+      state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+      with ocp.StandardCheckpointer() as checkpointer:
+        return state["params"], checkpointer.restore(frozen_path(directory))
+    _, out, _ = _newest_intact(mgr, read)
+    return out
+
+  want = flatten(like)
+
+  def read_step(step):
+    step_dir = directory / str(step)
+    frozen_dir = step_dir / "frozen" if _frozen_in_step(step_dir) else frozen_path(directory)
+    trainable_paths, frozen_paths = _stored_paths(step_dir / "state", "params"), _stored_paths(frozen_dir)
+    stored = trainable_paths | frozen_paths
+    if stored != set(want):
+      diff = sorted("/".join(p) + (" (only in the checkpoint)" if p in stored else " (only in this model)")
+                    for p in stored ^ set(want))
+      raise ParamTreeMismatchError(f"parameters differ at {len(diff)} paths, e.g. {diff[:5]}")
+    trainable = _restore_subtree(step_dir / "state", unflatten({p: want[p] for p in trainable_paths}), "params")
+    frozen = _restore_subtree(frozen_dir, unflatten({p: want[p] for p in frozen_paths})) if frozen_paths else {}
+    return trainable, frozen
+
+  # a tree that does not fit is the config's problem, not a damaged step: no fallback for it
+  _, out, _ = _newest_intact(mgr, read_step, reraise=(ParamTreeMismatchError,))
+  return out

@@ -207,6 +207,8 @@ def guarded_update(optimizer: optax.GradientTransformation, state: dict[str, Any
       "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
       "skipped_updates": state["skipped_updates"] + (~inputs_finite).astype(jnp.int32),
   }
+  # `nonfinite` also among the metrics: the state is donated to the next step, the metrics are not,
+  # so the host can read the counter after the next step is dispatched.
   metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(trainable), update_norm=update_norm,
-                 finite=finite)
+                 finite=finite, nonfinite=new_state["nonfinite"])
   return new_state, metrics

@@ -1,9 +1,10 @@
 """`train_and_evaluate(config, workdir)`: one readable trainer for both stages.
 
-Order of work: validate the config (fail before any work) → data → mesh → abstract params and
-their shardings → params from (own workdir checkpoint | `resume` | `model_init` | `model.hf_dir` |
-random init) → jitted, donated train step → loop with logging, periodic δ1 evaluation and
-asynchronous checkpoints (train state + frozen params + grain iterator).
+Order of work: validate the config (fail before any work) → data → mesh → abstract params with
+their shardings and dtypes → params from (own workdir checkpoint | `resume` | `model_init` |
+`model.hf_dir` + fresh head | random init), each restored or loaded straight onto its shards →
+frozen params written once → jitted, donated train step → loop with logging, periodic δ1
+evaluation and asynchronous checkpoints (train state + grain iterator).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from data_pipelines import pipeline, synthetic
 from data_pipelines.skips import SKIP_REASONS, counts_to_dict
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
-from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depth_head_init, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
 from depthvlm_jax.model.layers import abstract_params, checkpoint_policy
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
@@ -105,7 +107,7 @@ def validate_config(config) -> None:
     checkpoint_policy(config.model.remat_policy)
   except ValueError as e:
     errors.append(f"model.remat_policy: {e}")
-  for name in ("compute_dtype", "param_dtype"):
+  for name in ("compute_dtype", "param_dtype", "frozen_dtype"):
     if config.model[name] not in DTYPES:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
   if config.model.size != "tiny" and not config.model.hf_dir and not config.model_init and not config.resume:
@@ -196,6 +198,8 @@ def check_resume_config(previous: dict[str, Any] | None, config, workdir: pathli
   """
   if previous is None:
     return []
+  # runs recorded before `model.frozen_dtype` existed kept their frozen parameters in float32
+  previous = dict(previous, model={"frozen_dtype": "float32", **previous.get("model", {})})
   diff = config_diff(previous, json.loads(config.to_json_best_effort()))
   lines = [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diff]
   fixed = [line for (k, _, _), line in zip(diff, lines) if k == "stage" or k.startswith(FIXED_ON_RESUME)]
@@ -245,24 +249,101 @@ def build_model(config) -> DepthVLM:
                   remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
 
 
-def initial_params(config, model: DepthVLM, shardings, rng):
-  """Params from `model_init` (previous stage) or HF backbone + fresh head, or random (tiny)."""
-  init = jax.jit(lambda r: nn.unbox(model.init(r, **depthvlm_dummy_inputs(model.config))["params"]),
-                 out_shardings=shardings)
+def params_like(config, model: DepthVLM, mesh) -> tuple[dict[str, Any], dict[tuple[str, ...], bool]]:
+  """(abstract params, trainable mask): every parameter as a ShapeDtypeStruct carrying the sharding
+  of the logical rules on `mesh` and the dtype the run keeps it in (`model.param_dtype`, or
+  `model.frozen_dtype` for the parameters `train.trainable` freezes). Nothing is allocated."""
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
+  shapes = nn.unbox(boxed)
+  mask = optim.trainable_mask(shapes, list(map(tuple, config.train.trainable)))
+  frozen_dtype = DTYPES[config.model.frozen_dtype]
+  flat_sh = flatten_dict(sharding.logical_shardings(boxed, mesh))
+  like = {path: jax.ShapeDtypeStruct(x.shape, x.dtype if mask[path] else frozen_dtype, sharding=flat_sh[path])
+          for path, x in flatten_dict(shapes).items()}
+  return unflatten_dict(like), mask
+
+
+def _cast_like(params, like):
+  return jax.tree.map(lambda x, t: x.astype(t.dtype), params, like)
+
+
+def initial_params(config, model: DepthVLM, like, rng):
+  """The parameters a new run starts from, each created or read straight onto the sharding and in
+  the dtype of its entry in `like` (see `params_like`):
+
+  * `model_init` (previous stage): that run's newest checkpoint, restored with `like` as target;
+    nothing random is built.
+  * `model.hf_dir`: the Qwen3-VL backbone streamed from the safetensors files and a fresh depth head
+    (only the head is initialised).
+  * otherwise (tiny): the whole model at random.
+  """
+  shardings = jax.tree.map(lambda x: x.sharding, like)
   if config.model_init:
-    trainable, frozen = checkpoints.restore_params(config.model_init)
     try:
-      return sharding.place_params(optim.merge_params(trainable, frozen), shardings)
-    except ValueError as e:
+      trainable, frozen = checkpoints.restore_params(config.model_init, like)
+    except checkpoints.ParamTreeMismatchError as e:
       raise ConfigError(f"model_init={config.model_init!r}: parameter tree does not match this model ({e})") from None
-  params = init(rng)
+    return optim.merge_params(trainable, frozen)
   if config.model.hf_dir:  # pretrained backbone, fresh depth head
-    head = params.pop("depth_head")
+    head = jax.jit(lambda r: _cast_like(depth_head_init(model, r), {"depth_head": like["depth_head"]}),
+                   out_shardings={"depth_head": shardings["depth_head"]})(rng)
+    backbone_like = {k: v for k, v in like.items() if k != "depth_head"}
     _, backbone = load_qwen3_vl(config.model.hf_dir, DTYPES[config.model.param_dtype],
-                                {k: v for k, v in shardings.items() if k != "depth_head"},
-                                other_prefixes=("depth_head.",))
-    params = dict(backbone, depth_head=head)
-  return params
+                                jax.tree.map(lambda x: x.sharding, backbone_like), other_prefixes=("depth_head.",),
+                                dtypes=jax.tree.map(lambda x: x.dtype, backbone_like))
+    return dict(backbone, **head)
+  init = jax.jit(lambda r: _cast_like(nn.unbox(model.init(r, **depthvlm_dummy_inputs(model.config))["params"]), like),
+                 out_shardings=shardings)
+  return init(rng)
+
+
+def abstract_state(optimizer, trainable_like, mesh) -> dict[str, Any]:
+  """The train state as ShapeDtypeStructs with the shardings the run keeps it in: params and
+  optimizer moments sharded like the trainable parameters, step and counters replicated."""
+  replicated = sharding.activation_sharding(mesh)
+  opt_like = checkpoints.optimizer_state_like(optimizer, trainable_like, mesh)
+  state = jax.eval_shape(initial_state, trainable_like, opt_like)
+  return {k: v if k in ("params", "opt_state") else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+          for k, v in dict(state, params=trainable_like, opt_state=opt_like).items()}
+
+
+def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, optimizer, data_iter):
+  """(start step or None, train state, frozen params, checkpoint manager) of a run in `workdir`.
+
+  Its own newest intact checkpoint (damaged newer steps set aside), else `resume` (another run's
+  checkpoint, iterator included), else `initial_params`. Restores read every array onto its
+  target shards; a new run (not one continuing its own checkpoints) writes its frozen parameters
+  once, to `<workdir>/frozen_params`, before its first step.
+  """
+  like, mask = params_like(config, model, mesh)
+  trainable_like, frozen_like = optim.split_params(like, mask)
+  state_like = abstract_state(optimizer, trainable_like, mesh)
+  mgr = checkpoints.manager(workdir / "checkpoints", config.keep_ckpts)
+  start = mgr.latest_step()
+  if start is not None:
+    start, state, frozen, damaged = checkpoints.restore_latest(mgr, state_like, frozen_like, data_iter)
+    if damaged and distributed.is_main():
+      moved = checkpoints.set_aside(mgr, damaged, workdir / "checkpoints_damaged")
+      log.warning("damaged checkpoint step(s) %s moved to %s; resuming from step %d", damaged,
+                  ", ".join(map(str, moved)), start)
+    distributed.barrier("checkpoint_fallback")
+    if damaged and not distributed.is_main():
+      mgr.reload()
+    if not checkpoints.frozen_path(mgr.directory).is_dir():  # steps of an earlier version, frozen params in each
+      checkpoints.save_frozen(workdir, frozen)
+    return start, state, frozen, mgr
+  if config.resume:
+    rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
+    _, state, frozen, _ = checkpoints.restore_latest(rmgr, state_like, frozen_like, data_iter)
+  else:
+    trainable, frozen = optim.split_params(initial_params(config, model, like, jax.random.key(config.train.seed)), mask)
+    opt_state = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, state_like["opt_state"]))(
+        trainable)
+    state = initial_state(trainable, opt_state)
+    state = {k: v if k in ("params", "opt_state") else jax.device_put(v, state_like[k].sharding)
+             for k, v in state.items()}
+  checkpoints.save_frozen(workdir, frozen)
+  return None, state, frozen, mgr
 
 
 def example_spec(config, model_config: Qwen3VLConfig) -> pipeline.ExampleSpec:
@@ -377,47 +458,18 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
   data_iter = iter(pipeline.batched(shard.select(ds), shard.local_batch, config.data.num_workers))
 
-  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
-  param_sh = sharding.logical_shardings(boxed, mesh)
-  mask = optim.trainable_mask(nn.unbox(boxed), list(map(tuple, config.train.trainable)))
-  train_sh, frozen_sh = optim.split_params(param_sh, mask)
   schedule = optim.learning_rate_schedule(config.train.lr, total_steps, config.train.warmup_fraction)
   optimizer = optim.make_optimizer(schedule, config.train.grad_clip, config.train.weight_decay)
-
-  rng = jax.random.key(config.train.seed)
-  mgr = checkpoints.manager(workdir / "checkpoints", config.keep_ckpts)
-  params = initial_params(config, model, param_sh, rng) if mgr.latest_step() is None else None
-  if params is None:  # own checkpoint: build shapes only, restore below
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), param_sh)
-  trainable, frozen = optim.split_params(params, mask)
-  opt_like = checkpoints.optimizer_state_like(optimizer, trainable, mesh)  # sharded like the params
-  opt_state = opt_like if isinstance(jax.tree.leaves(trainable)[0], jax.ShapeDtypeStruct) else \
-      jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda s: s.sharding, opt_like))(trainable)
-  state = initial_state(trainable, opt_state)
-  start = mgr.latest_step()
+  start, state, frozen, mgr = restore_or_initialise(config, model, mesh, workdir, optimizer, data_iter)
   if start is not None:
-    start, state, frozen, damaged = checkpoints.restore_latest(mgr, state, frozen, data_iter)
-    if damaged and distributed.is_main():
-      moved = checkpoints.set_aside(mgr, damaged, workdir / "checkpoints_damaged")
-      log.warning("damaged checkpoint step(s) %s moved to %s; resuming from step %d", damaged,
-                  ", ".join(map(str, moved)), start)
-    distributed.barrier("checkpoint_fallback")
-    if damaged and not distributed.is_main():
-      mgr.reload()
     log.info("resumed from %s step %d", workdir, start)
     if changes:
       log.info("resuming with changed settings: %s", "; ".join(changes))
-  elif config.resume:
-    rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
-    _, state, frozen, _ = checkpoints.restore_latest(rmgr, state, frozen, data_iter)
   if distributed.is_main():  # the run's record changes only now that its parameters are in place
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config.to_json_best_effort(indent=2))
     os.replace(tmp, workdir / "config.json")
 
-  replicated = sharding.activation_sharding(mesh)
-  state = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-                       else jax.device_put(x, replicated), state)
   train_step = jit_train_step(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state), depth_grid)
   # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params' shardings.
   eval_sets = [make_eval_set(name, src, spec, model.config, tokenizer, processor, mesh, config.eval_per_device_batch)
@@ -430,6 +482,21 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   bar = tqdm.tqdm(range(first, total_steps), initial=first, total=total_steps, desc=f"stage {config.stage}",
                   dynamic_ncols=True, disable=not distributed.is_main(), unit="step")
   t0 = time.time()
+  # The host reads a step's non-finite counter one step late (after the next step is dispatched, so
+  # loading and transferring the next batch overlap the running step), or at once on the steps
+  # where it waits for the device anyway (logging, evaluation, checkpoint, last step). Either way
+  # the run stops at the step that reached train.max_nonfinite_steps, before its host work.
+  unchecked = None  # (step, its non-finite counter) not read yet
+
+  def stop_if_nonfinite(done: int, nonfinite: jax.Array) -> None:
+    count = int(nonfinite)
+    if count >= config.train.max_nonfinite_steps:
+      mgr.wait_until_finished()
+      metrics.close()
+      raise NonFiniteError(f"{count} consecutive non-finite steps (loss, gradient or update) at step {done} "
+                           f"(train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopping. Last good "
+                           f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+
   for step in bar:
     batch = next(data_iter)
     skip_totals += batch["skip_counts"].sum(0)
@@ -437,12 +504,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     state, m = train_step(state, frozen, _to_global(batch, mesh, shard))
     done = step + 1
-    if int(state["nonfinite"]) >= config.train.max_nonfinite_steps:
-      mgr.wait_until_finished()
-      metrics.close()
-      raise NonFiniteError(f"{int(state['nonfinite'])} consecutive non-finite steps (loss, gradient or update) at step {done} "
-                           f"(train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopping. Last good "
-                           f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+    if unchecked is not None:
+      stop_if_nonfinite(*unchecked)
+    unchecked = (done, m.pop("nonfinite"))
+    eval_now = (config.eval_every and done % config.eval_every == 0) or done == total_steps
+    ckpt_now = done % config.ckpt_every == 0 or done == total_steps
+    if done % config.log_every == 0 or eval_now or ckpt_now:
+      stop_if_nonfinite(*unchecked)
+      unchecked = None
     if done % config.log_every == 0 or done == total_steps:
       row = {k: float(v) for k, v in m.items()}
       row.update(lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(distributed.process_sum(skip_totals)),
@@ -451,7 +520,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}",
                       lr=f"{row['lr']:.2e}", gnorm=f"{row['grad_norm']:.3f}", skipped=row["skipped_updates"])
       metrics.write(done, row)
-    if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
+    if eval_now:
       full = optim.merge_params(state["params"], frozen)
       for eval_set in eval_sets:
         name = eval_set.name
@@ -460,8 +529,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
                   f"{results[name]['best_constant_delta1']:.4f} at {results[name]['best_constant_m']:.2f} m)")
         metrics.write(done, results[name], prefix=f"eval/{name}")
     # Only good states are checkpointed: during a streak of refused updates the last good checkpoint stays the latest.
-    if (done % config.ckpt_every == 0 or done == total_steps) and int(state["nonfinite"]) == 0:
-      checkpoints.save(mgr, done, state, frozen, data_iter)
+    if ckpt_now and int(state["nonfinite"]) == 0:
+      checkpoints.save(mgr, done, state, None, data_iter)  # frozen params: written once, at the start
   bar.close()
   mgr.wait_until_finished()
   if config.eval_qa and config.data.kind == "synthetic":

@@ -3,8 +3,8 @@
 The real `trainer.train_and_evaluate` with the settings of `conftest.TRAIN_SETTINGS`, except that the
 parameters start at zero, the train step only advances the step counter and the evaluation returns
 fixed numbers (nothing of the model is compiled). Everything the suite damages or checks is real: config.json, metrics.jsonl, the lock,
-and the orbax checkpoints of steps 1 and 2 (train state with optimizer moments, frozen parameters,
-grain iterator state).
+and the orbax checkpoints of steps 1 and 2 (train state with optimizer moments, grain iterator state) with
+the frozen parameters the run wrote once.
 """
 
 import sys
@@ -16,8 +16,6 @@ import numpy as np
 
 from configs import stage1
 from data_pipelines import synthetic
-from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
-from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import trainer
 from tests.hostile.conftest import TRAIN_SETTINGS
 
@@ -26,13 +24,12 @@ def stand_in_step(*args, **kwargs):
   def step(state, frozen, batch):
     zero = jnp.zeros((), jnp.float32)
     metrics = {k: zero for k in ("loss", "depth_loss", "lm_loss", "grad_norm", "param_norm", "update_norm")}
-    return dict(state, step=state["step"] + 1), metrics
+    return dict(state, step=state["step"] + 1), dict(metrics, nonfinite=state["nonfinite"])
   return step
 
 
-def stand_in_params(config, model, shardings, rng):
-  shapes = abstract_params(model, **depthvlm_dummy_inputs(model.config))
-  return jax.tree.map(lambda s, sh: jax.device_put(np.zeros(s.shape, s.dtype), sh), shapes, shardings)
+def stand_in_params(config, model, like, rng):
+  return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), like)
 
 
 def stand_in_eval(*args, **kwargs):

@@ -70,8 +70,17 @@ def test_restore_onto_another_mesh(saved, target):
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(got_state["opt_state"]))
 
 
-def test_model_init_places_another_runs_params_on_this_mesh(saved, tmp_path):
-  """`model_init` (stage 2 from stage 1): the other run's latest params, merged and placed on this mesh."""
+def _like(model, mesh, dtype=None):
+  boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh), nn.unbox(boxed),
+                      sharding.logical_shardings(boxed, mesh))
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_model_init_restores_another_runs_params_onto_this_mesh(saved, tmp_path, dtype):
+  """`model_init` (stage 2 from stage 1): the other run's latest params, read straight into the
+  target shardings and dtypes (here from a step that holds its own frozen params, as earlier
+  versions wrote them)."""
   import ml_collections
   from depthvlm_jax.model.config import ConfigError
   from depthvlm_jax.train import trainer
@@ -80,15 +89,36 @@ def test_model_init_places_another_runs_params_on_this_mesh(saved, tmp_path):
   (tmp_path / "run" / "checkpoints").symlink_to(directory)
   config = ml_collections.ConfigDict({"model_init": str(tmp_path / "run"), "model": {"hf_dir": ""}})
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
-  _, shardings = param_shardings(mesh)
-  params = trainer.initial_params(config, MODEL, shardings, jax.random.key(0))
+  like = _like(MODEL, mesh, dtype)
+  params = trainer.initial_params(config, MODEL, like, jax.random.key(0))
   want = optim.flatten(optim.merge_params(state["params"], frozen))
-  got, target = optim.flatten(params), optim.flatten(shardings)
+  got, target = optim.flatten(params), optim.flatten(like)
   assert set(got) == set(want)
   for path, value in got.items():
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
-    assert value.sharding == target[path]
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]).astype(target[path].dtype))
+    assert value.sharding == target[path].sharding and value.dtype == target[path].dtype
   other = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512, tie_word_embeddings=True), head=DepthHeadConfig.tiny())
-  boxed = abstract_params(other, **depthvlm_dummy_inputs(other.config), boxed=True)
   with pytest.raises(ConfigError, match="model_init=.*does not match this model.*lm_head"):
-    trainer.initial_params(config, other, sharding.logical_shardings(boxed, mesh), jax.random.key(0))
+    trainer.initial_params(config, other, _like(other, mesh), jax.random.key(0))
+
+
+def test_resume_from_steps_of_an_earlier_version_writes_the_frozen_params_once(saved, tmp_path):
+  """A workdir whose steps hold their own frozen params (earlier versions) resumes, and the frozen
+  params are then written to `frozen_params`, which the run's new steps (state only) rely on."""
+  import shutil
+  import ml_collections
+  from depthvlm_jax.train import trainer
+  directory, state, frozen = saved
+  workdir = tmp_path / "run"
+  shutil.copytree(directory, workdir / "checkpoints")
+  config = ml_collections.ConfigDict({"train": {"trainable": STAGE2, "seed": 0}, "model": {"frozen_dtype": "float32"},
+                                      "keep_ckpts": 2, "resume": "", "model_init": ""})
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  start, got_state, got_frozen, mgr = trainer.restore_or_initialise(config, MODEL, mesh, workdir, OPT, None)
+  assert start == 7
+  for want, got in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves((got_state, got_frozen)), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (workdir / checkpoints.FROZEN_DIR).is_dir()
+  again = checkpoints.restore_frozen(workdir / "checkpoints", got_frozen)
+  for want, got in zip(jax.tree.leaves(frozen), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
