@@ -277,7 +277,8 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
                             lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
-  return jax.jit(step_fn, donate_argnums=(0,), keep_unused=True,
+  # traced under the mesh: the model's activation constraints keep every row on its batch shard
+  return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
 
 
@@ -321,7 +322,7 @@ def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_g
   """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1."""
   fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
                                          b["pixel_values"], b["image_grid_hw"], compute_logits=False,
-                                         depth_grid=depth_grid).depth)
+                                         depth_grid=depth_grid, images_per_row=1).depth)
   scores = []
   for i in range(0, len(examples), batch_size):
     chunk = examples[i:i + batch_size]
