@@ -74,11 +74,26 @@ def test_sharded_forward_equals_unsharded():
   batch_sh["pixel_values"] = sharding.activation_sharding(mesh, "images", shape=batch["pixel_values"].shape)
   batch_sh["image_grid_hw"] = sharding.activation_sharding(mesh, "images", shape=batch["image_grid_hw"].shape)
   sharded_batch = jax.device_put(batch, batch_sh)
-  got = fwd(sharded_params, sharded_batch)
+  # the training form: row-local image placement, activation constraints on (tensor-parallel included)
+  got = jax.jit(sharding.in_mesh(lambda p, b: model.apply({"params": p}, **b, images_per_row=1), mesh))(
+      sharded_params, sharded_batch)
   assert len(sharded_params["language_model"]["embed_tokens"].sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got.logits), np.asarray(expected.logits), atol=1e-5, rtol=1e-5)
-  for a, b in zip(got.image_features.deepstack, expected.image_features.deepstack):
+  for a, b in zip((*got.image_features.deepstack, got.image_features.llm_last),
+                  (*expected.image_features.deepstack, expected.image_features.llm_last)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_constrain_applies_the_rules_only_under_a_context_mesh():
+  x = np.ones((8, 6), np.float32)
+  assert sharding.constrain(x, "batch", "act_mlp") is x  # no mesh: the model runs unchanged
+  mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+  f = jax.jit(sharding.in_mesh(lambda x: sharding.constrain(x * 2, "batch", "act_mlp"), mesh))
+  on_mesh = jax.device_put(x, sharding.activation_sharding(mesh))  # inputs on the mesh: its devices run f
+  assert f(on_mesh).sharding.spec == P("data", "tensor")
+  assert f(on_mesh[:3]).sharding.spec == P(None, "tensor")  # 3 rows do not split over 4: whole, as weights
+  with pytest.raises(ValueError, match="2 names"):
+    f(on_mesh[None])
 
 
 def test_row_local_forward_on_a_sharded_batch_moves_no_activations():
