@@ -59,10 +59,11 @@ def init_cache(model: Qwen3VL, batch: int, slots: int, dtype=None) -> list[tuple
 
 def prefill(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids, pixel_values=None,
             image_grid_hw=None, *, max_new_tokens: int, depth_grid: tuple[int, int] | None = None,
-            depth_output_size: tuple[int, int] | None = None):
+            depth_output_size: tuple[int, int] | None = None, images_per_row: int | None = None):
   """The prompt pass that seeds the KV cache (and, for a `DepthVLM` with `depth_grid`, gives depth).
 
-  Args: as `generate_tokens`; the cache gets `L + max_new_tokens` slots.
+  Args: as `generate_tokens`; the cache gets `L + max_new_tokens` slots. images_per_row: see
+    `Qwen3VL.__call__` (1 for one image per prompt: the placement then stays within each row).
 
   Returns:
     (prefill output with its `cache`, key_valid (B, L + max_new_tokens), last-position logits (B, V)).
@@ -73,7 +74,7 @@ def prefill(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids
   variables = {"params": params}
   depth_kw = {} if depth_grid is None else dict(depth_grid=depth_grid, depth_output_size=depth_output_size)
   out = model.apply(variables, input_ids, position_ids, key_valid, pixel_values, image_grid_hw,
-                    cache=cache, cache_index=0, compute_logits=False, **depth_kw)
+                    cache=cache, cache_index=0, compute_logits=False, images_per_row=images_per_row, **depth_kw)
   last_logits = model.apply(variables, out.hidden_states[:, -1:], method=Qwen3VL.logits)[:, 0]
   return out, key_valid, last_logits
 
@@ -84,10 +85,12 @@ def decode_step(model: Qwen3VL, params: Any, token, position_ids, key_valid, cac
                      cache_index=cache_index)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "depth_grid", "depth_output_size"))
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "depth_grid", "depth_output_size",
+                                             "images_per_row"))
 def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids, rng,
                     pixel_values=None, image_grid_hw=None, *, sampling: SamplingConfig,
-                    depth_grid: tuple[int, int] | None = None, depth_output_size: tuple[int, int] | None = None):
+                    depth_grid: tuple[int, int] | None = None, depth_output_size: tuple[int, int] | None = None,
+                    images_per_row: int | None = None):
   """Generates `sampling.max_new_tokens` tokens after a left-padded prompt.
 
   Args:
@@ -100,6 +103,7 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
     depth_grid, depth_output_size: for a `DepthVLM`, the static depth bucket (see
       `DepthVLM.__call__`): the prefill then also runs the depth head, so the returned prefill output
       carries `depth` (N, H, W) computed from the same pass that seeded the KV cache.
+    images_per_row: static; see `Qwen3VL.__call__` (None: any layout of images over the prompts).
 
   Returns:
     tokens (B, max_new_tokens) int32 (`pad_token_id` after a row's EOS) and the prefill output
@@ -109,7 +113,7 @@ def generate_tokens(model: Qwen3VL, params: Any, input_ids, attention_mask, posi
   n_new = sampling.max_new_tokens
   first_out, key_valid, last_logits = prefill(model, params, input_ids, attention_mask, position_ids, pixel_values,
                                               image_grid_hw, max_new_tokens=n_new, depth_grid=depth_grid,
-                                              depth_output_size=depth_output_size)
+                                              depth_output_size=depth_output_size, images_per_row=images_per_row)
   next_pos = jnp.max(position_ids, axis=(0, 2)) + 1  # (B,)
   eos = jnp.asarray(sampling.eos_token_ids, jnp.int32)
   rng, sub = jax.random.split(rng)

@@ -8,6 +8,7 @@ axes is replicated instead of failing (e.g. a vocabulary of 151936 over 3 device
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -21,10 +22,16 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axes). Weights: FSDP over the model width, tensor parallel over heads/MLP/vocab.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
+    # activations (pinned inside the model by `constrain`, inputs by `activation_sharding`)
     ("batch", ("data", "fsdp")),
     ("images", ("data", "fsdp")),
     ("length", None),
+    ("image_tokens", None),
+    ("patches", None),
+    ("act_embed", None),  # residual stream width: whole on every device
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
     # text decoder weights
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -70,7 +77,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh) -> PartitionSpec:
   """Drops mesh axes from dims they do not divide evenly."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -101,6 +108,33 @@ def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | N
   if shape is not None:
     spec = _fit_spec(spec, shape, mesh)
   return NamedSharding(mesh, spec)
+
+
+def in_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as JAX's context mesh (wrap it before `jax.jit`): the model's activation
+  constraints (`constrain`) then apply on that mesh."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def constrain(x: jax.Array, *names: str | None, rules=DEFAULT_RULES) -> jax.Array:
+  """`x` pinned to the sharding its logical dim names give (as MaxText's logical constraints).
+
+  Model code marks its block boundaries with this, e.g. `constrain(h, "batch", "length", "act_embed")`,
+  so that the partitioner keeps activations batch-sharded instead of choosing a layout that gathers
+  them. Only active while tracing under a context mesh (`in_mesh`); otherwise (CPU tests, one device)
+  it returns `x`. Dims that do not divide their mesh axes stay whole, as for parameters.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {len(names)} names {names} for an array of shape {x.shape}")
+  spec = _fit_spec(nn.logical_to_mesh(PartitionSpec(*names), rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from depthvlm_jax import sharding
+from depthvlm_jax import aot, sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, random_params
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, dummy_inputs
@@ -73,8 +74,62 @@ def test_sharded_forward_equals_unsharded():
   batch_sh["pixel_values"] = sharding.activation_sharding(mesh, "images", shape=batch["pixel_values"].shape)
   batch_sh["image_grid_hw"] = sharding.activation_sharding(mesh, "images", shape=batch["image_grid_hw"].shape)
   sharded_batch = jax.device_put(batch, batch_sh)
-  got = fwd(sharded_params, sharded_batch)
+  # the training form: row-local image placement, activation constraints on (tensor-parallel included)
+  got = jax.jit(sharding.in_mesh(lambda p, b: model.apply({"params": p}, **b, images_per_row=1), mesh))(
+      sharded_params, sharded_batch)
   assert len(sharded_params["language_model"]["embed_tokens"].sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got.logits), np.asarray(expected.logits), atol=1e-5, rtol=1e-5)
-  for a, b in zip(got.image_features.deepstack, expected.image_features.deepstack):
+  for a, b in zip((*got.image_features.deepstack, got.image_features.llm_last),
+                  (*expected.image_features.deepstack, expected.image_features.llm_last)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_constrain_applies_the_rules_only_under_a_context_mesh():
+  x = np.ones((8, 6), np.float32)
+  assert sharding.constrain(x, "batch", "act_mlp") is x  # no mesh: the model runs unchanged
+  mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+  f = jax.jit(sharding.in_mesh(lambda x: sharding.constrain(x * 2, "batch", "act_mlp"), mesh))
+  on_mesh = jax.device_put(x, sharding.activation_sharding(mesh))  # inputs on the mesh: its devices run f
+  assert f(on_mesh).sharding.spec == P("data", "tensor")
+  assert f(on_mesh[:3]).sharding.spec == P(None, "tensor")  # 3 rows do not split over 4: whole, as weights
+  with pytest.raises(ValueError, match="2 names"):
+    f(on_mesh[None])
+
+
+def test_row_local_forward_on_a_sharded_batch_moves_no_activations():
+  """Data parallel over 8 devices: with one image per row (`images_per_row=1`) and the activation
+  constraints (`sharding.in_mesh`), the compiled forward has no all-gather (nor any other collective:
+  the weights are replicated, so each would move activations) and equals the single-device result.
+  The batch-order placement, compiled the same way, does gather: the check would see a regression."""
+  config = Qwen3VLConfig.tiny()
+  model = DepthVLM(config, head=DepthHeadConfig.tiny())
+  params = random_params(model, seed=5)
+  rng = np.random.default_rng(4)
+  grids = [(4, 6), (6, 4), (4, 6), (8, 4)] * 2
+  toks = [ref.build_prompt(rng, config, [g], (3, 2 + i % 3)) for i, g in enumerate(grids)]
+  batch = make_model_inputs(toks, config, [ref.random_image_patches(rng, g, config) for g in grids], grids,
+                            padding_side="right")
+  batch.pop("rope_deltas")
+
+  def fwd(images_per_row):
+    return lambda p, b: model.apply({"params": p}, **b, depth_grid=(2, 3), images_per_row=images_per_row)
+
+  expected = jax.jit(fwd(None))(params, batch)
+  mesh = sharding.make_mesh({"data": 8})
+  names = {"position_ids": (None, "batch"), "pixel_values": ("images",), "image_grid_hw": ("images",)}
+  sharded = {k: jax.device_put(v, sharding.activation_sharding(mesh, *names.get(k, ("batch",)), shape=v.shape))
+             for k, v in batch.items()}
+  assert sharded["input_ids"].sharding.spec[0] == "data"
+  replicated = jax.device_put(params, sharding.activation_sharding(mesh))
+
+  def compiled(images_per_row):
+    return jax.jit(sharding.in_mesh(fwd(images_per_row), mesh)).lower(replicated, sharded).compile()
+
+  local = compiled(1)
+  assert aot.collective_stats(local.as_text()) == {}
+  got = local(replicated, sharded)
+  for a, b in ((got.logits, expected.logits), (got.hidden_states, expected.hidden_states), (got.depth, expected.depth)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  assert np.asarray(got.depth_valid).tolist() == [True, False, True, False] * 2
+  assert got.depth.sharding.spec[0] == "data"
+  assert "all-gather" in aot.collective_stats(compiled(None).as_text())

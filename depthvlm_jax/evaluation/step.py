@@ -38,7 +38,7 @@ def batch_shardings(mesh, keys) -> dict[str, jax.sharding.NamedSharding]:
 
 def _depth(model, params, batch: dict[str, Any], depth_grid: tuple[int, int]) -> jax.Array:
   out = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), compute_logits=False,
-                    depth_grid=depth_grid)
+                    depth_grid=depth_grid, images_per_row=1)  # one image per prompt: placed row-locally
   return out.depth
 
 
@@ -53,7 +53,7 @@ def jit_depth_maps(model, mesh=None, param_shardings=None):
 
   if mesh is None:
     return jax.jit(depth_maps, static_argnums=2)
-  return jax.jit(depth_maps, static_argnums=2,
+  return jax.jit(sharding.in_mesh(depth_maps, mesh), static_argnums=2,
                  in_shardings=(param_shardings, batch_shardings(mesh, MODEL_INPUTS)),
                  out_shardings=input_sharding(mesh, "depth"))
 
@@ -77,5 +77,5 @@ def jit_delta1(model, mesh, param_shardings):
     return d1, jnp.where(batch["valid"], count, 0)
 
   replicated = sharding.activation_sharding(mesh)
-  return jax.jit(delta1_step, in_shardings=(param_shardings, batch_shardings(mesh, DELTA1_INPUTS)),
+  return jax.jit(sharding.in_mesh(delta1_step, mesh), in_shardings=(param_shardings, batch_shardings(mesh, DELTA1_INPUTS)),
                  out_shardings=(replicated, replicated))

@@ -22,6 +22,7 @@ from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depth_head import HEAD_TYPES, MLP_FEATURE_MODES, make_depth_head
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, Qwen3VLOutput, dummy_inputs
+from depthvlm_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ def image_feature_maps(out: Qwen3VLOutput, grid_hw: jax.Array, depth_grid: tuple
   n, t, d = feats.llm_last.shape
   if t < h * w:
     raise ValueError(f"depth_grid {depth_grid} needs {h * w} tokens per image; batch has {t} token slots")
-  maps = [f[:, :h * w].reshape(n, h, w, d) for f in (*feats.deepstack, feats.llm_last)]
+  maps = [constrain(f[:, :h * w].reshape(n, h, w, d), "images", None, None, "act_embed")
+          for f in (*feats.deepstack, feats.llm_last)]
   valid = (grid_hw[:, 0] == h * merge) & (grid_hw[:, 1] == w * merge)
   return maps, valid
 
@@ -103,20 +105,23 @@ class DepthVLM(Qwen3VL):
   def __call__(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_hw=None,
                cache=None, cache_index=None, compute_logits: bool = True,
                depth_grid: tuple[int, int] | None = None,
-               depth_output_size: tuple[int, int] | None = None) -> DepthVLMOutput:
+               depth_output_size: tuple[int, int] | None = None,
+               images_per_row: int | None = None) -> DepthVLMOutput:
     """Backbone forward (see `Qwen3VL.__call__`) plus depth for the images of grid `depth_grid`.
 
     Args:
       depth_grid: static (h, w) token grid of the depth bucket (image of 32h x 32w pixels); None
         skips the depth head.
       depth_output_size: static (H, W) of the returned maps; default (32h, 32w).
+      images_per_row: static images per batch row (see `Qwen3VL.__call__`); 1 for training batches.
     """
     out = super().__call__(input_ids, position_ids, attention_mask, pixel_values, image_grid_hw, cache,
-                           cache_index, compute_logits, return_image_features=depth_grid is not None)
+                           cache_index, compute_logits, return_image_features=depth_grid is not None,
+                           images_per_row=images_per_row)
     depth = valid = None
     if depth_grid is not None and pixel_values is not None:
       maps, valid = image_feature_maps(out, image_grid_hw, depth_grid, self.config.vision.spatial_merge_size)
-      depth = self.depth_head(maps, output_size=depth_output_size)
+      depth = constrain(self.depth_head(maps, output_size=depth_output_size), "images", None, None)
     return DepthVLMOutput(out.logits, out.hidden_states, depth, valid, out.cache)
 
 

@@ -3,7 +3,9 @@
 Reference: HF `transformers` `Qwen3VLForConditionalGeneration`. Image features replace the
 `<|image_pad|>` embeddings in row-major (batch, position) order, exactly like the reference's
 `masked_scatter`; DeepStack features are added at the same positions after decoder layers
-0, 1, 2. Both are done with one gather index computed from the token ids inside jit.
+0, 1, 2. Both are done with one gather index computed from the token ids inside jit. With
+`images_per_row` the index is built and applied per batch row (a gather with a batch dimension),
+so a batch sharded over devices never gathers another device's activations.
 
 Parameter tree (names mirror the HF state dict; see `hf_params.py`):
   visual/{patch_embed, pos_embed, blocks_i, merger, deepstack_merger_list_k}
@@ -23,6 +25,7 @@ from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.layers import Dense
 from depthvlm_jax.model.text import KVCache, TextDecoder
 from depthvlm_jax.model.vision import VisionTower
+from depthvlm_jax.sharding import constrain
 
 Dtype = Any
 
@@ -43,30 +46,38 @@ class Qwen3VLOutput(NamedTuple):
 
 
 def image_token_gather_index(input_ids, image_token_id: int, token_valid):
-  """Maps sequence positions to image-feature rows and back, as `masked_scatter` orders them.
+  """Pairs each row's `<|image_pad|>` positions with its image-feature slots, in order.
+
+  The k-th image token of a row receives the k-th real feature slot of the same row (the row-major
+  order of the reference's `masked_scatter`, restricted to one row). All index work stays inside a
+  row, so a batch sharded over devices needs no exchange: give one row per batch row for that, or
+  the whole batch flattened into one row (shape (1, B*L)) for images laid out across rows freely.
 
   Args:
-    input_ids: (B, L) int.
+    input_ids: (R, L) int.
     image_token_id: id of `<|image_pad|>`.
-    token_valid: (N, T) bool real image tokens (features flattened to N*T rows).
+    token_valid: (R, F) bool real feature slots of each row (its images' token slots, in order).
 
   Returns:
-    is_image: (B*L,) bool; feature_row_of_position: (B*L,) int index into the N*T feature rows;
-    position_of_feature: (N*T,) int index into the B*L positions (0 where invalid).
+    is_image: (R, L) bool; feature_of_position: (R, L) int index into the row's F feature slots;
+    position_of_feature: (R, F) int index into the row's L positions (0 where invalid).
   """
-  is_image = (input_ids == image_token_id).reshape(-1)
-  num_pos = is_image.shape[0]
-  valid = token_valid.reshape(-1)
-  num_feat = valid.shape[0]
-  pos_rank = jnp.cumsum(is_image) - 1
-  feat_rank = jnp.cumsum(valid) - 1
-  feature_of_rank = jnp.zeros((num_feat,), jnp.int32).at[jnp.where(valid, feat_rank, num_feat)].set(
-      jnp.arange(num_feat, dtype=jnp.int32), mode="drop")
-  position_of_rank = jnp.zeros((num_pos,), jnp.int32).at[jnp.where(is_image, pos_rank, num_pos)].set(
-      jnp.arange(num_pos, dtype=jnp.int32), mode="drop")
-  feature_row_of_position = feature_of_rank[jnp.clip(pos_rank, 0, num_feat - 1)]
-  position_of_feature = jnp.where(valid, position_of_rank[jnp.clip(feat_rank, 0, num_pos - 1)], 0)
-  return is_image, feature_row_of_position, position_of_feature
+  is_image = input_ids == image_token_id
+  num_pos, num_feat = is_image.shape[1], token_valid.shape[1]
+  pos_rank = jnp.cumsum(is_image, axis=1) - 1
+  feat_rank = jnp.cumsum(token_valid, axis=1) - 1
+  # a stable sort on "not selected" lists the selected slots first, in order: slot of the k-th one
+  feature_of_rank = jnp.argsort(~token_valid, axis=1, stable=True).astype(jnp.int32)
+  position_of_rank = jnp.argsort(~is_image, axis=1, stable=True).astype(jnp.int32)
+  feature_of_position = jnp.take_along_axis(feature_of_rank, jnp.clip(pos_rank, 0, num_feat - 1), axis=1)
+  position_of_feature = jnp.take_along_axis(position_of_rank, jnp.clip(feat_rank, 0, num_pos - 1), axis=1)
+  return is_image, feature_of_position, jnp.where(token_valid, position_of_feature, 0)
+
+
+def rows_of_images(x: jax.Array, rows: int) -> jax.Array:
+  """(N, T, ...) per-image arrays -> (rows, N / rows * T, ...): the images of each row side by side."""
+  n, t = x.shape[:2]
+  return x.reshape((rows, n // rows * t) + x.shape[2:])
 
 
 def attention_mask_for(attention_mask, q_len: int, cache_index=None):
@@ -107,7 +118,7 @@ class Qwen3VL(nn.Module):
 
   def __call__(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_hw=None,
                cache: Sequence[KVCache] | None = None, cache_index=None, compute_logits: bool = True,
-               return_image_features: bool = True) -> Qwen3VLOutput:
+               return_image_features: bool = True, images_per_row: int | None = None) -> Qwen3VLOutput:
     """One forward pass.
 
     Args:
@@ -120,30 +131,43 @@ class Qwen3VL(nn.Module):
       cache_index: int32 scalar slot of input_ids[:, 0] in the cache.
       compute_logits: whether to apply the LM head (training may do it in chunks instead).
       return_image_features: also return per-image DeepStack/LLM features (for the depth head).
+      images_per_row: static K: image slots b*K .. b*K+K-1 belong to row b (N = B*K; padding slots
+        have grid (0, 0)). Each row then exchanges features with its own images only, which keeps a
+        batch sharded over devices local. None: the images are matched to the image tokens in
+        batch order across rows (any layout, e.g. prompts with different image counts).
     """
     b, l = input_ids.shape
-    embeds = self.language_model.embed(input_ids)
+    embeds = constrain(self.language_model.embed(input_ids), "batch", "length", "act_embed")
     deepstack_at_positions = []
     image_features = None
     if pixel_values is not None:
       merged, deepstack, token_valid = self.visual(pixel_values, image_grid_hw)
-      is_image, row_of_pos, pos_of_row = image_token_gather_index(input_ids, self.config.image_token_id,
-                                                                  token_valid)
+      n, t = token_valid.shape
+      if images_per_row is not None and n != b * images_per_row:
+        raise ValueError(f"images_per_row={images_per_row}: pixel_values has {n} images for {b} rows; "
+                         f"expected {b * images_per_row}")
+      rows = 1 if images_per_row is None else b
+      is_image, feature_of_pos, pos_of_feature = image_token_gather_index(
+          input_ids.reshape(rows, -1), self.config.image_token_id, rows_of_images(token_valid, rows))
+      is_image = is_image.reshape(b, l, 1)
       d = embeds.shape[-1]
 
       def at_positions(feat):  # (N, T, D) -> (B, L, D), zeros where not an image token
-        rows = feat.reshape(-1, d)[row_of_pos]
-        return jnp.where(is_image[:, None], rows, 0).reshape(b, l, d).astype(embeds.dtype)
+        feat = rows_of_images(constrain(feat, "images", "image_tokens", "act_embed"), rows)
+        placed = jnp.take_along_axis(feat, feature_of_pos[..., None], axis=1).reshape(b, l, d)
+        return constrain(jnp.where(is_image, placed, 0).astype(embeds.dtype), "batch", "length", "act_embed")
 
-      embeds = jnp.where(is_image.reshape(b, l, 1), at_positions(merged), embeds)
+      embeds = jnp.where(is_image, at_positions(merged), embeds)
       deepstack_at_positions = [at_positions(f) for f in deepstack]
     mask = attention_mask_for(attention_mask, l, cache_index)
     hidden, cache = self.language_model(embeds, position_ids, mask, deepstack_at_positions, cache, cache_index)
+    hidden = constrain(hidden, "batch", "length", "act_embed")
     if pixel_values is not None and return_image_features:
-      n, t = token_valid.shape
-      llm_last = hidden.reshape(b * l, -1)[pos_of_row].reshape(n, t, -1)
+      by_row = hidden.reshape(rows, -1, hidden.shape[-1])
+      llm_last = jnp.take_along_axis(by_row, pos_of_feature[..., None], axis=1).reshape(n, t, -1)
       llm_last = jnp.where(token_valid[..., None], llm_last, 0)
-      image_features = ImageFeatures(deepstack, llm_last, token_valid)
+      image_features = ImageFeatures(deepstack, constrain(llm_last, "images", "image_tokens", "act_embed"),
+                                     token_valid)
     logits = self.logits(hidden) if compute_logits else None
     return Qwen3VLOutput(logits, hidden, image_features, cache)
 

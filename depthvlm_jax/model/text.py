@@ -16,6 +16,7 @@ import numpy as np
 
 from depthvlm_jax.model.config import TextConfig
 from depthvlm_jax.model.layers import Dense, RMSNorm, apply_rotary, attention, checkpoint_policy, logical_init, run_blocks
+from depthvlm_jax.sharding import constrain
 
 Dtype = Any
 KVCache = tuple[jax.Array, jax.Array]  # each (batch, cache_len, kv_heads, head_dim)
@@ -63,8 +64,9 @@ class TextAttention(nn.Module):
     q = RMSNorm(c.rms_norm_eps, "head_dim", name="q_norm", **kw)(q.reshape(b, l, c.num_attention_heads, c.head_dim))
     k = RMSNorm(c.rms_norm_eps, "head_dim", name="k_norm", **kw)(k.reshape(b, l, c.num_key_value_heads, c.head_dim))
     v = v.reshape(b, l, c.num_key_value_heads, c.head_dim)
-    q = apply_rotary(q, cos, sin)
-    k = apply_rotary(k, cos, sin)
+    q = constrain(apply_rotary(q, cos, sin), "batch", "length", "act_heads", None)
+    k = constrain(apply_rotary(k, cos, sin), "batch", "length", "act_kv_heads", None)
+    v = constrain(v, "batch", "length", "act_kv_heads", None)
     if cache is not None:
       k_cache, v_cache = cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
@@ -89,7 +91,8 @@ class TextMLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate = Dense(c.intermediate_size, ("embed", "mlp"), False, name="gate_proj", **kw)(x)
     up = Dense(c.intermediate_size, ("embed", "mlp"), False, name="up_proj", **kw)(x)
-    return Dense(c.hidden_size, ("mlp", "embed"), False, name="down_proj", **kw)(jax.nn.silu(gate) * up)
+    h = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
+    return Dense(c.hidden_size, ("mlp", "embed"), False, name="down_proj", **kw)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -101,11 +104,12 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x, "batch", "length", "act_embed")
     h = RMSNorm(c.rms_norm_eps, "embed", name="input_layernorm", **kw)(x)
     h, cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, "embed", name="post_attention_layernorm", **kw)(x)
-    return x + TextMLP(c, name="mlp", **kw)(h), cache
+    return constrain(x + TextMLP(c, name="mlp", **kw)(h), "batch", "length", "act_embed"), cache
 
 
 class TextDecoder(nn.Module):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from depthvlm_jax.model.config import VisionConfig
 from depthvlm_jax.model.layers import (Dense, LayerNorm, apply_rotary, attention, checkpoint_policy, logical_init,
                                        run_blocks)
+from depthvlm_jax.sharding import constrain
 
 Dtype = Any
 
@@ -99,11 +100,12 @@ class VisionBlock(nn.Module):
     """x: (N, P, D); cos/sin: (N, P, head_dim); mask: (N, 1, P, P) bool."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x, "images", "patches", "act_embed")
     y = LayerNorm(c.layer_norm_eps, "vision_embed", name="norm1", **kw)(x)
     x = x + _VisionAttention(c, name="attn", **kw)(y, cos, sin, mask)
     y = LayerNorm(c.layer_norm_eps, "vision_embed", name="norm2", **kw)(x)
     x = x + _VisionMLP(c, name="mlp", **kw)(y)
-    return x
+    return constrain(x, "images", "patches", "act_embed")
 
 
 class _VisionAttention(nn.Module):

@@ -66,7 +66,7 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
   gather = with_lm and lm_positions > 0
   out = model.apply({"params": params}, batch["input_ids"], batch["position_ids"], batch["attention_mask"],
                     batch["pixel_values"], batch["image_grid_hw"], compute_logits=with_lm and not gather,
-                    depth_grid=depth_grid)
+                    depth_grid=depth_grid, images_per_row=1)
   depth_mask = (batch["has_depth"] & out.depth_valid)[:, None, None]
   depth_sum, depth_count = silog_loss(out.depth, batch["depth"], valid_mask=depth_mask & (batch["depth"] > 0))
   terms = {"depth_sum": depth_sum, "depth_count": depth_count}

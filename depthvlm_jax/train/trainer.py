@@ -365,7 +365,8 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
                             lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
-  return jax.jit(step_fn, donate_argnums=(0,), keep_unused=True,
+  # traced under the mesh: the model's activation constraints keep every row on its batch shard
+  return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
 
 
