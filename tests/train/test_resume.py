@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
 # A tiny stage-1 run: small bucket, narrow head, batch 2, checkpoints every 2 steps.
 OVERRIDES = [f"--config.train.total_steps={STEPS}", "--config.ckpt_every=2", "--config.keep_ckpts=10",
-             "--config.log_every=1", "--config.eval_qa=0", "--config.data.image_size=(64,96)",
+             "--config.log_every=1", "--config.eval_qa=0", "--config.data.buckets=((64,96),)",
              "--config.data.seq_len=64", "--config.train.global_batch=2", "--config.model.dpt_features=16",
              "--config.model.dpt_out_channels=(8,16,16,16)", "--config.model.dpt_head_features=8",
              "--config.data.synthetic_train=12", "--config.data.synthetic_test=2"]
