@@ -160,10 +160,15 @@ def paper_shapes(args, workdir: pathlib.Path) -> None:
   for w in [int(x) for x in args.workers.split(",")]:
     # small batches: the rate per sample is the same, and a worker fills a whole batch before it shows
     it = iter(pipeline.batched(ds, args.paper_batch, w))
+    cpu0 = time.process_time()  # this process's threads; worker processes are not counted
     startup, rate, b = time_loader(it, args.batches)
+    cpu = (time.process_time() - cpu0) / ((args.batches + 1) * args.paper_batch)
     mb = sum(v.nbytes for v in b.values()) / len(b["input_ids"]) / 2**20
     print(f"{w} workers: {rate:.1f} samples/s ({rate / need:.2f} of the demand; first batch after {startup:.1f} s; "
           f"{mb:.1f} MiB per example, bucket {b['depth'].shape[1]}x{b['depth'].shape[2]} last)")
+    if w == 0:  # all the work in this process: its CPU time per sample is what the host's cores must supply
+      print(f"  {cpu:.2f} CPU-seconds per sample: {need * cpu:.0f} cores busy to feed {need:.0f} images/s "
+            f"(with that many loader workers; the rate above depends on how busy this machine is)")
     del it
 
 
