@@ -334,7 +334,8 @@ def data_sources(config, workdir: pathlib.Path):
     train = [spec(k, v) for k, v in config.data.train_files.items()]
     evals = {k: spec(k, v) for k, v in config.data.eval_files.items()}
     qa = [spec(k, v, with_depth=False) for k, v in config.data.qa_files.items()]
-  weights = [float(config.data.train_weights.get(s.name, pipeline.count_records(s))) for s in train]
+  given = dict(config.data.train_weights)
+  weights = [float(given[s.name]) if s.name in given else float(pipeline.count_records(s)) for s in train]
   if config.data.qa_weight > 0 and qa:
     counts = [pipeline.count_records(s) for s in qa]
     share = sum(weights) * config.data.qa_weight / (1 - config.data.qa_weight)
