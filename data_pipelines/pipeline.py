@@ -59,7 +59,7 @@ class SourceSpec:
   With `format="array_record"`, `jsonl` is instead a directory written by
   `data_pipelines.tfds_builder.convert` (examples already loaded and focal-unified) and `split` picks
   its split; the roots are then unused. See `tfds_source`. `name` labels the source in skip counts
-  and messages (default: `jsonl`).
+  and messages (default: `jsonl`, with `[split]` for an array_record source).
   """
 
   jsonl: str
@@ -73,7 +73,7 @@ class SourceSpec:
 
   @property
   def label(self) -> str:
-    return self.name or self.jsonl
+    return self.name or (self.jsonl if self.format == "jsonl" else f"{self.jsonl}[{self.split}]")
 
 
 def tfds_source(directory: str, split: str, dataset: str = "synthetic", with_depth: bool = True) -> SourceSpec:
