@@ -103,14 +103,14 @@ def get_config():
   c.model.hf_dir = {hf_dir!r}
   c.model.size = {size!r}
   c.model.dpt_features, c.model.dpt_out_channels, c.model.dpt_head_features = {head}
-  # float32 parameters: stage-1 training with bfloat16 parameters (the optimizer state of the head)
-  # fails in the train step's non-finite guard on this branch; bfloat16 frozen towers are issue 17 item 4.
+  # float32 trainable parameters (the head), frozen towers in bfloat16 (`model.frozen_dtype`)
   c.model.param_dtype = "float32"
+  c.model.frozen_dtype = "bfloat16"
   c.model.compute_dtype = "bfloat16"
   c.model.remat = True
   c.data.kind = "jsonl"
   c.data.train_files = {{"scannetpp": {train!r}}}
-  c.data.image_size = {bucket}
+  c.data.buckets = ({bucket},)
   c.data.seq_len = {seq_len}  # the bucket's image tokens + 128 text tokens, rounded up to 64
   c.train.global_batch = 1
   c.train.total_steps = 1

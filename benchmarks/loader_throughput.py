@@ -1,6 +1,7 @@
 """Input pipeline throughput next to the train step's consumption rate (default stage-1/2 configs).
 
   python -m benchmarks.loader_throughput [--batches 30] [--steps 6] [--workers 0,2] [--array_record]
+  python -m benchmarks.loader_throughput --paper_shapes [--workers 0,2] [--batches 8]
 
 For each stage's `default` config (tiny model, synthetic RGB-D set, bucket 192x256, seq 128,
 batch 8; stage 2 mixes caption/QA samples), measured in one process, one after the other:
@@ -14,6 +15,14 @@ also converts the synthetic set with `tfds_builder` and reports conversion time,
 the 0-worker loader rate reading the ArrayRecord files.
 The synthetic set is smaller than the config's (`--synthetic_train`); the loader's per-sample cost
 does not depend on the set's size.
+
+`--paper_shapes` measures instead what one host of a paper run loads: frames at the original
+resolutions of the five training-set cameras (Waymo 1920x1280, DDAD 1936x1216, nuScenes 1600x900,
+Argoverse2 front-centre 1550x2048, ScanNet++ iPhone 1920x1440: JPEG RGB + 16-bit PNG depth, with
+focal lengths that give the canonical sizes of the issue), focal-unified and resized into the
+`paper_4b` buckets, batch 160 (2560 rows over 16 hosts), and compares the samples/s with what the
+host must feed: 2560 images per `--step_s` (default 3.2 s, the AOT estimate of the `paper_4b`
+stage-1 step on v5p 4x4x4) over 16 hosts = 50 images/s.
 """
 
 from __future__ import annotations
@@ -47,12 +56,12 @@ def stage_config(stage: int, synthetic_train: int, synthetic_dir: str):
 
 
 def loader(config, model_config, tokenizer, workdir, num_workers: int, sources=None):
-  spec = trainer.example_spec(config, model_config)
+  specs = trainer.example_specs(config, model_config)
   if sources is None:
     sources, weights, _ = trainer.data_sources(config, workdir)
   else:
-    weights = [1.0] * len(sources)
-  ds = pipeline.make_dataset(sources, weights, spec, model_config, tokenizer, ImageProcessorConfig(),
+    weights = [None] * len(sources)
+  ds = pipeline.make_dataset(sources, weights, specs, model_config, tokenizer, ImageProcessorConfig(),
                              seed=config.data.shuffle_seed)
   return iter(pipeline.batched(ds, config.train.global_batch, num_workers))
 
@@ -80,8 +89,7 @@ def train_step(config):
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(config.train.lr, 1000, 0.04),
                                    config.train.grad_clip, config.train.weight_decay)
   state = initial_state(trainable, jax.jit(optimizer.init)(trainable))
-  depth_grid = pipeline.ExampleSpec(tuple(config.data.image_size), 1, False).token_grid(
-      model.config.vision.image_token_pixels)
+  depth_grid = trainer.example_specs(config, model.config)[0].token_grid(model.config.vision.image_token_pixels)
   fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches, config.train.depth_loss_weight,
                        with_lm=config.stage == 2, lm_positions=config.train.lm_positions)
   shard = distributed.data_shard(mesh, config.train.global_batch)
@@ -104,6 +112,61 @@ def time_steps(step, state, frozen, mesh, batches, steps: int) -> tuple[float, f
   return first, n / (time.perf_counter() - t0), state
 
 
+# camera: (original W, H, fx) whose canonical (fx 1000) size is the issue's (W, H)
+PAPER_CAMERAS = {"waymo": (1920, 1280, 2060.0), "ddad": (1936, 1216, 2180.0), "nuscenes": (1600, 900, 1266.0),
+                 "argoverse": (1550, 2048, 1773.0), "scannetpp": (1920, 1440, 1431.0)}
+
+
+def write_paper_frames(root: pathlib.Path, per_camera: int) -> pipeline.SourceSpec:
+  """`per_camera` smooth random frames per camera of PAPER_CAMERAS: one jsonl source."""
+  import json
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  root.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for name, (w, h, fx) in PAPER_CAMERAS.items():
+    for i in range(per_camera):
+      # low-frequency content upsampled: JPEG sizes and decode times like photographs, not like noise
+      small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+      Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(root / f"{name}{i}.jpg", quality=90)
+      depth = rng.uniform(1, 60, (h // 16, w // 16)).astype(np.float32)
+      depth = np.asarray(Image.fromarray(depth).resize((w, h), Image.Resampling.BILINEAR))
+      Image.fromarray((depth * 256).astype(np.uint16)).save(root / f"{name}{i}_d.png")
+      lines.append(json.dumps({"image": f"{name}{i}.jpg", "depth_path": f"{name}{i}_d.png", "depth_scale": 256,
+                               "original_rgb_size": [w, h], "original_fx": fx, "canonical_fx": 1000.0}))
+  (root / "frames.jsonl").write_text("\n".join(lines) + "\n")
+  return pipeline.SourceSpec(str(root / "frames.jsonl"), str(root), str(root), "waymo", name="paper_shapes")
+
+
+def paper_shapes(args, workdir: pathlib.Path) -> None:
+  """Loader samples/s on paper-size frames into the paper_4b buckets, against one host's demand."""
+  config = stage1.get_config("paper_4b")
+  model_config = trainer.build_model(stage_config(1, 4, str(workdir / "unused"))).config  # tiny: same patching
+  specs = trainer.example_specs(config, model_config)
+  source = write_paper_frames(workdir / "paper_frames", args.per_camera)
+  hosts, batch = 16, config.train.global_batch // 16
+  need = config.train.global_batch / args.step_s / hosts
+  ds = pipeline.make_dataset([source], [None], specs, model_config, load_tokenizer(None), ImageProcessorConfig(),
+                             seed=0)
+  print(f"\npaper_4b buckets {[s.name for s in specs]}; {len(PAPER_CAMERAS)} cameras x {args.per_camera} frames; "
+        f"bucket shares {ds.fractions()}")
+  print(f"one host must feed {config.train.global_batch} images / {args.step_s} s / {hosts} hosts = {need:.1f} "
+        f"images/s (batch {batch} per host)")
+  for w in [int(x) for x in args.workers.split(",")]:
+    # small batches: the rate per sample is the same, and a worker fills a whole batch before it shows
+    it = iter(pipeline.batched(ds, args.paper_batch, w))
+    cpu0 = time.process_time()  # this process's threads; worker processes are not counted
+    startup, rate, b = time_loader(it, args.batches)
+    cpu = (time.process_time() - cpu0) / ((args.batches + 1) * args.paper_batch)
+    mb = sum(v.nbytes for v in b.values()) / len(b["input_ids"]) / 2**20
+    print(f"{w} workers: {rate:.1f} samples/s ({rate / need:.2f} of the demand; first batch after {startup:.1f} s; "
+          f"{mb:.1f} MiB per example, bucket {b['depth'].shape[1]}x{b['depth'].shape[2]} last)")
+    if w == 0:  # all the work in this process: its CPU time per sample is what the host's cores must supply
+      print(f"  {cpu:.2f} CPU-seconds per sample: {need * cpu:.0f} cores busy to feed {need:.0f} images/s "
+            f"(with that many loader workers; the rate above depends on how busy this machine is)")
+    del it
+
+
 def dir_size(path: pathlib.Path, pattern: str = "*") -> int:
   return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
 
@@ -117,8 +180,15 @@ def main():
   ap.add_argument("--synthetic_train", type=int, default=64)
   ap.add_argument("--array_record", action="store_true")
   ap.add_argument("--workdir", default="")
+  ap.add_argument("--paper_shapes", action="store_true", help="paper-size frames into the paper_4b buckets")
+  ap.add_argument("--per_camera", type=int, default=4, help="frames per camera (--paper_shapes)")
+  ap.add_argument("--paper_batch", type=int, default=4, help="loader batch (--paper_shapes)")
+  ap.add_argument("--step_s", type=float, default=3.2, help="paper_4b stage-1 step time (--paper_shapes)")
   args = ap.parse_args()
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="loader_bench_"))
+  if args.paper_shapes:
+    paper_shapes(args, workdir)
+    return
   syn = workdir / "synthetic"
   workers = [int(w) for w in args.workers.split(",")]
   tokenizer = load_tokenizer(None)
@@ -171,7 +241,7 @@ def main():
 
   cols = [f"loader {w}w (samples/s)" for w in workers] + ["train step (ex/s)", "end to end (ex/s)", "bottleneck"]
   print(f"\nloader throughput vs train step, {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"image {tuple(config.data.image_size)}, seq {config.data.seq_len}")
+        f"buckets {[tuple(b) for b in config.data.buckets]}, seq {config.data.seq_len}")
   print("| stage | batch | " + " | ".join(cols) + " |")
   print("|" + "---|" * (len(cols) + 2))
   for r in rows:

@@ -25,8 +25,9 @@ PRESETS = {
         "model.frozen_dtype": "float32",
         "model.remat": False,
         "model.scan_layers": False,
-        # the 3x4 tokens of 96x128 keep a stage-1 step near 5 GFLOP
-        "data.image_size": (96, 128),
+        # the 3x4 tokens of 96x128 keep a stage-1 step near 5 GFLOP; the synthetic scenes (1.1:1 to 1.65:1
+        # landscape) all land in the first bucket, so a default run compiles one train step
+        "data.buckets": ((96, 128), (128, 96)),
         "data.seq_len": 128,
         "data.num_workers": 0,
         "train.lm_positions": 40,
@@ -116,12 +117,26 @@ def base_config(preset):
   c.data.synthetic_seed = 0
   c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
   c.data.eval_files = ml_collections.ConfigDict()
-  c.data.image_size = (768, 1024)  # (H, W) bucket, multiples of 32
-  # Padded sequence length; 0 = the bucket's image tokens + `text_tokens` (768 + 128 = 896 for the
-  # paper bucket: a sample is about 840 tokens, where a fixed 4096 spent ~80% of the step on padding).
+  # Image buckets (H, W), multiples of 32: each sample is resized into the nearest in aspect ratio
+  # and pixel count with its aspect kept, and padded (data_pipelines/pipeline.py). These cover the
+  # canonical (fx = 1000) shapes of the training sets with little resizing: 4:3 landscape,
+  # ScanNet++ (1342x1006 -> 1344x1024), Waymo (932x621 -> 960x640), DDAD (888x558 -> 896x576),
+  # nuScenes (1264x711 -> 1248x704), Argoverse2 front-centre portrait (874x1155 -> 864x1152),
+  # square (Taskonomy, HM3D centre crops).
+  c.data.buckets = ((768, 1024), (1024, 1344), (640, 960), (576, 896), (704, 1248), (1152, 864), (1024, 1024))
+  # Padded sequence length; 0 = each bucket's image tokens + `text_tokens` (768 + 128 = 896 for the
+  # 768x1024 bucket: a sample is about 840 tokens, where a fixed 4096 spent ~80% of the step on padding).
   c.data.seq_len = 0
   c.data.text_tokens = 128  # prompt + reply budget when seq_len = 0; longer samples are skipped as too_long
-  c.data.qa_weight = 0.0  # mixing weight of caption/QA samples (stage 2)
+  # Mixing weight of each train source by name; a source not listed weighs its record count (the
+  # authors concatenate the sets, so sampling follows their sizes).
+  c.data.train_weights = ml_collections.ConfigDict()
+  # Caption/QA sources for data.kind="jsonl": {name: "ann.jsonl|image_root"} (image + prompt + solution).
+  c.data.qa_files = ml_collections.ConfigDict()
+  c.data.qa_weight = 0.0  # fraction of caption/QA samples among all (stage 2; 0 = the paper's recipe)
+  # Stop when a source skipped more than this fraction of its samples after min_samples drawn from it.
+  c.data.max_skip_rate = 0.5
+  c.data.skip_rate_min_samples = 1000
   c.data.num_workers = 16
   c.data.shuffle_seed = 0
 

@@ -1,22 +1,41 @@
 """grain input pipeline: annotation records -> canonical RGB-D -> tokenised chat examples -> batches.
 
-  MapDataset.source(records) ─ shuffle ─ repeat ─ random_map(prepare: load, focal-unify, crop to the
-  bucket, patchify, tokenise) ─┐
-  (caption/QA source, same steps, no depth) ─────────────────────────────────────┴─ mix(weights)
-  ─ to_iter_dataset ─ DropSkipped ─ batch ─ [mp_prefetch]
+  records of each source ─ split by bucket (from the records' canonical sizes) ─┐
+  per (source, bucket): MapDataset.source ─ shuffle ─ repeat ─ random_map(prepare: load,
+    focal-unify, resize into the bucket with the aspect kept, pad, patchify, tokenise)
+  per bucket: mix(sources) ─ to_iter_dataset ─ DropSkipped ─ batch
+  all buckets: IterDataset.mix(bucket weights) ─ [mp_prefetch]
 
-Every example has the static shapes of one bucket (`image_size`, `seq_len`), so a batch never
-recompiles the train step. Unusable samples become `Skipped` markers, are dropped and counted
-(`skip_counts`), never trained on. The iterator state (grain) is checkpointed with the train state.
-A source is a JSON Lines annotation file, or (`tfds_source`) a split converted to ArrayRecord by
-`data_pipelines.tfds_builder`, which stores examples already decoded and focal-unified.
+Buckets (`ExampleSpec`, one per static (H, W) image size, multiples of 32) keep every batch at one
+set of static shapes, so the train step compiles once per bucket. A sample goes to the bucket
+nearest to it in log aspect ratio plus log pixel count (`choose_bucket`; the pixel count clamped to
+the processor's [min_pixels, max_pixels]) and is resized into it with its aspect ratio kept
+(`fit_to_bucket`): nothing is cropped and no sample is too small. The image is scaled by
+s = min(H / h, W / w); its focal length becomes s * canonical_fx, so the depth target is divided by
+s to stay the depth of the canonical camera (fx = canonical_fx) that every other sample is seen
+with. The bottom/right remainder is padding: pixels grey, depth 0 (no supervision), and patch
+slots beyond the image's own token grid are not real tokens (the vision tower does not attend to
+them and the text holds no image token for them). Caption/QA samples (no depth) take the same path.
+
+Mixing: every source has a weight (by default its record count, as when the authors concatenate the
+sets); the source's records are split over the buckets by their canonical sizes, each bucket draws
+whole batches with the summed weight of its share of every source, and inside a bucket the sources
+mix by those shares, so each source keeps its weight overall. The bucket of a batch is decided
+by a deterministic weighted interleave, not by the data, so every process of a multi-host run loads
+the same bucket at the same step.
+
+Unusable samples become `Skipped` markers, are dropped and counted per source and reason
+(`skip_counts`, `drawn_counts`), never trained on. The iterator state (grain) is checkpointed with
+the train state. A source is a JSON Lines annotation file, or (`tfds_source`) a split converted to
+ArrayRecord by `data_pipelines.tfds_builder`, which stores examples already decoded and
+focal-unified.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -30,13 +49,17 @@ from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
 
+PAD_PIXEL = 128  # grey: about 0 after the processor's (x / 255 - 0.5) / 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
   """One annotation file with its roots; `dataset` picks the depth range (SPEC §4).
 
   With `format="array_record"`, `jsonl` is instead a directory written by
   `data_pipelines.tfds_builder.convert` (examples already loaded and focal-unified) and `split` picks
-  its split; the roots are then unused. See `tfds_source`.
+  its split; the roots are then unused. See `tfds_source`. `name` labels the source in skip counts
+  and messages (default: `jsonl`, with `[split]` for an array_record source).
   """
 
   jsonl: str
@@ -46,6 +69,11 @@ class SourceSpec:
   with_depth: bool = True  # False: caption/QA records (image + prompt + solution)
   format: str = "jsonl"  # "jsonl" | "array_record"
   split: str = "train"  # array_record only
+  name: str = ""
+
+  @property
+  def label(self) -> str:
+    return self.name or (self.jsonl if self.format == "jsonl" else f"{self.jsonl}[{self.split}]")
 
 
 def tfds_source(directory: str, split: str, dataset: str = "synthetic", with_depth: bool = True) -> SourceSpec:
@@ -55,19 +83,22 @@ def tfds_source(directory: str, split: str, dataset: str = "synthetic", with_dep
 
 @dataclasses.dataclass(frozen=True)
 class ExampleSpec:
-  """Static shapes and text settings of the examples."""
+  """Static shapes and text settings of the examples of one bucket."""
 
   image_size: tuple[int, int]  # (H, W) pixels, multiples of 32
   seq_len: int
   with_answer: bool  # stage 2: supervise the assistant reply; stage 1: prompt only
-  random_crop: bool = True
+
+  @property
+  def name(self) -> str:
+    return f"{self.image_size[0]}x{self.image_size[1]}"
 
   def token_grid(self, merge_px: int = 32) -> tuple[int, int]:
     return self.image_size[0] // merge_px, self.image_size[1] // merge_px
 
   def batch_shapes(self, model_config: Qwen3VLConfig, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{name: (shape, dtype)} of a batch of `batch` examples as `batched` delivers them (without
-    `skip_counts`): what ahead-of-time compilation feeds the train step.
+    `skip_counts`, `drawn_counts`): what ahead-of-time compilation feeds the train step.
 
     input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixel_values (B, P, patch_dim),
     image_grid_hw (B, 2), depth (B, H, W), has_depth (B,).
@@ -82,14 +113,102 @@ class ExampleSpec:
             "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
 
 
-def _crop(array: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
-  h, w = size
-  dy, dx = array.shape[0] - h, array.shape[1] - w
-  y0 = int(rng.integers(0, dy + 1)) if rng is not None else dy // 2
-  x0 = int(rng.integers(0, dx + 1)) if rng is not None else dx // 2
-  return array[y0:y0 + h, x0:x0 + w]
+# ----------------------------------------------------------------------------- buckets
+def bucket_distance(size_hw: tuple[int, int], bucket_hw: tuple[int, int], min_pixels: int = 0,
+                    max_pixels: int = 2**62) -> float:
+  """|log aspect ratio difference| + |log pixel count ratio| of an (h, w) image against a bucket; the
+  image's pixel count is first clamped to [min_pixels, max_pixels] (the processor's budget)."""
+  (h, w), (bh, bw) = size_hw, bucket_hw
+  pixels = min(max(h * w, min_pixels), max_pixels)
+  return abs(math.log((w / h) / (bw / bh))) + abs(math.log(pixels / (bh * bw)))
 
 
+def choose_bucket(size_hw: tuple[int, int], buckets: Sequence[tuple[int, int]], min_pixels: int = 0,
+                  max_pixels: int = 2**62) -> int:
+  """Index of the bucket nearest to an (h, w) image (`bucket_distance`; the first one on a tie).
+
+  Ties are real: an image below min_pixels and wider than two buckets of the same height is as far
+  from both; distances are rounded so that float noise cannot break them differently.
+  """
+  d = [round(bucket_distance(size_hw, b, min_pixels, max_pixels), 9) for b in buckets]
+  return int(np.argmin(d))
+
+
+def fit_size(size_hw: tuple[int, int], bucket_hw: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+  """(scale, (h', w')): the largest aspect-keeping resize of an (h, w) image that fits the bucket."""
+  (h, w), (bh, bw) = size_hw, bucket_hw
+  s = min(bh / h, bw / w)
+  return s, (min(bh, max(1, round(h * s))), min(bw, max(1, round(w * s))))
+
+
+def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[int, int],
+                  merge_px: int = 32, nearest_rule: str = "centre"):
+  """Resizes (aspect kept) and pads an image (and its depth) into a bucket.
+
+  Args:
+    image: (h, w, 3) uint8 canonical image; depth: (h, w) float32 metres (0 = invalid) or None.
+    bucket_hw: (H, W), multiples of `merge_px`.
+
+  Returns:
+    image (gh, gw, 3) uint8, the image's own grid: (h', w') resized pixels at the top left, grey
+      padding up to the next multiples of `merge_px`;
+    depth (H, W) float32 (None without depth): the resized depth divided by the scale (the depth of
+      the canonical camera, see the module docstring), 0 everywhere else;
+    scale: the resize factor s (the focal length is now s * canonical_fx).
+  """
+  s, (rh, rw) = fit_size(image.shape[:2], bucket_hw)
+  if (rh, rw) != image.shape[:2]:
+    image = np.asarray(Image.fromarray(image).resize((rw, rh), Image.Resampling.BILINEAR))
+  gh, gw = -(-rh // merge_px) * merge_px, -(-rw // merge_px) * merge_px
+  canvas = np.full((gh, gw, 3), PAD_PIXEL, np.uint8)
+  canvas[:rh, :rw] = image
+  if depth is None:
+    return canvas, None, s
+  if depth.shape != (rh, rw):
+    depth = rgbd.resize_nearest(depth, (rw, rh), nearest_rule)
+  target = np.zeros(bucket_hw, np.float32)
+  target[:rh, :rw] = depth / np.float32(s)
+  return canvas, target, s
+
+
+def _header_size(path) -> tuple[int, int]:
+  """(h, w) of an image as `rgbd.load_rgb` returns it (EXIF rotation applied), from its header."""
+  with Image.open(path) as im:
+    w, h = im.size
+    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
+      w, h = h, w
+  return h, w
+
+
+def canonical_hw(record: Any, source: SourceSpec) -> tuple[int, int] | None:
+  """(h, w) of a record's image as `load_canonical` will return it, from the annotation when it
+  gives `canonical_size` or the intrinsics (else the image header); None if unknown (the sample
+  will be skipped). A converted (array_record) example is read for it."""
+  if isinstance(record, Skipped):
+    return None
+  if isinstance(record, dict):
+    return tuple(record["image"].shape[:2])
+  try:
+    if record.canonical_size is not None:
+      w, h = record.canonical_size
+    elif record.original_fx is not None:
+      wh = record.original_rgb_size
+      if wh is None:
+        h0, w0 = _header_size(rgbd.resolve_path(source.image_root, record.image))
+        wh = (w0, h0)
+      w, h = rgbd.canonical_size(wh, record.original_fx, record.canonical_fx)
+    elif not source.with_depth:
+      h, w = _header_size(rgbd.resolve_path(source.image_root, record.image))
+    else:
+      return None
+  except Exception:  # unreadable header, bad path: the sample is skipped when prepared
+    return None
+  if source.dataset in rgbd.CENTRE_CROP_1024:
+    w, h = min(w, 1024), min(h, 1024)
+  return h, w
+
+
+# ----------------------------------------------------------------------------- examples
 def load_canonical(record: rgbd.RGBDRecord, source: SourceSpec) -> rgbd.CanonicalSample:
   """Reads one record as the pipeline uses it (raises `rgbd.SampleError`).
 
@@ -105,40 +224,40 @@ def load_canonical(record: rgbd.RGBDRecord, source: SourceSpec) -> rgbd.Canonica
   return rgbd.CanonicalSample(image, None, (0, 0), (image.shape[1], image.shape[0]))
 
 
-def _cover(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Bilinear upscale keeping the aspect ratio until (H, W) >= `size` (image-only samples)."""
-  h, w = image.shape[:2]
-  s = max(size[0] / h, size[1] / w)
-  new_wh = (max(size[1], math.ceil(w * s)), max(size[0], math.ceil(h * s)))
-  return np.asarray(Image.fromarray(image).resize(new_wh, Image.Resampling.BILINEAR))
-
-
 class PrepareExample:
   """Record -> example dict (or `Skipped`). Picklable, for grain worker processes.
 
   A record is an `rgbd.RGBDRecord` (read from its files) or, for `format="array_record"` sources, a
   converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key`.
+  `buckets`: one `ExampleSpec` (every sample goes there) or several (each sample goes to the
+  nearest, `choose_bucket`).
   """
 
-  def __init__(self, source: SourceSpec, spec: ExampleSpec, model_config: Qwen3VLConfig, tokenizer,
-               processor: ImageProcessorConfig, tag_source: bool = False):
-    self.source, self.spec, self.model_config = source, spec, model_config
+  def __init__(self, source: SourceSpec, buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig,
+               tokenizer, processor: ImageProcessorConfig, tag_source: bool = False):
+    self.source, self.model_config = source, model_config
+    self.buckets = (buckets,) if isinstance(buckets, ExampleSpec) else tuple(buckets)
     self.tokenizer, self.processor = tokenizer, processor
-    self.tag_source = tag_source  # examples and skips carry the source's name (for DropSkipped)
+    self.tag_source = tag_source  # examples and skips carry the source's label (for DropSkipped)
+
+  def spec_for(self, size_hw: tuple[int, int]) -> ExampleSpec:
+    if len(self.buckets) == 1:
+      return self.buckets[0]
+    sizes = [b.image_size for b in self.buckets]
+    return self.buckets[choose_bucket(size_hw, sizes, self.processor.min_pixels, self.processor.max_pixels)]
 
   def __call__(self, record: Any, rng: np.random.Generator | None = None):
-    out = self._prepare(record, rng)
+    out = self._prepare(record)
     if not self.tag_source:
       return out
     if isinstance(out, Skipped):
-      return dataclasses.replace(out, source=self.source.jsonl)
-    out[SOURCE_KEY] = self.source.jsonl
+      return dataclasses.replace(out, source=self.source.label)
+    out[SOURCE_KEY] = self.source.label
     return out
 
-  def _prepare(self, record: Any, rng: np.random.Generator | None):
+  def _prepare(self, record: Any):
     if isinstance(record, Skipped):
       return record
-    h, w = self.spec.image_size
     if isinstance(record, dict):  # converted example: already loaded and focal-unified
       image = record["image"]
       depth = record["depth"] if self.source.with_depth else None
@@ -154,36 +273,31 @@ class PrepareExample:
         return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
       except Exception as e:  # any other failure to read a sample skips it too; it never stops training
         return Skipped("other", f"{record.image}: {type(e).__name__}: {e}")
-    if depth is None and (image.shape[0] < h or image.shape[1] < w):
-      image = _cover(image, (h, w))  # no depth to keep metric: upscaling is harmless
-    if image.shape[0] < h or image.shape[1] < w:
-      return Skipped("too_small", f"{record.image}: {image.shape[:2]} < bucket {(h, w)}")
-    crop_rng = rng if self.spec.random_crop else None
-    state = crop_rng.bit_generator.state if crop_rng is not None else None
-    image = _crop(image, (h, w), crop_rng)
-    if depth is not None:
-      if crop_rng is not None:
-        crop_rng.bit_generator.state = state  # same crop window for depth
-      depth = _crop(depth, (h, w), crop_rng)
-      if not np.any(depth > 0):
-        return Skipped("no_valid_depth", f"{record.image}: no valid depth in the crop")
+    spec = self.spec_for(image.shape[:2])
+    h, w = spec.image_size
+    image, depth, _ = fit_to_bucket(image, depth, (h, w), self.model_config.vision.image_token_pixels)
+    if depth is not None and not np.any(depth > 0):
+      return Skipped("no_valid_depth", f"{record.image}: no valid depth after resizing into bucket {spec.name}")
     pixel_values, grid_thw = normalize_and_patchify(image, self.processor)
     merge = self.model_config.vision.spatial_merge_size
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
     prompt = record.prompt or chat.DEFAULT_PROMPT
-    answer = (record.solution or chat.DEFAULT_REPLY) if self.spec.with_answer else None
+    answer = (record.solution or chat.DEFAULT_REPLY) if spec.with_answer else None
     enc = chat.encode_sample(self.tokenizer, prompt, [n_tokens], answer=answer)
     ids, labels = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["labels"], np.int32)
-    if len(ids) > self.spec.seq_len:
-      return Skipped("too_long", f"{record.image}: {len(ids)} tokens > seq_len {self.spec.seq_len}")
-    pad = self.spec.seq_len - len(ids)
+    if len(ids) > spec.seq_len:
+      return Skipped("too_long", f"{record.image}: {len(ids)} tokens > seq_len {spec.seq_len}")
+    pad = spec.seq_len - len(ids)
     mask = np.concatenate([np.ones(len(ids), np.int32), np.zeros(pad, np.int32)])
     ids = np.concatenate([ids, np.full(pad, self.tokenizer.pad_token_id, np.int32)])
     labels = np.concatenate([labels, np.full(pad, -100, np.int32)])
     positions, _ = get_rope_index(ids[None], mask[None], [grid_thw[1:]], self.model_config.image_token_id, merge)
+    patch = self.model_config.vision.patch_size
+    slots = (h // patch) * (w // patch)  # the bucket's patch slots; the image fills the first ones
+    pixel_values = np.pad(pixel_values.astype(np.float32), ((0, slots - len(pixel_values)), (0, 0)))
     return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
-                pixel_values=pixel_values.astype(np.float32), image_grid_hw=np.asarray(grid_thw[1:], np.int32),
-                depth=(depth if depth is not None else np.zeros((h, w))).astype(np.float32),
+                pixel_values=pixel_values, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
+                depth=(depth if depth is not None else np.zeros((h, w), np.float32)),
                 has_depth=np.asarray(depth is not None))
 
 
@@ -204,32 +318,97 @@ def load_records(source: SourceSpec) -> tuple[Sequence[Any], list[Skipped]]:
   return records, [Skipped("bad_record", str(e)) for e in errors]
 
 
-def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float], spec: ExampleSpec,
-                 model_config: Qwen3VLConfig, tokenizer, processor: ImageProcessorConfig, seed: int,
-                 num_epochs: int | None = None) -> grain.MapDataset:
-  """Shuffled, repeated, weighted mix of prepared examples (MapDataset; random access)."""
-  parts = []
-  for source in sources:
-    records, bad = load_records(source)
-    items = bad + records if bad else records
-    if not len(items):
-      raise ValueError(f"{source.jsonl}: no records")
-    prepare = PrepareExample(source, spec, model_config, tokenizer, processor, tag_source=True)
-    ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs)
-    parts.append(ds.random_map(prepare, seed=seed))
-  if len(parts) == 1:
-    return parts[0]
-  return grain.MapDataset.mix(parts, weights=list(weights))
+def count_records(source: SourceSpec) -> int:
+  """Number of records (usable or not) of a source: its default mixing weight."""
+  records, bad = load_records(source)
+  return len(records) + len(bad)
 
 
-def batched(ds: grain.MapDataset, batch_size: int, num_workers: int = 0,
-            give_up_after: int = GIVE_UP_AFTER) -> grain.IterDataset:
-  """Drops/counts skipped samples, batches, and optionally loads in worker processes.
+# ----------------------------------------------------------------------------- datasets and batches
+@dataclasses.dataclass
+class BucketedDataset:
+  """Per-bucket random-access streams of prepared examples and the share of batches each gets.
 
-  A source whose first `give_up_after` samples were all skipped stops iteration with
-  `SourceExhaustedError` (see `skips`).
+  specs[i], datasets[i], weights[i]: bucket i (only buckets some record goes to); sources: the
+  source labels (rows of the per-source skip counts); records: the record count of each source.
   """
-  it = DropSkipped(ds.to_iter_dataset(), give_up_after).batch(batch_size, drop_remainder=True)
+
+  specs: list[ExampleSpec]
+  datasets: list[grain.MapDataset]
+  weights: list[float]
+  sources: list[str]
+  records: list[int]
+
+  def map_datasets(self, fn: Callable[[grain.MapDataset], grain.MapDataset]) -> "BucketedDataset":
+    """The same buckets with `fn` applied to each stream (e.g. a process's share, `DataShard.select`)."""
+    return dataclasses.replace(self, datasets=[fn(d) for d in self.datasets])
+
+  def fractions(self) -> dict[str, float]:
+    """{bucket name: expected fraction of samples}."""
+    total = sum(self.weights)
+    return {s.name: w / total for s, w in zip(self.specs, self.weights)}
+
+
+def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
+                 buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig, tokenizer,
+                 processor: ImageProcessorConfig, seed: int, num_epochs: int | None = None,
+                 prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None) -> BucketedDataset:
+  """Shuffled, repeated, weighted mix of prepared examples, split by bucket (module docstring).
+
+  weights: one per source; None = the source's record count.
+  prepare: (source, bucket) -> the record-to-example map of that source's records in that bucket;
+    default `PrepareExample` (tagged with the source's label).
+  """
+  if prepare is None:
+    def prepare(source, spec):
+      return PrepareExample(source, spec, model_config, tokenizer, processor, tag_source=True)
+  buckets = [buckets] if isinstance(buckets, ExampleSpec) else list(buckets)
+  sizes = [b.image_size for b in buckets]
+  cells: dict[int, list[tuple[grain.MapDataset, float]]] = {}
+  counts = []
+  for source, weight in zip(sources, weights):
+    records, bad = load_records(source)
+    n = len(records) + len(bad)
+    if not n:
+      raise ValueError(f"{source.jsonl}: no records")
+    counts.append(n)
+    weight = float(n if weight is None else weight)
+    by_bucket: dict[int, list[Any]] = {}
+    for item in list(bad) + [records[i] for i in range(len(records))]:
+      hw = canonical_hw(item, source)
+      b = choose_bucket(hw, sizes, processor.min_pixels, processor.max_pixels) if hw else 0
+      by_bucket.setdefault(b, []).append(item)
+    for b, items in sorted(by_bucket.items()):
+      ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs).random_map(
+          prepare(source, buckets[b]), seed=seed)
+      cells.setdefault(b, []).append((ds, weight * len(items) / n))
+  specs, datasets, bucket_weights = [], [], []
+  for b in sorted(cells):
+    parts = cells[b]
+    specs.append(buckets[b])
+    datasets.append(parts[0][0] if len(parts) == 1 else grain.MapDataset.mix([d for d, _ in parts],
+                                                                            weights=[w for _, w in parts]))
+    bucket_weights.append(sum(w for _, w in parts))
+  return BucketedDataset(specs, datasets, bucket_weights, [s.label for s in sources], counts)
+
+
+def batched(ds: BucketedDataset, batch_size: int, num_workers: int = 0,
+            give_up_after: int = GIVE_UP_AFTER) -> grain.IterDataset:
+  """Drops/counts skipped samples, batches each bucket, mixes the buckets' batches by their weights,
+  and optionally loads in worker processes.
+
+  Each batch holds one bucket's examples plus `skip_counts` (B, S, R) and `drawn_counts` (B, S) per
+  source. A source whose first `give_up_after` samples in a bucket were all skipped stops iteration
+  with `SourceExhaustedError` (see `skips`).
+
+  Each bucket's stream prepares ahead in min(16, batch_size) threads up to one batch of examples
+  (grain's default, 500 examples per stream, would hold GBs per bucket at the paper's sizes: an
+  example of the 768x1024 bucket is 19 MB of float32 patches).
+  """
+  read = grain.ReadOptions(num_threads=min(16, batch_size), prefetch_buffer_size=batch_size)
+  parts = [DropSkipped(d.to_iter_dataset(read), give_up_after, ds.sources).batch(batch_size, drop_remainder=True)
+           for d in ds.datasets]
+  it = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights=ds.weights)
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use their defaults
       flags.FLAGS.mark_as_parsed()

@@ -4,6 +4,10 @@
     python -m depthvlm_jax.aot --config=configs/stage2.py --topology=v5e:2x2 --config.train.global_batch=16
     python -m depthvlm_jax.aot --sweep [--sweep_out DIR]     # the README's plan table
 
+Every program is compiled once per image bucket of `data.buckets` (the trainer compiles one step
+per bucket), named `PROGRAM@HxW` (e.g. `train@768x1024`); `--buckets=768x1024,...` limits the
+report to some of them.
+
 No TPU is needed: libtpu (the `tpu` extra, `pip install -e ".[tpu]"`) carries the real TPU compiler,
 and `jax.experimental.topologies` describes the chips of a named slice ("v5p:4x4x4" = 64 chips on 16
 hosts). Each program is lowered with abstract inputs that carry their final shardings on a mesh of
@@ -12,8 +16,8 @@ those chips and compiled; nothing is allocated.
 Programs:
   train    `trainer.jit_train_step`: the trainer's own jitted, donated step (same model, rules,
            shardings, micro-batching) on a global batch laid out as the trainer lays it out;
-  prefill  `generate.prefill` with the depth head for the preset's image bucket, one image per
-           batch shard, the KV cache sized for `--max_new_tokens`;
+  prefill  `generate.prefill` with the depth head for the bucket, one image per batch shard, the
+           KV cache sized for `--max_new_tokens`;
   decode   one `generate.decode_step` on that cache.
 
 Figures per program (all per chip):
@@ -359,10 +363,15 @@ class Setup:
   chip: Chip
   mesh: Any
   model: Any
-  spec: Any  # pipeline.ExampleSpec of the training bucket
+  spec: Any  # pipeline.ExampleSpec of the bucket compiled (the first of `specs` by default)
   depth_grid: tuple[int, int]
   params_like: Any  # abstract params with their shardings
   mask: Any
+  specs: Any = ()  # every training bucket of the config
+
+  def for_bucket(self, spec) -> "Setup":
+    """The same setup for another bucket."""
+    return dataclasses.replace(self, spec=spec, depth_grid=spec.token_grid(self.model.config.vision.image_token_pixels))
 
 
 def shard_bytes(tree) -> int:
@@ -380,9 +389,9 @@ def make_setup(config, topology: str | None, devices=None) -> Setup:
   sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
   model = trainer.build_model(config)
   params_like, mask = trainer.params_like(config, model, mesh)  # frozen towers in model.frozen_dtype
-  spec = trainer.example_spec(config, model.config)
-  return Setup(config, topology, chip_of(topology) if topology else None, mesh, model, spec,
-               spec.token_grid(model.config.vision.image_token_pixels), params_like, mask)
+  specs = trainer.example_specs(config, model.config)
+  return Setup(config, topology, chip_of(topology) if topology else None, mesh, model, specs[0],
+               specs[0].token_grid(model.config.vision.image_token_pixels), params_like, mask, tuple(specs))
 
 
 def _batch_like(s: Setup, batch: int) -> dict[str, Any]:
@@ -587,20 +596,28 @@ def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   return row
 
 
-def report(config, topology: str, programs=("train", "prefill", "decode"), devices=None) -> dict[str, Any]:
-  """{"topology", "chips", "mesh", "config", "programs": {name: figures}} for one config on one slice."""
+def report(config, topology: str, programs=("train", "prefill", "decode"), devices=None,
+           buckets: tuple[str, ...] = ()) -> dict[str, Any]:
+  """{"topology", "chips", "mesh", "config", "buckets", "programs": {"NAME@HxW": figures}} for one config
+  on one slice, every program compiled for each bucket (or the `buckets` named "HxW")."""
   s = make_setup(config, topology, devices)
+  specs = [sp for sp in s.specs if not buckets or sp.name in buckets]
+  if not specs:
+    raise ValueError(f"--buckets={','.join(buckets)}: none of the config's buckets "
+                     f"{[sp.name for sp in s.specs]}")
   out: dict[str, Any] = {"topology": topology, "chips": int(s.mesh.devices.size), "mesh": dict(s.mesh.shape),
                          "preset": config.preset, "stage": config.stage,
-                         "image_size": list(config.data.image_size), "seq_len": s.spec.seq_len,
+                         "buckets": [{"image_size": list(sp.image_size), "seq_len": sp.seq_len} for sp in specs],
                          "global_batch": config.train.global_batch, "micro_batches": config.train.micro_batches,
                          "programs": {}}
-  if "train" in programs:
-    out["programs"]["train"] = _finish(train_program(s), s.chip)
-  if {"prefill", "decode"} & set(programs):
-    for name, row in inference_programs(s).items():
-      if name in programs:
-        out["programs"][name] = _finish(row, s.chip)
+  for spec in specs:
+    sb = s.for_bucket(spec)
+    if "train" in programs:
+      out["programs"][f"train@{spec.name}"] = _finish(train_program(sb), s.chip)
+    if {"prefill", "decode"} & set(programs):
+      for name, row in inference_programs(sb).items():
+        if name in programs:
+          out["programs"][f"{name}@{spec.name}"] = _finish(row, s.chip)
   return out
 
 
@@ -705,7 +722,7 @@ def main(argv):
     return 2
   try:
     chip_of(f.topology)
-    result = report(f["config"].value, f.topology, tuple(f.programs))
+    result = report(f["config"].value, f.topology, tuple(f.programs), buckets=tuple(f.buckets))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -726,6 +743,7 @@ def _define_flags():
   flags.DEFINE_string("json", None, "Write the report as JSON here.")
   flags.DEFINE_list("programs", ["train", "prefill", "decode"], "Programs to compile (with --sweep: "
                     "give e.g. --programs=train to compile the train steps only).")
+  flags.DEFINE_list("buckets", [], "Compile only these buckets of data.buckets, as HxW (default: all).")
   flags.DEFINE_bool("sweep", False, "Compile the README plan table (paper presets x stages x slices).")
   flags.DEFINE_string("sweep_out", "runs/aot_sweep", "Folder for the sweep's per-row JSON files.")
   flags.DEFINE_list("sweep_presets", list(SWEEP_PRESETS), "Presets of the sweep.")

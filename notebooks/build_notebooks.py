@@ -198,7 +198,7 @@ FINETUNE = notebook([
        "the DepthVLM annotation format: `image`, `depth_path` (relative to the folder), `depth_scale` "
        "(raw / scale = metres), `original_rgb_size` [W, H], `original_fx`, `canonical_fx` (1000), "
        "optionally `prompt` / `solution` for stage 2. Images are resized to focal length 1000 px and "
-       "cropped to the `IMAGE_SIZE` bucket.\n\n"
+       "resized into the `IMAGE_SIZE` bucket with their aspect kept (padded, not cropped).\n\n"
        "On a TPU runtime set `PRESET = \"paper_4b\"` and `HF_DIR` to a local Qwen3-VL-4B-Instruct "
        "directory; the mesh then shards parameters FSDP over all chips (see the printed mesh and the "
        "per-device memory). On CPU (CI) the tiny preset trains a few steps on a synthetic folder."),
@@ -254,10 +254,10 @@ with config.unlocked():
     if GLOBAL_BATCH:
         config.train.global_batch, config.train.micro_batches = GLOBAL_BATCH, 1
     if IMAGE_SIZE:
-        config.data.image_size = IMAGE_SIZE
+        config.data.buckets = (IMAGE_SIZE,)
 print(f"stage {config.stage}, preset {config.preset}, trainable {list(map(tuple, config.train.trainable))}")
 print(f"lr {config.train.lr}, global batch {config.train.global_batch} x {config.train.micro_batches} micro-batches, "
-      f"image {tuple(config.data.image_size)}, seq {config.data.seq_len}, remat {config.model.remat}")
+      f"buckets {tuple(map(tuple, config.data.buckets))}, seq {config.data.seq_len}, remat {config.model.remat}")
 '''),
     md("## Mesh and per-device memory"),
     code('''\

@@ -1,7 +1,7 @@
 """The ahead-of-time TPU compile report (`depthvlm_jax.aot`), compiled with libtpu on this CPU host.
 
-The default preset's programs are compiled for a v5e 2x2 slice (4 chips): every key of the report is
-present and sane, per-chip argument bytes equal the sharded parameter + optimizer + batch shards, an
+The default preset's programs are compiled for a v5e 2x2 slice (4 chips), once per image bucket
+(`train@96x128`, ...): every key of the report is present and sane, per-chip argument bytes equal the sharded parameter + optimizer + batch shards, an
 oversized batch is reported as not fitting with the compiler's own message, and the cost of a
 scanned micro-batch loop is corrected to match one pass over the same rows.
 """
@@ -24,6 +24,7 @@ from depthvlm_jax import aot  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5e:2x2"
+B0, B1 = "96x128", "128x96"  # the default preset's buckets
 KEYS = ("fits", "hbm_gib", "argument_gib", "temp_gib", "output_gib", "peak_gib", "compile_s", "flops",
         "bytes_accessed", "est_step_s", "est_mfu", "images_per_s", "est_hours", "collectives")
 
@@ -42,11 +43,12 @@ def _config(module, **overrides):
 
 @pytest.fixture(scope="module")
 def stage1_cli(tmp_path_factory):
-  """The issue's bar: the CLI on the default stage-1 config for v5e:2x2 exits 0 and writes the JSON."""
+  """The issue's bar: the CLI on the default stage-1 config for v5e:2x2 exits 0 and writes the JSON
+  (first bucket only; `test_stage2_train_step_compiles` covers every bucket)."""
   out = tmp_path_factory.mktemp("aot") / "stage1.json"
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, "-m", "depthvlm_jax.aot", "--config=configs/stage1.py",
-                         f"--topology={TOPOLOGY}", f"--json={out}"], cwd=REPO, env=env, capture_output=True,
+                         f"--topology={TOPOLOGY}", f"--json={out}", f"--buckets={B0}"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
@@ -73,20 +75,21 @@ def _check_program(name, p):
 def test_cli_stage1_reports_every_program(stage1_cli):
   report, stdout = stage1_cli
   assert report["topology"] == TOPOLOGY and report["chips"] == 4
-  assert set(report["programs"]) == {"train", "prefill", "decode"}
+  assert set(report["programs"]) == {f"train@{B0}", f"prefill@{B0}", f"decode@{B0}"}
+  assert report["buckets"] == [{"image_size": [96, 128], "seq_len": 128}]
   for name, p in report["programs"].items():
     _check_program(name, p)
-  train = report["programs"]["train"]
+  train = report["programs"][f"train@{B0}"]
   assert train["images_per_s"] == pytest.approx(8 / train["est_step_s"])
   assert train["est_hours"] == pytest.approx(4.4e6 / train["images_per_s"] / 3600)
-  assert report["programs"]["decode"]["tokens_per_s"] > 0
+  assert report["programs"][f"decode@{B0}"]["tokens_per_s"] > 0
   assert "| default | 1 | v5e:2x2 (4) |" in stdout  # the printed table
 
 
 def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
   """Per-chip argument bytes == one device's shards of params, optimizer state, frozen params and batch."""
   report, _ = stage1_cli
-  train = report["programs"]["train"]
+  train = report["programs"][f"train@{B0}"]
   groups = train["argument_shard_bytes"]
   assert set(groups) == {"state", "frozen", "batch"}
   # the compiler's accounting equals our shards (in the chip's tiled layout), to the byte
@@ -108,19 +111,22 @@ def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
 
 
 def test_stage2_train_step_compiles():
-  """Stage 2's step (the prefill and decode programs are the same model's as stage 1's)."""
+  """Stage 2's step for every bucket (the prefill and decode programs are the same model's as stage 1's)."""
   report = aot.report(_config(stage2), TOPOLOGY, programs=("train",))
-  assert report["stage"] == 2 and set(report["programs"]) == {"train"}
+  assert report["stage"] == 2 and set(report["programs"]) == {f"train@{B0}", f"train@{B1}"}
   for name, p in report["programs"].items():
     _check_program(name, p)
-  # stage 2 trains the LLM: its gradients cross the batch shards (all-reduce / reduce-scatter)
-  assert set(report["programs"]["train"]["collectives"]) & {"all-reduce", "reduce-scatter"}
+    # stage 2 trains the LLM: its gradients cross the batch shards (all-reduce / reduce-scatter)
+    assert set(p["collectives"]) & {"all-reduce", "reduce-scatter"}
+  # a portrait bucket is the same number of pixels: the same work
+  a, b = (report["programs"][f"train@{x}"] for x in (B0, B1))
+  assert b["model_flops"] == pytest.approx(a["model_flops"], rel=0.02)
 
 
 def test_oversized_batch_is_reported_not_raised():
-  c = _config(stage1, **{"data.image_size": (2048, 2048), "train.global_batch": 64, "data.seq_len": 4200})
+  c = _config(stage1, **{"data.buckets": ((2048, 2048),), "train.global_batch": 64, "data.seq_len": 4200})
   report = aot.report(c, TOPOLOGY, programs=("train",))
-  p = report["programs"]["train"]
+  p = report["programs"]["train@2048x2048"]
   assert p["fits"] is False
   assert "HBM" in p["error"] or "memory" in p["error"].lower(), p["error"]
   for k in KEYS:
@@ -130,7 +136,7 @@ def test_oversized_batch_is_reported_not_raised():
 def test_scanned_micro_batch_cost_is_corrected(stage1_cli):
   """The cost model counts a while-loop body once: 2 scanned micro-batches of 4 rows, corrected, cost
   what one pass over the same 8 rows costs (the CLI fixture's step), and uncorrected about half."""
-  one_pass = stage1_cli[0]["programs"]["train"]
+  one_pass = stage1_cli[0]["programs"][f"train@{B0}"]
   assert one_pass["micro_batches"] == 1 and one_pass["global_batch"] == 8
   c = _config(stage1, **{"train.global_batch": 8, "train.micro_batches": 2})
   scanned = aot.train_program(aot.make_setup(c, TOPOLOGY))

@@ -2,9 +2,10 @@
 
 The depth head reads four token-feature maps per image (SPEC §1): the three DeepStack merger
 outputs and the LLM's last hidden states (after the final norm) at the image tokens. Depth is
-computed for every image slot whose patch grid equals the static `depth_grid` of the call (the
-bucket); other slots (padding images, or images of another size in a mixed batch) get
-`depth_valid == False`. One compiled program per bucket, no per-image Python loops.
+computed on the static token grid `depth_grid` of the call (the bucket): an image whose own grid
+fits inside it sits at the top left, the rest of the map is zero features (padding, which the
+training data marks as carrying no depth). Slots of padding images, or images larger than the
+bucket, get `depth_valid == False`. One compiled program per bucket, no per-image Python loops.
 
 Parameter tree: the Qwen3-VL tree (`visual`, `language_model`, `lm_head`) plus `depth_head`, which
 map onto the official checkpoint's `model.*`, `lm_head.*` and `depth_head.*` keys.
@@ -69,20 +70,29 @@ class DepthVLMOutput(NamedTuple):
   logits: jax.Array | None  # (B, L, V)
   hidden_states: jax.Array  # (B, L, D)
   depth: jax.Array | None  # (N, H, W) metres, for image slots of the depth bucket
-  depth_valid: jax.Array | None  # (N,) bool: slot had the bucket grid
+  depth_valid: jax.Array | None  # (N,) bool: the slot's image fits the bucket grid
   cache: Any
 
 
 def image_feature_maps(out: Qwen3VLOutput, grid_hw: jax.Array, depth_grid: tuple[int, int], merge: int):
-  """The head's 4 inputs as (N, h, w, D) maps, plus which slots match `depth_grid` (token units)."""
+  """The head's 4 inputs as (N, h, w, D) maps on the bucket grid `depth_grid` (token units), plus
+  which slots hold an image that fits it.
+
+  Image n's tokens (raster order over its own token grid (hn, wn) = grid_hw[n] / merge) fill the top
+  left hn x wn cells; the other cells are 0. For hn, wn = h, w this is a plain reshape.
+  """
   feats = out.image_features
   h, w = depth_grid
   n, t, d = feats.llm_last.shape
   if t < h * w:
     raise ValueError(f"depth_grid {depth_grid} needs {h * w} tokens per image; batch has {t} token slots")
-  maps = [constrain(f[:, :h * w].reshape(n, h, w, d), "images", None, None, "act_embed")
-          for f in (*feats.deepstack, feats.llm_last)]
-  valid = (grid_hw[:, 0] == h * merge) & (grid_hw[:, 1] == w * merge)
+  th, tw = (grid_hw[:, 0] // merge)[:, None, None], (grid_hw[:, 1] // merge)[:, None, None]
+  row, col = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+  inside = (row < th) & (col < tw)  # (N, h, w)
+  source = jnp.where(inside, row * tw + col, 0).reshape(n, h * w, 1)
+  maps = [constrain(jnp.where(inside[..., None], jnp.take_along_axis(f, source, axis=1).reshape(n, h, w, d), 0),
+                    "images", None, None, "act_embed") for f in (*feats.deepstack, feats.llm_last)]
+  valid = (th[:, 0, 0] > 0) & (tw[:, 0, 0] > 0) & (th[:, 0, 0] <= h) & (tw[:, 0, 0] <= w)
   return maps, valid
 
 

@@ -89,9 +89,9 @@ class EvalSet:
 
 def make_eval_set(name: str, source: pipeline.SourceSpec, spec: pipeline.ExampleSpec, model_config, tokenizer,
                   processor, mesh, per_device_batch: int, threads: int = 4) -> EvalSet:
-  """An `EvalSet` of `source` at the bucket `spec` (no random crop), batched for `mesh`."""
+  """An `EvalSet` of `source`, every record resized (aspect kept) into the bucket `spec`, batched for `mesh`."""
   records, bad = pipeline.load_records(source)
-  spec = dataclasses.replace(spec, with_answer=False, random_crop=False)
+  spec = dataclasses.replace(spec, with_answer=False)
   global_batch = global_batch_size(mesh, per_device_batch, len(records))
   return EvalSet(name, source, spec, pipeline.PrepareExample(source, spec, model_config, tokenizer, processor),
                  records, len(bad), global_batch, distributed.data_shard(mesh, global_batch), threads)

@@ -16,6 +16,7 @@ reads distances from the image.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 from typing import Any, Sequence
 
@@ -65,10 +66,12 @@ def score(predicted: Sequence[float | None], truth: Sequence[float], constant: f
   return out
 
 
-def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_size: tuple[int, int],
-                         seq_len: int, tokenizer, processor, train_qa_jsonl: str, limit: int,
+def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, specs: Sequence[pipeline.ExampleSpec],
+                         tokenizer, processor, train_qa_jsonl: str, limit: int,
                          batch_size: int, max_new_tokens: int) -> dict[str, Any]:
   """Greedy answers of `model` to up to `limit` held-out distance questions, scored (see module doc).
+
+  Each image is prepared in its nearest bucket of `specs` (prompt only, no reply).
 
   Returns the `score` dict plus `examples`: a few (question, answer, truth) triples.
   """
@@ -81,9 +84,9 @@ def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_si
   for r, d in train:
     by_class[object_class(r.prompt)].append(d)
   class_median = {c: float(np.median(v)) for c, v in by_class.items()}
-  prepare = pipeline.PrepareExample(qa_source, pipeline.ExampleSpec(tuple(image_size), seq_len, with_answer=False,
-                                                                    random_crop=False),
-                                    model.config, tokenizer, processor)
+  specs = [dataclasses.replace(s, with_answer=False) for s in specs]
+  seq_len = max(s.seq_len for s in specs)
+  prepare = pipeline.PrepareExample(qa_source, specs, model.config, tokenizer, processor)
   eos = tuple(i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
                           tokenizer.convert_tokens_to_ids("<|endoftext|>")) if i is not None)
   sampling = gen.SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
@@ -94,7 +97,8 @@ def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, image_si
     chunk = examples[i:i + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one program for every batch
     ids = [e["input_ids"][:int(e["attention_mask"].sum())] for e, _, _ in chunk]
-    b = make_model_inputs(ids, model.config, [e["pixel_values"] for e, _, _ in chunk],
+    # each image's own patches (the bucket's padding slots dropped; the batch pads to its largest)
+    b = make_model_inputs(ids, model.config, [e["pixel_values"][:int(np.prod(e["image_grid_hw"]))] for e, _, _ in chunk],
                           [tuple(e["image_grid_hw"]) for e, _, _ in chunk], padding_side="left", seq_len=seq_len,
                           pad_id=tokenizer.pad_token_id)
     tokens, _ = gen.generate_tokens(model, params, b["input_ids"], b["attention_mask"], b["position_ids"],

@@ -86,9 +86,10 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
 
 
 def supervised_depth_images(batch: dict[str, jax.Array], depth_grid: tuple[int, int], merge: int = 2) -> jax.Array:
-  """(B,) bool: images that carry depth supervision (has depth, bucket grid, >= 1 valid pixel)."""
+  """(B,) bool: images that carry depth supervision (has depth, grid within the bucket, >= 1 valid pixel)."""
   h, w = depth_grid
-  grid_ok = (batch["image_grid_hw"][:, 0] == merge * h) & (batch["image_grid_hw"][:, 1] == merge * w)
+  gh, gw = batch["image_grid_hw"][:, 0], batch["image_grid_hw"][:, 1]
+  grid_ok = (gh > 0) & (gw > 0) & (gh <= merge * h) & (gw <= merge * w)
   any_valid = jnp.any(batch["depth"] > 0, axis=(1, 2))
   return batch["has_depth"] & grid_ok & any_valid
 

@@ -25,7 +25,7 @@ import tqdm
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from data_pipelines import pipeline, synthetic
-from data_pipelines.skips import SKIP_REASONS, counts_to_dict
+from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
@@ -74,9 +74,15 @@ def _source_problems(field: str, value: str) -> list[str]:
 def validate_config(config) -> None:
   """Raises ConfigError listing every problem, before any data or model work starts."""
   errors = []
-  h, w = config.data.image_size
-  if h % 32 or w % 32 or h <= 0 or w <= 0:
-    errors.append(f"data.image_size={tuple(config.data.image_size)}: both sides must be positive multiples of 32")
+  buckets = config.data.buckets
+  if not buckets:
+    errors.append("data.buckets is empty: give at least one (H, W) image bucket")
+  for b in buckets:
+    if (not isinstance(b, (tuple, list)) or len(b) != 2 or not all(isinstance(x, int) and x > 0 and x % 32 == 0
+                                                                  for x in b)):
+      errors.append(f"data.buckets entry {b!r}: expected (H, W), both positive multiples of 32")
+  if len({tuple(b) for b in buckets if isinstance(b, (tuple, list))}) != len(buckets):
+    errors.append(f"data.buckets={tuple(map(tuple, buckets))}: a bucket is listed twice")
   t = config.train
   for name, value in (("train.global_batch", t.global_batch), ("train.micro_batches", t.micro_batches),
                       ("ckpt_every", config.ckpt_every), ("log_every", config.log_every),
@@ -122,11 +128,21 @@ def validate_config(config) -> None:
   if config.data.kind == "jsonl":
     if not config.data.train_files:
       errors.append("data.kind='jsonl' needs data.train_files")
-    for group in ("train_files", "eval_files"):
+    for group in ("train_files", "eval_files", "qa_files"):
       for key, value in config.data[group].items():
         errors += _source_problems(f"data.{group}.{key}", value)
+  names = depth_source_names(config)
+  for key, value in config.data.train_weights.items():
+    if key not in names:
+      errors.append(f"data.train_weights.{key}: no such train source; expected one of {names}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+      errors.append(f"data.train_weights.{key}={value!r}: expected a positive number (default: the record count)")
   if not 0 <= config.data.qa_weight < 1:
     errors.append(f"data.qa_weight={config.data.qa_weight}: expected 0 <= w < 1")
+  if not 0 < config.data.max_skip_rate <= 1:
+    errors.append(f"data.max_skip_rate={config.data.max_skip_rate}: expected 0 < rate <= 1 (1 = never stop)")
+  if config.data.skip_rate_min_samples < 1:
+    errors.append(f"data.skip_rate_min_samples={config.data.skip_rate_min_samples}: expected a positive integer")
   try:
     DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode)
   except ConfigError as e:
@@ -346,12 +362,13 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, 
   return None, state, frozen, mgr
 
 
-def example_spec(config, model_config: Qwen3VLConfig) -> pipeline.ExampleSpec:
-  """The training bucket: `data.image_size` and `data.seq_len` (0 = image tokens + `data.text_tokens`)."""
-  h, w = config.data.image_size
+def example_specs(config, model_config: Qwen3VLConfig, with_answer: bool | None = None) -> list[pipeline.ExampleSpec]:
+  """The training buckets: each (H, W) of `data.buckets` with `data.seq_len` (0 = the bucket's image
+  tokens + `data.text_tokens`). `with_answer` defaults to stage 2."""
   px = model_config.vision.image_token_pixels
-  seq_len = config.data.seq_len or (h // px) * (w // px) + config.data.text_tokens
-  return pipeline.ExampleSpec((h, w), seq_len, with_answer=config.stage == 2)
+  with_answer = config.stage == 2 if with_answer is None else with_answer
+  return [pipeline.ExampleSpec((h, w), config.data.seq_len or (h // px) * (w // px) + config.data.text_tokens,
+                               with_answer=with_answer) for h, w in config.data.buckets]
 
 
 def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int]):
@@ -375,8 +392,17 @@ def synthetic_root(config, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
 
 
+def depth_source_names(config) -> list[str]:
+  """Names of the RGB-D train sources: the `data.train_files` keys ("synthetic" for synthetic data)."""
+  return ["synthetic"] if config.data.kind == "synthetic" else list(config.data.train_files)
+
+
 def data_sources(config, workdir: pathlib.Path):
-  """(train sources, weights, eval sources) from the config; writes the synthetic set if needed."""
+  """(train sources, weights, eval sources) from the config; writes the synthetic set if needed.
+
+  Weights: `data.train_weights[name]`, by default the source's record count; the caption/QA
+  sources together get `data.qa_weight` of all samples, split by their record counts.
+  """
   if config.data.kind == "synthetic":
     root = synthetic_root(config, workdir)
     def ensure():
@@ -386,22 +412,24 @@ def data_sources(config, workdir: pathlib.Path):
       ensure()
     distributed.barrier("synthetic_data")
     paths = ensure()
-    train = [pipeline.SourceSpec(str(paths["train"]), str(root), str(root), "synthetic")]
+    train = [pipeline.SourceSpec(str(paths["train"]), str(root), str(root), "synthetic", name="synthetic")]
     evals = {"synthetic_test": pipeline.SourceSpec(str(paths["test"]), str(root), str(root), "synthetic")}
-    qa = pipeline.SourceSpec(str(paths["qa"]), str(root), "", "synthetic", with_depth=False)
+    qa = [pipeline.SourceSpec(str(paths["qa"]), str(root), "", "synthetic", with_depth=False, name="synthetic_qa")]
   else:
-    def spec(value, with_depth=True):
+    def spec(name, value, with_depth=True):
       jsonl, image_root, depth_root, *rest = str(value).split("|") + ["", ""]
-      return pipeline.SourceSpec(jsonl, image_root, depth_root, rest[0] or "unknown", with_depth)
+      return pipeline.SourceSpec(jsonl, image_root, depth_root, rest[0] or "unknown", with_depth, name=name)
 
-    train = [spec(v) for v in config.data.train_files.values()]
-    evals = {k: spec(v) for k, v in config.data.eval_files.items()}
-    qa = None
-  weights = [1.0] * len(train)
-  if config.data.qa_weight > 0 and qa is not None:
-    total = sum(weights)
-    train = train + [qa]
-    weights = weights + [total * config.data.qa_weight / (1 - config.data.qa_weight)]
+    train = [spec(k, v) for k, v in config.data.train_files.items()]
+    evals = {k: spec(k, v) for k, v in config.data.eval_files.items()}
+    qa = [spec(k, v, with_depth=False) for k, v in config.data.qa_files.items()]
+  given = dict(config.data.train_weights)
+  weights = [float(given[s.name]) if s.name in given else float(pipeline.count_records(s)) for s in train]
+  if config.data.qa_weight > 0 and qa:
+    counts = [pipeline.count_records(s) for s in qa]
+    share = sum(weights) * config.data.qa_weight / (1 - config.data.qa_weight)
+    train = train + qa
+    weights = weights + [share * c / sum(counts) for c in counts]
   return train, weights, evals
 
 
@@ -415,7 +443,7 @@ def _to_global(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard)
   """This process's rows (local_batch, ...) -> global arrays (global_batch, ...) sharded over the mesh."""
   out = {}
   for k, v in batch.items():
-    if k == "skip_counts":
+    if k in ("skip_counts", "drawn_counts"):
       continue
     names = batch_names(k)
     if k == "position_ids":
@@ -449,15 +477,19 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   model = build_model(config)
   tokenizer = load_tokenizer(config.model.hf_dir or None)
   processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
-  spec = example_spec(config, model.config)
-  depth_grid = spec.token_grid(model.config.vision.image_token_pixels)
+  specs = example_specs(config, model.config)
+  px = model.config.vision.image_token_pixels
   train_sources, weights, eval_sources = data_sources(config, workdir)
-  num_train = sum(len(pipeline.load_records(s)[0]) for s in train_sources[:1])
-  total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
-  ds = pipeline.make_dataset(train_sources, weights, spec, model.config, tokenizer, processor,
+  ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
                              seed=config.data.shuffle_seed)
+  # One epoch = every record of every source once (in expectation, with the default weights).
+  num_train = sum(ds.records)
+  total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
+  log.info("data: %d records in %d sources (%s); buckets: %s", num_train, len(ds.sources),
+           ", ".join(f"{n} {c}" for n, c in zip(ds.sources, ds.records)),
+           ", ".join(f"{k} {v:.1%}" for k, v in ds.fractions().items()))
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
-  data_iter = iter(pipeline.batched(shard.select(ds), shard.local_batch, config.data.num_workers))
+  data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers))
 
   schedule = optim.learning_rate_schedule(config.train.lr, total_steps, config.train.warmup_fraction)
   optimizer = optim.make_optimizer(schedule, config.train.grad_clip, config.train.weight_decay)
@@ -471,12 +503,17 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
     tmp.write_text(config.to_json_best_effort(indent=2))
     os.replace(tmp, workdir / "config.json")
 
-  train_step = jit_train_step(config, model, optimizer, mesh, jax.tree.map(lambda x: x.sharding, state), depth_grid)
-  # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params' shardings.
-  eval_sets = [make_eval_set(name, src, spec, model.config, tokenizer, processor, mesh, config.eval_per_device_batch)
-               for name, src in eval_sources.items()]
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  train_steps: dict[tuple[int, int], Any] = {}  # one jitted (and compiled) step per bucket (H, W)
+  # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params'
+  # shardings. Every held-out record is resized (aspect kept) into the first bucket.
+  eval_specs = example_specs(config, model.config, with_answer=False)
+  param_sh = jax.tree.map(lambda x: x.sharding, optim.merge_params(state["params"], frozen))
+  eval_sets = [make_eval_set(name, src, eval_specs[0], model.config, tokenizer, processor, mesh,
+                             config.eval_per_device_batch) for name, src in eval_sources.items()]
   eval_step = jit_delta1(model, mesh, param_sh)
-  skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
+  skip_totals = np.zeros((len(ds.sources), len(SKIP_REASONS)), np.int64)
+  drawn_totals = np.zeros(len(ds.sources), np.int64)
   first = int(state["step"])
   metrics = MetricsLog(workdir, start, enabled=distributed.is_main())
   results: dict[str, Any] = {}
@@ -501,9 +538,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   for step in bar:
     batch = next(data_iter)
     skip_totals += batch["skip_counts"].sum(0)
+    drawn_totals += batch["drawn_counts"].sum(0)
     if config.stage == 2 and config.train.lm_positions:
       check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
-    state, m = train_step(state, frozen, _to_global(batch, mesh, shard))
+    bucket = batch["depth"].shape[1:]
+    if bucket not in train_steps:
+      train_steps[bucket] = jit_train_step(config, model, optimizer, mesh, state_sh, (bucket[0] // px, bucket[1] // px))
+    state, m = train_steps[bucket](state, frozen, _to_global(batch, mesh, shard))
     done = step + 1
     if unchecked is not None:
       stop_if_nonfinite(*unchecked)
@@ -514,13 +555,21 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       stop_if_nonfinite(*unchecked)
       unchecked = None
     if done % config.log_every == 0 or done == total_steps:
+      skips, drawn = distributed.process_sum(skip_totals), distributed.process_sum(drawn_totals)
       row = {k: float(v) for k, v in m.items()}
-      row.update(lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(distributed.process_sum(skip_totals)),
+      row.update(lr=float(schedule(done - 1)), skipped_samples=counts_to_dict(skips),
+                 skipped_by_source=skip_report(skips, drawn, ds.sources), bucket="x".join(map(str, bucket)),
                  skipped_updates=int(state["skipped_updates"]),
                  steps_per_s=(done - first) / max(time.time() - t0, 1e-9))
       bar.set_postfix(loss=f"{row['loss']:.4f}", depth=f"{row['depth_loss']:.4f}", lm=f"{row['lm_loss']:.3f}",
                       lr=f"{row['lr']:.2e}", gnorm=f"{row['grad_norm']:.3f}", skipped=row["skipped_updates"])
       metrics.write(done, row)
+      try:
+        check_skip_rates(skips, drawn, ds.sources, config.data.max_skip_rate, config.data.skip_rate_min_samples)
+      except Exception:
+        mgr.wait_until_finished()
+        metrics.close()
+        raise
     if eval_now:
       full = optim.merge_params(state["params"], frozen)
       for eval_set in eval_sets:
@@ -539,7 +588,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
     full = optim.merge_params(state["params"], frozen)
     results["distance_qa"] = qa_eval.evaluate_distance_qa(
         model, full, pipeline.SourceSpec(str(root / "qa_test.jsonl"), str(root), "", "synthetic", with_depth=False),
-        spec.image_size, spec.seq_len, tokenizer, processor, str(root / "qa.jsonl"), config.eval_qa,
+        eval_specs, tokenizer, processor, str(root / "qa.jsonl"), config.eval_qa,
         config.train.global_batch, config.eval_qa_new_tokens)
     qa = results["distance_qa"]
     log.info("distance QA on %d held-out questions: parse rate %.3f, MAE %s m (without the image: median "
@@ -549,6 +598,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
                   prefix="eval/distance_qa")
   metrics.close()
   results["skipped_samples"] = counts_to_dict(distributed.process_sum(skip_totals))
+  results["skipped_by_source"] = skip_report(distributed.process_sum(skip_totals),
+                                             distributed.process_sum(drawn_totals), ds.sources)
   results["skipped_updates"] = int(state["skipped_updates"])
   if distributed.is_main():
     write_results(workdir / "results.json", results)

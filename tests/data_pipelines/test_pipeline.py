@@ -60,7 +60,7 @@ def _find(state, key):
 
 def test_bad_samples_are_skipped_and_counted_in_the_full_pipeline(data, tok):
   root, files = data
-  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True, random_crop=False)
+  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True)
   cfg, proc = Qwen3VLConfig.tiny(), ImageProcessorConfig()
   ds = pipeline.make_dataset(_sources(root, files)[:1], [1.0], spec, cfg, tok, proc, seed=1, num_epochs=1)
   it = iter(pipeline.batched(ds, 1))
@@ -85,13 +85,16 @@ def test_bad_samples_are_skipped_and_counted_in_the_full_pipeline(data, tok):
 @pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.skipif(
     os.environ.get("DEPTHVLM_MP_TESTS") != "1", reason="multiprocess resume: set DEPTHVLM_MP_TESTS=1"))])
 def test_full_pipeline_resumes_exactly_after_a_checkpoint(data, tok, num_workers):
-  """RGB-D (with bad samples) + QA mixed, batched, skip counts: restored batches == uninterrupted ones."""
+  """RGB-D (with bad samples) + QA mixed over two buckets, batched, skip counts: restored batches ==
+  uninterrupted ones."""
   root, files = data
-  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True)
+  # the synthetic scenes (aspect 1.1 to 1.65) split over a 4:3 and a 5:3 bucket
+  specs = [pipeline.ExampleSpec((96, 128), 128, with_answer=True), pipeline.ExampleSpec((96, 160), 128, True)]
   cfg, proc = Qwen3VLConfig.tiny(), ImageProcessorConfig()
 
   def iterator():
-    ds = pipeline.make_dataset(_sources(root, files), [1.0, 1.0], spec, cfg, tok, proc, seed=5)
+    ds = pipeline.make_dataset(_sources(root, files), [1.0, 1.0], specs, cfg, tok, proc, seed=5)
+    assert len(ds.specs) == 2
     return iter(pipeline.batched(ds, 2, num_workers))
 
   it = iterator()
@@ -108,6 +111,7 @@ def test_full_pipeline_resumes_exactly_after_a_checkpoint(data, tok, num_workers
       np.testing.assert_array_equal(w[k], g[k], err_msg=k)
   assert sum(b["skip_counts"].sum() for b in want) > 0  # the compared stretch includes skipped samples
   assert any(b["has_depth"].any() for b in want) and any((~b["has_depth"]).any() for b in want)  # both sources
+  assert {b["depth"].shape[1:] for b in want} == {(96, 128), (96, 160)}  # both buckets
 
 
 def test_caption_qa_images_are_focal_unified_or_upscaled(data, tok, tmp_path):
@@ -115,7 +119,7 @@ def test_caption_qa_images_are_focal_unified_or_upscaled(data, tok, tmp_path):
   than the bucket; images without intrinsics smaller than the bucket are upscaled (aspect kept),
   never dropped as too small."""
   root, files = data
-  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True, random_crop=False)
+  spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True)
   cfg, proc = Qwen3VLConfig.tiny(), ImageProcessorConfig()
   first = json.loads(files["qa"].read_text().splitlines()[0])
   # The same view stored at a third of its size (camera fx / 3): narrower than the bucket, so focal
@@ -134,12 +138,18 @@ def test_caption_qa_images_are_focal_unified_or_upscaled(data, tok, tmp_path):
     record = pipeline.load_records(source)[0][0]
     ex = pipeline.PrepareExample(source, spec, cfg, tok, proc)(record)
     assert isinstance(ex, dict)
-    cw, ch = record.canonical_size  # independent reference: PIL resize to the canonical size, centre crop
-    ref = np.asarray(Image.open(pathlib.Path(source.image_root) / record.image).convert("RGB").resize(
-        (cw, ch), Image.Resampling.BILINEAR))
-    y0, x0 = (ch - 96) // 2, (cw - 128) // 2
-    want, _ = normalize_and_patchify(ref[y0:y0 + 96, x0:x0 + 128], proc)
-    np.testing.assert_array_equal(ex["pixel_values"], want)
+    # independent reference: PIL resize to the canonical size, then into the bucket with the aspect
+    # kept, grey padding below/right up to the image's token grid
+    cw, ch = record.canonical_size
+    s = min(96 / ch, 128 / cw)
+    ref = Image.open(pathlib.Path(source.image_root) / record.image).convert("RGB").resize(
+        (cw, ch), Image.Resampling.BILINEAR).resize((round(cw * s), round(ch * s)), Image.Resampling.BILINEAR)
+    grid = np.full((-(-ref.height // 32) * 32, -(-ref.width // 32) * 32, 3), 128, np.uint8)
+    grid[:ref.height, :ref.width] = np.asarray(ref)
+    want, thw = normalize_and_patchify(grid, proc)
+    assert ex["image_grid_hw"].tolist() == thw[1:].tolist()
+    np.testing.assert_array_equal(ex["pixel_values"][:len(want)], want)
+    assert not ex["pixel_values"][len(want):].any()  # the bucket's unused patch slots
 
   Image.fromarray(np.full((60, 100, 3), 77, np.uint8)).save(tmp_path / "tiny.png")
   (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "tiny.png", "prompt": "What?", "solution": "Grey."}))

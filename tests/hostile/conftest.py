@@ -15,7 +15,7 @@ from data_pipelines import synthetic
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # A tiny stage-1 run (the settings of tests/train/test_resume.py, batch 8 to fit 8 simulated devices).
 TRAIN_SETTINGS = {"train.total_steps": 2, "ckpt_every": 1, "keep_ckpts": 5, "log_every": 1, "eval_qa": 0,
-                  "data.image_size": (64, 96), "data.seq_len": 64, "train.global_batch": 8,
+                  "data.buckets": ((64, 96),), "data.seq_len": 64, "train.global_batch": 8,
                   "model.dpt_features": 16, "model.dpt_out_channels": (8, 16, 16, 16), "model.dpt_head_features": 8,
                   "data.synthetic_train": 8, "data.synthetic_test": 2}
 TRAIN_OVERRIDES = [f"--config.{k}={str(v).replace(' ', '')}" for k, v in TRAIN_SETTINGS.items()]

@@ -15,7 +15,7 @@ from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from tests.hostile.test_predict_cli import bomb_png
 
-SPEC = pipeline.ExampleSpec((64, 96), 64, with_answer=False, random_crop=False)
+SPEC = pipeline.ExampleSpec((64, 96), 64, with_answer=False)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,11 @@ def config(**changes):
     ("train.micro_batches", 0, "train.micro_batches=0: expected a positive integer"),  # was ZeroDivisionError
     ("ckpt_every", 0, "ckpt_every=0: expected a positive integer"),
     ("log_every", -1, "log_every=-1: expected a positive integer"),
+    ("data.buckets", ((96, 100),), "data.buckets entry (96, 100): expected (H, W), both positive multiples of 32"),
+    ("data.buckets", ((96, 128), (96, 128)), "a bucket is listed twice"),
+    ("data.max_skip_rate", 0.0, "data.max_skip_rate=0.0: expected 0 < rate <= 1"),
+    ("data.train_weights", {"waymo": 2.0}, "data.train_weights.waymo: no such train source; expected one of "
+                                           "['synthetic']"),
 ])
 def test_bad_training_values_are_config_errors(field, value, expected):
   with pytest.raises(ConfigError, match="invalid config") as e:

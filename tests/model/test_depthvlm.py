@@ -26,7 +26,8 @@ def composed():
 
 
 def _torch_depth(config, hf, head, batch, patches, grids, bucket, output_size=None):
-  """Reference: HF features at the image tokens -> torch DPT head, image by image."""
+  """Reference: HF features at the image tokens -> torch DPT head, image by image. An image smaller
+  than the bucket is laid at the top left of a zero token map of the bucket's size."""
   ids = torch.tensor(batch["input_ids"], dtype=torch.long)
   with torch.no_grad():
     out = hf(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]),
@@ -40,17 +41,23 @@ def _torch_depth(config, hf, head, batch, patches, grids, bucket, output_size=No
     starts = np.cumsum([0] + counts)
     depths = {}
     for i, (h, w) in enumerate(grids):
-      if (h // 2, w // 2) != bucket:
+      th, tw = h // 2, w // 2
+      if th > bucket[0] or tw > bucket[1]:
         continue
-      maps = [lvl[i][None] for lvl in feats.deepstack_features] + [last[starts[i]:starts[i + 1]][None]]
-      depths[i] = head(maps, h // 2, w // 2, output_size)[0].numpy()
+      maps = []
+      for tokens in [lvl[i] for lvl in feats.deepstack_features] + [last[starts[i]:starts[i + 1]]]:
+        canvas = torch.zeros(bucket[0], bucket[1], tokens.shape[-1])
+        canvas[:th, :tw] = tokens.reshape(th, tw, -1)
+        maps.append(canvas.reshape(1, bucket[0] * bucket[1], -1))
+      depths[i] = head(maps, bucket[0], bucket[1], output_size)[0].numpy()
   return out.logits.numpy(), depths
 
 
 def test_logits_and_depth_match_pytorch_composition(composed):
   config, hf, head, model, params = composed
   rng = np.random.default_rng(0)
-  grids = [(6, 8), (6, 8), (4, 4)]  # two bucket images (3x4 tokens) and one other size
+  # two bucket images (3x4 tokens), one smaller (2x2 tokens: top left of the bucket's map), one larger
+  grids = [(6, 8), (6, 8), (4, 4), (4, 10)]
   toks = [ref.build_prompt(rng, config, grids[:1]), ref.build_prompt(rng, config, grids[1:], (4, 3))]
   patches = [ref.random_image_patches(rng, g, config) for g in grids]
   batch = make_model_inputs(toks, config, patches, grids, padding_side="right")
@@ -59,8 +66,9 @@ def test_logits_and_depth_match_pytorch_composition(composed):
   ref_logits, ref_depth = _torch_depth(config, hf, head, batch, patches, grids, (3, 4))
   real = batch["attention_mask"].astype(bool)
   assert np.abs(np.asarray(out.logits)[real] - ref_logits[real]).max() < 1e-4
-  assert out.depth.shape == (3, 96, 128)
-  np.testing.assert_array_equal(np.asarray(out.depth_valid), [True, True, False])
+  assert out.depth.shape == (4, 96, 128)
+  np.testing.assert_array_equal(np.asarray(out.depth_valid), [True, True, True, False])
+  assert sorted(ref_depth) == [0, 1, 2]
   for i, d in ref_depth.items():
     rel = np.abs(np.asarray(out.depth[i]) - d) / d
     assert rel.max() < 1e-4, rel.max()

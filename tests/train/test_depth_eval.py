@@ -18,7 +18,7 @@ from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import depth_eval
 
-SPEC = pipeline.ExampleSpec((64, 64), 64, with_answer=False, random_crop=False)
+SPEC = pipeline.ExampleSpec((64, 64), 64, with_answer=False)
 NUM_TEST = 5
 
 

@@ -27,7 +27,7 @@ from depthvlm_jax.train import distributed, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 2  # step 1 runs at lr 0 (warmup) but feeds Adam's moments; step 2 moves the parameters
-OVERRIDES = {"data.synthetic_train": 16, "data.synthetic_test": 2, "data.image_size": (64, 64), "data.seq_len": 64,
+OVERRIDES = {"data.synthetic_train": 16, "data.synthetic_test": 2, "data.buckets": ((64, 64),), "data.seq_len": 64,
              "train.global_batch": 8, "train.total_steps": STEPS, "log_every": 1, "ckpt_every": 100, "eval_qa": 0}
 
 

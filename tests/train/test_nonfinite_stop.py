@@ -19,7 +19,7 @@ from data_pipelines import synthetic
 from depthvlm_jax.train import trainer
 
 SETTINGS = {"train.total_steps": 7, "ckpt_every": 2, "keep_ckpts": 10, "log_every": 4, "eval_every": 0,
-            "eval_qa": 0, "data.image_size": (64, 96), "data.seq_len": 64, "train.global_batch": 8,
+            "eval_qa": 0, "data.buckets": ((64, 96),), "data.seq_len": 64, "train.global_batch": 8,
             "data.synthetic_train": 16, "data.synthetic_test": 2, "train.max_nonfinite_steps": 3}
 
 

@@ -32,7 +32,8 @@ def test_greedy_answers_on_held_out_questions(tmp_path):
   model = DepthVLM(config, head=DepthHeadConfig.tiny())
   params = nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
   source = pipeline.SourceSpec(str(paths["qa_test"]), str(tmp_path), "", "synthetic", with_depth=False)
-  out = qa_eval.evaluate_distance_qa(model, params, source, (64, 96), 64, load_tokenizer(None), ImageProcessorConfig(),
+  out = qa_eval.evaluate_distance_qa(model, params, source, [pipeline.ExampleSpec((64, 96), 64, False)],
+                                     load_tokenizer(None), ImageProcessorConfig(),
                                      str(paths["qa"]), limit=3, batch_size=2, max_new_tokens=3)
   assert out["n"] == len(questions) and 0.0 <= out["parse_rate"] <= 1.0
   train_d = [d for _, d in qa_eval.distance_questions(str(paths["qa"]), 10**9)]

@@ -1,5 +1,8 @@
 """Exact resume after SIGKILL, and the NaN guard stopping a run with its last good checkpoint intact.
 
+The run spans two image buckets (the synthetic scenes of aspect >= 1.5 go to the wider one), so the
+resumed run must also continue the bucket sequence and reuse one compiled step per bucket.
+
 Real processes: `python main.py` is killed with SIGKILL once a checkpoint is final, restarted (after
 planting a half-written orbax temporary directory, as a kill during an async save leaves), and must
 end with the same parameters and the same per-step metrics as an uninterrupted run of the same length.
@@ -24,9 +27,9 @@ from depthvlm_jax.train.optim import merge_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
-# A tiny stage-1 run: small bucket, narrow head, batch 2, checkpoints every 2 steps.
+# A tiny stage-1 run: two small buckets, narrow head, batch 2, checkpoints every 2 steps.
 OVERRIDES = [f"--config.train.total_steps={STEPS}", "--config.ckpt_every=2", "--config.keep_ckpts=10",
-             "--config.log_every=1", "--config.eval_qa=0", "--config.data.image_size=(64,96)",
+             "--config.log_every=1", "--config.eval_qa=0", "--config.data.buckets=((64,96),(64,128))",
              "--config.data.seq_len=64", "--config.train.global_batch=2", "--config.model.dpt_features=16",
              "--config.model.dpt_out_channels=(8,16,16,16)", "--config.model.dpt_head_features=8",
              "--config.data.synthetic_train=12", "--config.data.synthetic_test=2"]
@@ -55,9 +58,9 @@ def final_params(workdir):
   return flatten(merge_params(*checkpoints.restore_params(workdir)))
 
 
-def train_rows(workdir):
+def train_rows(workdir, keys=TRAIN_KEYS):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: {k: r[k] for k in TRAIN_KEYS} for r in rows if "eval" not in r}
+  return {r["step"]: {k: r[k] for k in keys} for r in rows if "eval" not in r}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,9 @@ def test_sigkill_then_restart_matches_uninterrupted_run(runs):
 
   assert train_rows(killed) == train_rows(ref)  # same loss curve, bit for bit, one row per step
   assert sorted(train_rows(ref)) == list(range(1, STEPS + 1))
+  buckets = train_rows(killed, ("bucket",))
+  assert buckets == train_rows(ref, ("bucket",))
+  assert {r["bucket"] for r in buckets.values()} == {"64x96", "64x128"}
   flat_ref, flat_got = final_params(ref), final_params(killed)
   assert flat_ref.keys() == flat_got.keys()
   for k in flat_ref:
