@@ -90,6 +90,10 @@ def base_config(preset):
   c.model.compute_dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True
+  # Attention kernel: auto = by the platform of the mesh's devices (the compile target, also for an
+  # ahead-of-time compile from a CPU host): Pallas splash on TPU, cuDNN flash attention on NVIDIA
+  # GPUs, the XLA form on the CPU. Or xla | splash | cudnn.
+  c.model.attention_impl = "auto"
 
   # ---- initialisation / resumption (own workdir first, then `resume`, then `model_init`)
   c.model_init = ""  # checkpoint dir of a previous stage, or "" (fresh head on `model.hf_dir`)

@@ -379,6 +379,7 @@ def make_setup(config, topology: str | None, devices=None) -> Setup:
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
+  trainer.check_attention_impl(config, mesh)
   model = trainer.build_model(config)
   boxed = abstract_params(model, **depthvlm_dummy_inputs(model.config), boxed=True)
   params = nn.unbox(boxed)
@@ -481,12 +482,15 @@ def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str
   b = _batch_like(s, batch)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.params_like)
   h, w = s.spec.image_size
-  prefill = jax.jit(lambda p, ids, mask, pos, px, grid: generate.prefill(
+  prefill_fn = lambda p, ids, mask, pos, px, grid: generate.prefill(
       s.model, p, ids, mask, pos, px, grid, max_new_tokens=max_new_tokens, depth_grid=s.depth_grid,
-      depth_output_size=(h, w)))
+      depth_output_size=(h, w))
+  # Compiled traced under the mesh (its platform picks the attention kernel, see `trainer.jit_train_step`);
+  # model FLOPs are counted on the plain trace, whose attention is the XLA form.
+  prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
   args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], b["pixel_values"], b["image_grid_hw"])
   out = {"prefill": compile_stats(prefill, args)}
-  out["prefill"]["model_flops"] = model_flops(prefill, *args) / s.mesh.devices.size
+  out["prefill"]["model_flops"] = model_flops(prefill_fn, *args) / s.mesh.devices.size
   out["prefill"]["images_per_step"] = batch
 
   t = s.model.config.text
@@ -502,8 +506,8 @@ def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str
   valid = jax.ShapeDtypeStruct((batch, slots), jnp.int32,
                                sharding=sharding.activation_sharding(s.mesh, "batch", shape=(batch, slots)))
   index = jax.ShapeDtypeStruct((), jnp.int32)
-  decode = jax.jit(lambda p, tk, ps, kvalid, ch, i: generate.decode_step(s.model, p, tk, ps, kvalid, ch, i),
-                   donate_argnums=(4,))
+  decode = jax.jit(sharding.in_mesh(lambda p, tk, ps, kvalid, ch, i: generate.decode_step(
+      s.model, p, tk, ps, kvalid, ch, i), s.mesh), donate_argnums=(4,))
   dargs = (params, tok, pos, valid, cache, index)
   out["decode"] = compile_stats(decode, dargs)
   out["decode"]["model_flops"] = model_flops(decode, *dargs) / s.mesh.devices.size

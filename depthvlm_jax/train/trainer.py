@@ -26,10 +26,10 @@ from data_pipelines import pipeline, synthetic
 from data_pipelines.skips import SKIP_REASONS, counts_to_dict
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.metrics import best_constant_delta1, delta1_per_image
-from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
+from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
-from depthvlm_jax.model.layers import abstract_params
+from depthvlm_jax.model.layers import abstract_params, resolve_attention_impl
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval, workdir_lock
@@ -99,6 +99,8 @@ def validate_config(config) -> None:
     errors.append(f"stage={config.stage}: expected 1 or 2")
   if not config.train.trainable:
     errors.append("train.trainable is empty: give (regex, trainable) rules")
+  if config.model.attention_impl not in ATTENTION_IMPLS:
+    errors.append(f"model.attention_impl={config.model.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
   for name in ("compute_dtype", "param_dtype"):
     if config.model[name] not in DTYPES:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
@@ -138,7 +140,16 @@ def make_mesh(config) -> jax.sharding.Mesh:
     sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
   except ValueError as e:
     raise ConfigError(f"invalid config: {e}") from None
+  check_attention_impl(config, mesh)
   return mesh
+
+
+def check_attention_impl(config, mesh) -> None:
+  """ConfigError unless `model.attention_impl` compiles for the platform of the mesh's devices."""
+  try:
+    resolve_attention_impl(config.model.attention_impl, mesh.devices.flat[0].platform)
+  except ValueError as e:
+    raise ConfigError(f"invalid config: model.{e}") from None
 
 
 # ----------------------------------------------------------------------------- the workdir's config.json
@@ -234,6 +245,7 @@ def build_model(config) -> DepthVLM:
   head = DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode,
                          features=config.model.dpt_features, out_channels=tuple(config.model.dpt_out_channels),
                          head_features=config.model.dpt_head_features)
+  backbone = backbone.with_attention_impl(config.model.attention_impl)  # "auto": by the mesh's platform
   return DepthVLM(backbone, head=head, dtype=DTYPES[config.model.compute_dtype],
                   param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat)
 
@@ -277,7 +289,9 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
                             lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
-  return jax.jit(step_fn, donate_argnums=(0,), keep_unused=True,
+  # Traced under the mesh: the model sees its platform (`layers.compile_target`) and lays the fused
+  # attention kernels out over its axes.
+  return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
 
 
