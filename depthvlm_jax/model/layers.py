@@ -6,6 +6,7 @@ matter of the rules table in the config (see `depthvlm_jax/sharding.py`), never 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import flax
@@ -18,6 +19,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ATTENTION_IMPLS
 
 Dtype = Any
+_log = logging.getLogger(__name__)
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -201,7 +203,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | ja
   if impl == "splash" and fused_ok:
     return splash_attention(q, k, v, mask)
   if impl == "cudnn" and fused_ok and cudnn_supports(q, k):
-    return cudnn_attention(q, k, v, mask)
+    try:
+      return cudnn_attention(q, k, v, mask)
+    except (RuntimeError, NotImplementedError) as e:  # raised while tracing: no cuDNN on this host, ...
+      _log.warning("cuDNN attention unavailable for %s x %s %s (%s); using the XLA form", q.shape, k.shape,
+                   q.dtype, e)
   return _attention_xla(q, k, v, mask.dense(q.shape[1]) if structured else mask)
 
 

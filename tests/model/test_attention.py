@@ -7,7 +7,9 @@ gradients of a loss over those rows everywhere.
 """
 
 import dataclasses
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,8 @@ import pytest
 from depthvlm_jax import sharding
 from depthvlm_jax.model import layers
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
+from depthvlm_jax.model.qwen3_vl import Qwen3VL, init_params
+from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.model.layers import AttentionMask
 
 TOL = 2e-5  # float32; measured differences are below 7e-6
@@ -118,3 +122,49 @@ def test_attention_impl_is_a_run_setting_not_part_of_config_json():
   with pytest.raises(ConfigError, match="text_config.attention_impl='flash' not one of"):
     dataclasses.replace(Qwen3VLConfig.tiny(), text=dataclasses.replace(Qwen3VLConfig.tiny().text,
                                                                        attention_impl="flash"))
+
+
+def test_model_with_the_splash_kernel_matches_the_xla_form(monkeypatch):
+  """A Qwen3-VL forward with every attention through the splash kernel (interpret mode): the
+  vision tower's per-image padding (images of 48 and 16 patches, a padding image slot) and the
+  decoder's causal + right padding reach the kernel as the model means them. Two layers per tower."""
+  tiny = Qwen3VLConfig.tiny(vocab_size=152000, deepstack=(0,))
+  config = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, depth=2),
+                               text=dataclasses.replace(tiny.text, num_hidden_layers=2))
+  model = Qwen3VL(config)
+  params = nn.unbox(init_params(model, jax.random.key(3)))
+  rng = np.random.default_rng(0)
+  grids = [(6, 8), (4, 4)]
+
+  def prompt(grid, n_text):  # text, vision_start, one image_pad per merged token, vision_end, text
+    image = [config.vision_start_token_id] + [config.image_token_id] * (grid[0] * grid[1] // 4) + [
+        config.vision_end_token_id]
+    return list(rng.integers(100, 5000, n_text)) + image + list(rng.integers(100, 5000, 3))
+
+  toks = [prompt(grids[0], 5), prompt(grids[1], 9)]
+  patches = [rng.standard_normal((h * w, config.vision.patch_dim)).astype(np.float32) for h, w in grids]
+  batch = make_model_inputs(toks, config, patches, grids, padding_side="right", num_images=3)
+  batch.pop("rope_deltas")
+  run = lambda: model.apply({"params": params}, **batch, compute_logits=False)
+  want = jax.jit(run)()
+  monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
+  monkeypatch.setattr(layers, "splash_attention", functools.partial(layers.splash_attention, interpret=True))
+  got = jax.jit(run)()
+  real = batch["attention_mask"].astype(bool)
+  assert real.sum() < real.size  # right padding in the batch
+  np.testing.assert_allclose(np.asarray(got.hidden_states)[real], np.asarray(want.hidden_states)[real],
+                             rtol=1e-4, atol=1e-4)
+  for a, b in zip(got.image_features.deepstack, want.image_features.deepstack):  # vision tower outputs
+    valid = np.asarray(want.image_features.valid)
+    np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_target_without_cudnn_on_the_host_falls_back_to_the_xla_form(monkeypatch, caplog):
+  """cuDNN's call checks for the library while tracing; this CPU host has none."""
+  monkeypatch.setattr(layers, "compile_target", lambda: "gpu")
+  q, k, v, mask = (x.astype(jnp.bfloat16) if hasattr(x, "astype") else x
+                   for x in _inputs(3, 1, 8, 2, 1, 16, [8], causal=True))
+  got = layers.attention(q, k, v, mask)
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(layers._attention_xla(q, k, v, mask.dense(8)), np.float32))
+  assert "cuDNN attention unavailable" in caplog.text
