@@ -77,12 +77,11 @@ class ModelPredictor:
     self.description = f"model:{loaded.path}"
     model = loaded.model
     self._sharding = sharding
-    self._fwd = jax.jit(
-        lambda params, batch, grid: model.apply({"params": params}, batch["input_ids"], batch["position_ids"],
-                                                batch["attention_mask"], batch["pixel_values"],
-                                                batch["image_grid_hw"], compute_logits=False,
-                                                depth_grid=grid).depth,
-        static_argnums=2)
+    fwd = lambda params, batch, grid: model.apply({"params": params}, batch["input_ids"], batch["position_ids"],
+                                                  batch["attention_mask"], batch["pixel_values"],
+                                                  batch["image_grid_hw"], compute_logits=False, depth_grid=grid).depth
+    # traced under the mesh: the attention kernel follows its platform and is laid out over it
+    self._fwd = jax.jit(fwd if mesh is None else sharding.in_mesh(fwd, mesh), static_argnums=2)
 
   def processed_hw(self, canonical_hw: tuple[int, int], preprocessing: str = "direct") -> tuple[int, int]:
     return processed_size(canonical_hw[0], canonical_hw[1], self.loaded.processor, preprocessing)

@@ -200,7 +200,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | ja
   impl = resolve_attention_impl(impl)
   structured = isinstance(mask, AttentionMask)
   fused_ok = structured and mask.q_offset is None and q.shape[1] == k.shape[1]
-  if impl == "splash" and fused_ok:
+  # Without a mesh in context the kernel runs unsharded: right for one device; a kernel call in a
+  # multi-device GSPMD program would be replicated, so that takes the XLA form.
+  if impl == "splash" and fused_ok and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
     return splash_attention(q, k, v, mask)
   if impl == "cudnn" and fused_ok and cudnn_supports(q, k):
     try:

@@ -331,11 +331,13 @@ def data_sources(config, workdir: pathlib.Path):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_grid, batch_size: int):
-  """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1."""
-  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
-                                         b["pixel_values"], b["image_grid_hw"], compute_logits=False,
-                                         depth_grid=depth_grid).depth)
+def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_grid, batch_size: int,
+                   mesh=None):
+  """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1 (traced under
+  `mesh` when given, as the train step is)."""
+  fn = lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
+                                b["pixel_values"], b["image_grid_hw"], compute_logits=False, depth_grid=depth_grid).depth
+  fwd = jax.jit(fn if mesh is None else sharding.in_mesh(fn, mesh))
   scores = []
   for i in range(0, len(examples), batch_size):
     chunk = examples[i:i + batch_size]
@@ -490,7 +492,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
     if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
       full = optim.merge_params(state["params"], frozen)
       for name, examples in eval_examples.items():
-        results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch)
+        results[name] = evaluate_depth(model, full, examples, depth_grid, config.train.global_batch, mesh)
         bar.write(f"step {done} eval {name}: delta1 {results[name]['delta1']:.4f} (best constant "
                   f"{results[name]['best_constant_delta1']:.4f} at {results[name]['best_constant_m']:.2f} m)")
         metrics.write(done, results[name], prefix=f"eval/{name}")

@@ -92,9 +92,11 @@ def test_attention_picks_the_kernel_of_the_compile_target(monkeypatch):
   layers.attention(q, k, v, mask)  # auto on the CPU: the XLA form
   assert calls == []
   monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
-  layers.attention(q, k, v, mask)
-  layers.attention(q, k, v, mask.replace(q_offset=jnp.int32(0)))  # a KV cache: XLA form
-  layers.attention(q, k, v, mask.dense(8))  # a plain boolean mask: XLA form
+  in_mesh = lambda fn: sharding.in_mesh(fn, sharding.make_mesh({"data": -1}))()
+  in_mesh(lambda: layers.attention(q, k, v, mask))
+  in_mesh(lambda: layers.attention(q, k, v, mask.replace(q_offset=jnp.int32(0))))  # a KV cache: XLA form
+  in_mesh(lambda: layers.attention(q, k, v, mask.dense(8)))  # a plain boolean mask: XLA form
+  layers.attention(q, k, v, mask)  # 8 devices and no mesh to lay the kernel out on: XLA form
   assert calls == ["splash"]
   monkeypatch.setattr(layers, "compile_target", lambda: "gpu")
   layers.attention(*bf, mask)
@@ -149,6 +151,9 @@ def test_model_with_the_splash_kernel_matches_the_xla_form(monkeypatch):
   want = jax.jit(run)()
   monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
   monkeypatch.setattr(layers, "splash_attention", functools.partial(layers.splash_attention, interpret=True))
+  # As on one chip: interpret mode does not run under shard_map on the CPU (the per-shard layout is
+  # compiled for TPU chips by tests/test_aot.py).
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   got = jax.jit(run)()
   real = batch["attention_mask"].astype(bool)
   assert real.sum() < real.size  # right padding in the batch
