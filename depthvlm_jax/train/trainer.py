@@ -336,7 +336,8 @@ def evaluate_depth(model, params, examples: list[dict[str, np.ndarray]], depth_g
   """Mean per-image δ1 of the model on prepared examples, and the best constant's δ1 (traced under
   `mesh` when given, as the train step is)."""
   fn = lambda p, b: model.apply({"params": p}, b["input_ids"], b["position_ids"], b["attention_mask"],
-                                b["pixel_values"], b["image_grid_hw"], compute_logits=False, depth_grid=depth_grid).depth
+                                b["pixel_values"], b["image_grid_hw"], compute_logits=False,
+                                depth_grid=depth_grid).depth
   fwd = jax.jit(fn if mesh is None else sharding.in_mesh(fn, mesh))
   scores = []
   for i in range(0, len(examples), batch_size):
