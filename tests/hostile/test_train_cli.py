@@ -34,6 +34,7 @@ def config(**changes):
     ("train.micro_batches", 0, "train.micro_batches=0: expected a positive integer"),  # was ZeroDivisionError
     ("ckpt_every", 0, "ckpt_every=0: expected a positive integer"),
     ("log_every", -1, "log_every=-1: expected a positive integer"),
+    ("model.attention_impl", "flash", "model.attention_impl='flash': expected one of ('auto', 'xla', 'splash', 'cudnn')"),
 ])
 def test_bad_training_values_are_config_errors(field, value, expected):
   with pytest.raises(ConfigError, match="invalid config") as e:
@@ -54,6 +55,13 @@ def test_mesh_is_checked_before_the_workdir_is_touched(tmp_path):
   workdir = tmp_path / "w"
   with pytest.raises(ConfigError, match=r"mesh=\{'data': 3.*needs 3 devices"):
     trainer.train_and_evaluate(config(**{"mesh.data": 3, "mesh.fsdp": 1}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_attention_kernel_of_another_platform_is_refused_before_the_workdir_is_touched(tmp_path):
+  workdir = tmp_path / "w"
+  with pytest.raises(ConfigError, match="model.attention_impl='splash' compiles for tpu only, the target is cpu"):
+    trainer.train_and_evaluate(config(**{"model.attention_impl": "splash"}), str(workdir))
   assert not workdir.exists()
 
 
