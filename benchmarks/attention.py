@@ -73,7 +73,9 @@ def run(setup, params, repeats: int) -> dict:
   steps = {}
   try:
     for form, fn in forms.items():
-      text.attention = vision.attention = fn  # looked up when the step is traced
+      # looked up when the step is traced; the model passes an `AttentionMask` and its kernel setting
+      as_model_calls = lambda q, k, v, mask, impl="auto", fn=fn: fn(q, k, v, mask.dense(q.shape[1]))
+      text.attention = vision.attention = as_model_calls
       step, state, frozen, dev_batch, _, _ = training.jax_step(setup, params, batch, stage=2)
       steps[form] = [step, state, frozen, dev_batch]
   finally:

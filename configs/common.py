@@ -103,6 +103,10 @@ def base_config(preset):
   # each tower's repeated blocks as one lax.scan: the compiler sees one block instead of 36 + 24
   # (the paper_4b step compiles in minutes instead of most of an hour); the tiny CPU model unrolls
   c.model.scan_layers = True
+  # Attention kernel: auto = by the platform of the mesh's devices (the compile target, also for an
+  # ahead-of-time compile from a CPU host): Pallas splash on TPU, cuDNN flash attention on NVIDIA
+  # GPUs, the XLA form on the CPU. Or xla | splash | cudnn.
+  c.model.attention_impl = "auto"
 
   # ---- initialisation / resumption (own workdir first, then `resume`, then `model_init`)
   c.model_init = ""  # checkpoint dir of a previous stage, or "" (fresh head on `model.hf_dir`)

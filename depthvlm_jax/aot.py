@@ -387,6 +387,7 @@ def make_setup(config, topology: str | None, devices=None) -> Setup:
   devices = topology_devices(topology) if devices is None else devices
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
+  trainer.check_attention_impl(config, mesh)
   model = trainer.build_model(config)
   params_like, mask = trainer.params_like(config, model, mesh)  # frozen towers in model.frozen_dtype
   specs = trainer.example_specs(config, model.config)
@@ -530,12 +531,15 @@ def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str
   b = _batch_like(s, batch)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.params_like)
   h, w = s.spec.image_size
-  prefill = jax.jit(sharding.in_mesh(lambda p, ids, mask, pos, px, grid: generate.prefill(
+  prefill_fn = lambda p, ids, mask, pos, px, grid: generate.prefill(
       s.model, p, ids, mask, pos, px, grid, max_new_tokens=max_new_tokens, depth_grid=s.depth_grid,
-      depth_output_size=(h, w), images_per_row=1), s.mesh))
+      depth_output_size=(h, w), images_per_row=1)
+  # Compiled traced under the mesh (its platform picks the attention kernel, see `trainer.jit_train_step`);
+  # model FLOPs are counted on the plain trace, whose attention is the XLA form.
+  prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
   args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], b["pixel_values"], b["image_grid_hw"])
   out = {"prefill": compile_stats(prefill, args)}
-  out["prefill"]["model_flops"] = model_flops(prefill, *args) / s.mesh.devices.size
+  out["prefill"]["model_flops"] = model_flops(prefill_fn, *args) / s.mesh.devices.size
   out["prefill"]["images_per_step"] = batch
 
   t = s.model.config.text

@@ -101,18 +101,25 @@ def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules=DEFAULT_RULES) -> A
                       is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def activation_spec(mesh: Mesh | jax.sharding.AbstractMesh, *names: str | None,
+                    shape: Sequence[int] | None = None, rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec of an activation given logical names per dim; with `shape`, axes a dim does not
+  divide are dropped."""
+  spec = nn.logical_to_mesh(PartitionSpec(*names), rules)
+  return spec if shape is None else _fit_spec(spec, shape, mesh)
+
+
 def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | None = None,
                         rules=DEFAULT_RULES) -> NamedSharding:
   """NamedSharding for an activation given logical names per dim (e.g. "batch", "length")."""
-  spec = nn.logical_to_mesh(PartitionSpec(*names), rules)
-  if shape is not None:
-    spec = _fit_spec(spec, shape, mesh)
-  return NamedSharding(mesh, spec)
+  return NamedSharding(mesh, activation_spec(mesh, *names, shape=shape, rules=rules))
 
 
 def in_mesh(fn, mesh: Mesh):
   """`fn` traced with `mesh` as JAX's context mesh (wrap it before `jax.jit`): the model's activation
-  constraints (`constrain`) then apply on that mesh."""
+  constraints (`constrain`) apply on that mesh, model code sees the compile target
+  (`layers.compile_target`: a TPU slice compiled from a CPU host is TPU) and the fused attention
+  kernels are laid out over the mesh's axes (`layers.splash_attention`)."""
   @functools.wraps(fn)
   def traced(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -12,6 +12,9 @@ import json
 import pathlib
 from typing import Any, Sequence
 
+# The attention kernels (`layers.attention`); here so that the config module stays free of JAX.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+
 
 class ConfigError(ValueError):
   """A model config that cannot describe a valid Qwen3-VL / DepthVLM model."""
@@ -35,6 +38,9 @@ class VisionConfig:
   deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
   rope_theta: float = 10000.0
   layer_norm_eps: float = 1e-6
+  # Not part of HF config.json: the attention kernel (`layers.ATTENTION_IMPLS`; "auto" = by the
+  # compile target). Set for both towers with `Qwen3VLConfig.with_attention_impl`.
+  attention_impl: str = "auto"
 
   @property
   def head_dim(self) -> int:
@@ -73,6 +79,7 @@ class TextConfig:
   mrope_interleaved: bool = True
   attention_bias: bool = False
   max_position_embeddings: int = 262144
+  attention_impl: str = "auto"  # not part of HF config.json; see VisionConfig.attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +119,16 @@ class Qwen3VLConfig:
       errors.append(f"unsupported activations text={t.hidden_act!r} vision={v.hidden_act!r}")
     if not t.mrope_interleaved:
       errors.append("only interleaved MRoPE (Qwen3-VL) is supported")
+    for name, impl in (("vision_config", v.attention_impl), ("text_config", t.attention_impl)):
+      if impl not in ATTENTION_IMPLS:
+        errors.append(f"{name}.attention_impl={impl!r} not one of {ATTENTION_IMPLS}")
     if errors:
       raise ConfigError("invalid Qwen3-VL config: " + "; ".join(errors))
+
+  def with_attention_impl(self, impl: str) -> "Qwen3VLConfig":
+    """The same model with attention kernel `impl` (`layers.ATTENTION_IMPLS`) in both towers."""
+    return dataclasses.replace(self, vision=dataclasses.replace(self.vision, attention_impl=impl),
+                               text=dataclasses.replace(self.text, attention_impl=impl))
 
   # ---------------------------------------------------------------- HF config.json I/O
   @classmethod
@@ -129,8 +144,8 @@ class Qwen3VLConfig:
     if rope_type not in ("default", "mrope"):
       raise ConfigError(f"config.json: text_config rope type {rope_type!r} unsupported (expected 'default')")
     theta = rope.get("rope_theta", td.get("rope_theta", TextConfig.rope_theta))
-    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    text_fields = {f.name for f in dataclasses.fields(TextConfig)}
+    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)} - {"attention_impl"}
+    text_fields = {f.name for f in dataclasses.fields(TextConfig)} - {"attention_impl"}
     vkw = {k: vd[k] for k in vision_fields if k in vd}
     if "deepstack_visual_indexes" in vkw:
       vkw["deepstack_visual_indexes"] = tuple(vkw["deepstack_visual_indexes"])
@@ -163,11 +178,13 @@ class Qwen3VLConfig:
     vd = dataclasses.asdict(self.vision)
     vd["deepstack_visual_indexes"] = list(self.vision.deepstack_visual_indexes)
     vd.pop("layer_norm_eps")
+    vd.pop("attention_impl")
     if vd["rope_theta"] == VisionConfig.rope_theta:
       vd.pop("rope_theta")
     vd["model_type"] = "qwen3_vl"
     vd["initializer_range"] = 0.02
     td = dataclasses.asdict(self.text)
+    td.pop("attention_impl")
     rope = {"rope_type": "default", "mrope_section": list(td.pop("mrope_section")),
             "mrope_interleaved": td.pop("mrope_interleaved")}
     td["rope_parameters"] = dict(rope, rope_theta=td["rope_theta"])

@@ -29,7 +29,7 @@ import numpy as np
 
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.cpu_kernels import conv3x3, conv3x3_of_resized, conv_same
-from depthvlm_jax.model.layers import Dense, LayerNorm, abstract_params, logical_init
+from depthvlm_jax.model.layers import Dense, LayerNorm, abstract_params, compile_target, logical_init
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
 Dtype = Any
@@ -39,6 +39,13 @@ LAYER_NORM_EPS = 1e-5
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 HEAD_TYPES = ("dpt", "mlp")
 MLP_FEATURE_MODES = ("llm_last", "concat", "sum")
+
+# Compile targets (`layers.compile_target`) whose 3x3 convolutions take the hand-written gradients of
+# `cpu_kernels`: `conv3x3` (the kernel gradient as one matmul) pays off on XLA:CPU only;
+# `conv3x3_of_resized` (both gradients at the small map's size) where measured ahead. Elsewhere
+# autodiff's convolutions.
+FLAT_KERNEL_GRAD_PLATFORMS = ("cpu",)
+RESIZED_CONV_PLATFORMS = ("cpu",)
 
 # HF `PreTrainedModel._init_weights` (run by `post_init`) draws conv / conv-transpose / linear
 # weights from N(0, 0.02) and zeros their biases: a fresh official head starts from that.
@@ -50,8 +57,9 @@ _bias_init = nn.initializers.zeros_init()
 class Conv2d(nn.Module):
   """Square 'same' 2-D convolution, NHWC; kernel (k, k, in, out) = torch OIHW transposed (2,3,1,0).
 
-  With `resize_input_to`, the input is first resized (bilinear, align_corners=True) to that size;
-  3x3 convs then use `conv3x3_of_resized`.
+  With `resize_input_to`, the input is first resized (bilinear, align_corners=True) to that size.
+  3x3 convs take the CPU kernels' gradients when the compile target is listed in
+  `FLAT_KERNEL_GRAD_PLATFORMS` / `RESIZED_CONV_PLATFORMS`.
   """
 
   features: int
@@ -69,13 +77,14 @@ class Conv2d(nn.Module):
                         self.param_dtype).astype(self.dtype)
     x = x.astype(self.dtype)
     size = tuple(int(s) for s in self.resize_input_to) if self.resize_input_to is not None else None
-    if size is not None and size != x.shape[1:3] and k == 3:
+    target = compile_target()
+    if size is not None and size != x.shape[1:3] and k == 3 and target in RESIZED_CONV_PLATFORMS:
       y = conv3x3_of_resized(x, kernel, size)
     else:
       if size is not None:
         x = resize_bilinear_align_corners(x, size)
       y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0]) if k == 1 else (
-          conv3x3(x, kernel) if k == 3 else conv_same(x, kernel))
+          conv3x3(x, kernel) if k == 3 and target in FLAT_KERNEL_GRAD_PLATFORMS else conv_same(x, kernel))
     if self.use_bias:
       bias = self.param("bias", logical_init(_bias_init, ("conv_out",)), (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

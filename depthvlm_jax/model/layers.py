@@ -6,13 +6,20 @@ matter of the rules table in the config (see `depthvlm_jax/sharding.py`), never 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from depthvlm_jax import sharding
+from depthvlm_jax.model.config import ATTENTION_IMPLS
 
 Dtype = Any
+_log = logging.getLogger(__name__)
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -106,8 +113,196 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Scaled dot-product attention with grouped KV heads and a boolean mask.
+# ----------------------------------------------------------------------------- attention
+# Which attention kernel a trace uses. "auto" picks by the compile target (`compile_target`): the
+# Pallas splash kernel on TPU, cuDNN's fused kernel on NVIDIA GPUs, `_attention_xla` elsewhere.
+_IMPL_PLATFORM = {"splash": "tpu", "cudnn": "gpu"}
+
+
+def compile_target() -> str:
+  """The platform the current trace compiles for: "cpu", "tpu" or "gpu".
+
+  That of the mesh in context (`sharding.in_mesh`: the trainer and the AOT report trace under the mesh of
+  the slice they compile for, so a TPU program traced on a CPU host reads "tpu"), otherwise the
+  default backend, where a jit without a mesh runs.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_attention_impl(impl: str, platform: str | None = None) -> str:
+  """"auto" -> the kernel for `platform` (default: `compile_target()`); an explicit kernel is
+  checked against the platform it compiles for (ValueError otherwise)."""
+  platform = compile_target() if platform is None else ("gpu" if platform in ("cuda", "rocm") else platform)
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+  if impl == "auto":
+    return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+  if impl in _IMPL_PLATFORM and _IMPL_PLATFORM[impl] != platform:
+    raise ValueError(f"attention_impl={impl!r} compiles for {_IMPL_PLATFORM[impl]} only, "
+                     f"the target is {platform}")
+  return impl
+
+
+@flax.struct.dataclass
+class AttentionMask:
+  """Which keys each query sees, in the structured form the fused kernels take.
+
+  A query attends the keys where `kv_valid` holds and, when `causal`, only keys at slots up to its
+  own (query i sits at slot `q_offset + i`). `dense()` is the boolean (B, 1, Lq, Lk) form.
+
+  Attributes:
+    kv_valid: (B, Lk) bool, True = real key (False = padding).
+    causal: static; the decoder's causal order.
+    q_offset: None (queries at slots 0..Lq-1, self-attention) or an int32 scalar (KV cache slot of
+      the first query).
+    kv_prefix: static; the valid keys of every row form a prefix (right padding), as the vision
+      tower's patch slots do. cuDNN then takes sequence lengths instead of a mask.
+  """
+
+  kv_valid: jax.Array
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  q_offset: jax.Array | None = None
+  kv_prefix: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def dense(self, q_len: int) -> jax.Array:
+    """(B, 1, q_len, Lk) bool."""
+    valid = self.kv_valid.astype(bool)[:, None, None, :]
+    if not self.causal:
+      return valid
+    start = 0 if self.q_offset is None else self.q_offset
+    causal = jnp.arange(valid.shape[-1])[None, :] <= start + jnp.arange(q_len)[:, None]
+    return causal[None, None] & valid
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | jax.Array | None,
+              impl: str = "auto") -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads, by the kernel `impl` picks.
+
+  "xla" is `_attention_xla` (logits materialised, fastest on XLA:CPU); "splash" is the Pallas TPU
+  kernel (`splash_attention`), "cudnn" cuDNN's flash attention (`cudnn_attention`); "auto" resolves
+  by `compile_target()`. The fused kernels need self-attention with an `AttentionMask` (no KV
+  cache offset); other calls, and shapes or dtypes a kernel does not take (see each), use
+  `_attention_xla`. Every kernel gives the same output at real query positions (queries whose
+  own slot is a valid key); rows of padding queries may differ and are never read by the model.
+
+  Args:
+    q: (batch, q_len, heads, head_dim).
+    k, v: (batch, kv_len, kv_heads, head_dim); heads must be a multiple of kv_heads.
+    mask: an `AttentionMask`, a bool array broadcastable to (batch, 1 or heads, q_len, kv_len)
+      (True = attend), or None = full attention.
+    impl: one of `ATTENTION_IMPLS`.
+
+  Returns:
+    (batch, q_len, heads, head_dim) in v's dtype.
+  """
+  impl = resolve_attention_impl(impl)
+  structured = isinstance(mask, AttentionMask)
+  fused_ok = structured and mask.q_offset is None and q.shape[1] == k.shape[1]
+  # Without a mesh in context the kernel runs unsharded: right for one device; a kernel call in a
+  # multi-device GSPMD program would be replicated, so that takes the XLA form.
+  if impl == "splash" and fused_ok and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
+    return splash_attention(q, k, v, mask)
+  if impl == "cudnn" and fused_ok and cudnn_supports(q, k):
+    try:
+      return cudnn_attention(q, k, v, mask)
+    except (RuntimeError, NotImplementedError) as e:  # raised while tracing: no cuDNN on this host, ...
+      _log.warning("cuDNN attention unavailable for %s x %s %s (%s); using the XLA form", q.shape, k.shape,
+                   q.dtype, e)
+  return _attention_xla(q, k, v, mask.dense(q.shape[1]) if structured else mask)
+
+
+def _segment_ids(mask: AttentionMask) -> jax.Array:
+  """(B, L) int32: 1 for valid slots, 0 for padding. Valid queries see valid keys only; a padding
+  query sees padding keys (itself at least), so no row of the kernels' masks is empty."""
+  return mask.kv_valid.astype(jnp.int32)
+
+
+def _splash_block(length: int) -> int:
+  return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
+                     interpret: bool = False) -> jax.Array:
+  """Self-attention by the Pallas TPU splash kernel (`jax.experimental.pallas.ops.tpu`).
+
+  The static part of the mask (causal or full) is the kernel's block-sparse mask; padding is
+  `_segment_ids`. The sequence is padded to a multiple of 128 (as padding slots). With a mesh in
+  context (`sharding.in_mesh`) the kernel runs per shard (`jax.shard_map`): the batch over the mesh axes of
+  the "batch" rule, heads over those of "q_heads" when both head counts divide; a kernel call in a
+  GSPMD program would otherwise be replicated. interpret=True runs the kernel's Python semantics
+  (for tests on the CPU).
+
+  Args: as `attention` (q_len == kv_len). Returns: (batch, q_len, heads, head_dim) in v's dtype.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  b, l, h, d = q.shape
+  kvh = k.shape[2]
+  seg = _segment_ids(mask)
+  padded = -(-l // 128) * 128
+  if padded != l:
+    pad = ((0, 0), (0, padded - l), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    seg = jnp.pad(seg, ((0, 0), (0, padded - l)))
+  q = q * jnp.asarray(d**-0.5, q.dtype)  # the kernel takes no scale
+
+  def per_shard(q, k, v, seg):
+    heads = q.shape[2]
+    block = _splash_block(padded)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                              block_kv_dq=block)
+    shape = (padded, padded)
+    one = splash.CausalMask(shape) if mask.causal else splash.FullMask(shape)
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
+        heads_first(q), heads_first(k), heads_first(v), seg)
+    return heads_first(out)
+
+  ctx = jax.sharding.get_abstract_mesh()
+  if not ctx.empty:
+    # kv_heads is the smaller count: heads split where both counts divide, keeping each group whole
+    qkv_spec = sharding.activation_spec(ctx, "batch", None, "q_heads", None, shape=(b, padded, kvh, d))
+    seg_spec = PartitionSpec(qkv_spec[0], None)
+    per_shard = jax.shard_map(per_shard, mesh=ctx, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                              check_vma=False)
+  return per_shard(q, k, v, seg)[:, :l].astype(v.dtype)
+
+
+def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+  """Whether cuDNN's flash attention takes these operands: fp16/bf16, head_dim a multiple of 8 and
+  at most 128 (256 from Hopper on, which a compile on a GPU-less host cannot see)."""
+  d = q.shape[-1]
+  return q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype and d % 8 == 0 and d <= 128
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
+                    implementation: str = "cudnn") -> jax.Array:
+  """Self-attention by `jax.nn.dot_product_attention` (cuDNN's fused kernel by default).
+
+  Causal masks use the kernel's causal mode. Padding: with `kv_prefix` the valid-key counts are
+  the query and key sequence lengths (at least 1, so no row is empty); otherwise the boolean
+  (B, 1, L, L) mask, which cuDNN adds as a bias. implementation="xla" runs the same call through
+  XLA (tests on the CPU).
+
+  Args: as `attention` (q_len == kv_len). Returns: (batch, q_len, heads, head_dim) in v's dtype.
+  """
+  if mask.kv_prefix:
+    lengths = jnp.maximum(mask.kv_valid.astype(jnp.int32).sum(-1), 1)
+    kw = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  else:
+    seg = _segment_ids(mask)
+    kw = dict(mask=(seg[:, :, None] == seg[:, None, :])[:, None])
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=mask.causal, implementation=implementation, **kw)
+  return out.astype(v.dtype)
+
+
+def _attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads and a boolean mask, logits materialised.
 
   The query heads that share a KV head are laid side by side on the query axis, so both products
   are plain batched matmuls over (batch, kv_heads) with row-major operands (no KV repeat, no layout

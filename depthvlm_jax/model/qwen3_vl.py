@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from depthvlm_jax.model.config import Qwen3VLConfig
-from depthvlm_jax.model.layers import Dense
+from depthvlm_jax.model.layers import AttentionMask, Dense
 from depthvlm_jax.model.text import KVCache, TextDecoder
 from depthvlm_jax.model.vision import VisionTower
 from depthvlm_jax.sharding import constrain
@@ -80,13 +80,9 @@ def rows_of_images(x: jax.Array, rows: int) -> jax.Array:
   return x.reshape((rows, n // rows * t) + x.shape[2:])
 
 
-def attention_mask_for(attention_mask, q_len: int, cache_index=None):
-  """Causal + key-padding boolean mask (B, 1, q_len, S) for queries at slots cache_index + i."""
-  s = attention_mask.shape[1]
-  start = 0 if cache_index is None else cache_index
-  q_slot = start + jnp.arange(q_len)[:, None]
-  causal = jnp.arange(s)[None, :] <= q_slot
-  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+def attention_mask_for(attention_mask, cache_index=None) -> AttentionMask:
+  """Causal + key-padding mask for queries at slots cache_index + i (`.dense(q_len)`: (B, 1, q_len, S))."""
+  return AttentionMask(attention_mask.astype(bool), causal=True, q_offset=cache_index)
 
 
 class Qwen3VL(nn.Module):
@@ -159,7 +155,7 @@ class Qwen3VL(nn.Module):
 
       embeds = jnp.where(is_image, at_positions(merged), embeds)
       deepstack_at_positions = [at_positions(f) for f in deepstack]
-    mask = attention_mask_for(attention_mask, l, cache_index)
+    mask = attention_mask_for(attention_mask, cache_index)
     hidden, cache = self.language_model(embeds, position_ids, mask, deepstack_at_positions, cache, cache_index)
     hidden = constrain(hidden, "batch", "length", "act_embed")
     if pixel_values is not None and return_image_features:

@@ -54,7 +54,7 @@ class TextAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
-    """x: (B, L, D); mask: (B, 1, L, S) bool; cache slots S; returns (out (B, L, D), new cache)."""
+    """x: (B, L, D); mask: `AttentionMask` over S keys (cache slots); returns (out (B, L, D), new cache)."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, l, _ = x.shape
@@ -73,7 +73,7 @@ class TextAttention(nn.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
       cache = (k, v)
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out = attention(q, k, v, mask).reshape(b, l, -1)
+    out = attention(q, k, v, mask, c.attention_impl).reshape(b, l, -1)
     out = Dense(c.hidden_size, ("q_heads", "embed"), c.attention_bias, name="o_proj", **kw)(out)
     return out, cache
 
@@ -148,7 +148,7 @@ class TextDecoder(nn.Module):
     Args:
       embeds: (B, L, D) input embeddings (image features already placed).
       position_ids: (3, B, L) MRoPE positions.
-      mask: (B, 1, L, S) bool attention mask (S = L without cache, cache length with cache).
+      mask: `AttentionMask`, causal, over S keys (S = L without cache, cache length with cache).
       deepstack_at_positions: per DeepStack level, (B, L, D) features to add after decoder layer
         i (zeros at non-image positions).
       cache: per layer (k, v) caches, or None.

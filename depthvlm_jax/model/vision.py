@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from depthvlm_jax.model.config import VisionConfig
-from depthvlm_jax.model.layers import (Dense, LayerNorm, apply_rotary, attention, checkpoint_policy, logical_init,
-                                       run_blocks)
+from depthvlm_jax.model.layers import (AttentionMask, Dense, LayerNorm, apply_rotary, attention, checkpoint_policy,
+                                       logical_init, run_blocks)
 from depthvlm_jax.sharding import constrain
 
 Dtype = Any
@@ -97,7 +97,7 @@ class VisionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask):
-    """x: (N, P, D); cos/sin: (N, P, head_dim); mask: (N, 1, P, P) bool."""
+    """x: (N, P, D); cos/sin: (N, P, head_dim); mask: `AttentionMask` of the (N, P) real patches."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x, "images", "patches", "act_embed")
@@ -123,7 +123,7 @@ class _VisionAttention(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    out = attention(q, k, v, mask).reshape(n, p, d)
+    out = attention(q, k, v, mask, c.attention_impl).reshape(n, p, d)
     return Dense(d, ("vision_qkv", "vision_embed"), name="proj", **kw)(out)
 
 
@@ -206,7 +206,7 @@ class VisionTower(nn.Module):
                        (c.num_position_embeddings, c.hidden_size), self.param_dtype)
     x = x + interpolated_position_embedding(table, row, col, image_grid_hw, c.num_grid_per_side).astype(x.dtype)
     cos, sin = vision_rotary(row, col, c.head_dim, c.rope_theta)
-    mask = valid[:, None, None, :]  # keys restricted to the image's own real patches
+    mask = AttentionMask(valid, kv_prefix=True)  # keys: the image's own real patches (a prefix)
     block_cls = nn.remat(VisionBlock, policy=checkpoint_policy(self.remat_policy)) if self.remat else VisionBlock
     deepstack = []
     start = 0

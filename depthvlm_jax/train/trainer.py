@@ -28,10 +28,10 @@ from data_pipelines import pipeline, synthetic
 from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.step import jit_delta1
-from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
+from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depth_head_init, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl, read_config_dict
-from depthvlm_jax.model.layers import abstract_params, checkpoint_policy
+from depthvlm_jax.model.layers import abstract_params, checkpoint_policy, resolve_attention_impl
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import checkpoints, distributed, optim, qa_eval, workdir_lock
@@ -113,6 +113,8 @@ def validate_config(config) -> None:
     checkpoint_policy(config.model.remat_policy)
   except ValueError as e:
     errors.append(f"model.remat_policy: {e}")
+  if config.model.attention_impl not in ATTENTION_IMPLS:
+    errors.append(f"model.attention_impl={config.model.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
   for name in ("compute_dtype", "param_dtype", "frozen_dtype"):
     if config.model[name] not in DTYPES:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
@@ -162,7 +164,16 @@ def make_mesh(config) -> jax.sharding.Mesh:
     sharding.check_batch_divides(mesh, config.train.global_batch, config.train.micro_batches)
   except ValueError as e:
     raise ConfigError(f"invalid config: {e}") from None
+  check_attention_impl(config, mesh)
   return mesh
+
+
+def check_attention_impl(config, mesh) -> None:
+  """ConfigError unless `model.attention_impl` compiles for the platform of the mesh's devices."""
+  try:
+    resolve_attention_impl(config.model.attention_impl, mesh.devices.flat[0].platform)
+  except ValueError as e:
+    raise ConfigError(f"invalid config: model.{e}") from None
 
 
 # ----------------------------------------------------------------------------- the workdir's config.json
@@ -260,6 +271,7 @@ def build_model(config) -> DepthVLM:
   head = DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode,
                          features=config.model.dpt_features, out_channels=tuple(config.model.dpt_out_channels),
                          head_features=config.model.dpt_head_features)
+  backbone = backbone.with_attention_impl(config.model.attention_impl)  # "auto": by the mesh's platform
   return DepthVLM(backbone, head=head, dtype=DTYPES[config.model.compute_dtype],
                   param_dtype=DTYPES[config.model.param_dtype], remat=config.model.remat,
                   remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
@@ -382,7 +394,8 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
                             lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
-  # traced under the mesh: the model's activation constraints keep every row on its batch shard
+  # Traced under the mesh: the model's activation constraints keep every row on its batch shard, the
+  # model sees its platform (`layers.compile_target`) and lays the fused attention kernels out over its axes.
   return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
 

@@ -39,6 +39,7 @@ def config(**changes):
     ("data.max_skip_rate", 0.0, "data.max_skip_rate=0.0: expected 0 < rate <= 1"),
     ("data.train_weights", {"waymo": 2.0}, "data.train_weights.waymo: no such train source; expected one of "
                                            "['synthetic']"),
+    ("model.attention_impl", "flash", "model.attention_impl='flash': expected one of ('auto', 'xla', 'splash', 'cudnn')"),
 ])
 def test_bad_training_values_are_config_errors(field, value, expected):
   with pytest.raises(ConfigError, match="invalid config") as e:
@@ -59,6 +60,13 @@ def test_mesh_is_checked_before_the_workdir_is_touched(tmp_path):
   workdir = tmp_path / "w"
   with pytest.raises(ConfigError, match=r"mesh=\{'data': 3.*needs 3 devices"):
     trainer.train_and_evaluate(config(**{"mesh.data": 3, "mesh.fsdp": 1}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_attention_kernel_of_another_platform_is_refused_before_the_workdir_is_touched(tmp_path):
+  workdir = tmp_path / "w"
+  with pytest.raises(ConfigError, match="model.attention_impl='splash' compiles for tpu only, the target is cpu"):
+    trainer.train_and_evaluate(config(**{"model.attention_impl": "splash"}), str(workdir))
   assert not workdir.exists()
 
 

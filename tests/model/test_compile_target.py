@@ -1,0 +1,61 @@
+"""CPU-tuned code paths follow the compile target (`layers.compile_target`), not the host's backend.
+
+The depth head's hand-written convolution gradients (`cpu_kernels`) and the unrolled micro-batch
+loop are for XLA:CPU; a program compiled for a TPU slice from this CPU host must not get them, and
+the fused attention kernels are picked the same way (`tests/model/test_attention.py`).
+"""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from depthvlm_jax import sharding
+from depthvlm_jax.model import depth_head as dh
+from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.train import step
+
+
+def _trace_conv_grads(resize_to):
+  """Traces (no compile) the gradients of one 3x3 `Conv2d`; the CPU kernels are picked at trace time."""
+  conv = dh.Conv2d(4, 3, resize_input_to=resize_to)
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  params = jax.eval_shape(conv.init, jax.random.key(0), x)
+  jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)))(params, x)
+
+
+def test_depth_head_cpu_kernels_only_for_a_cpu_target(monkeypatch):
+  used = []
+  for name in ("conv3x3", "conv3x3_of_resized"):
+    real = getattr(dh, name)
+    monkeypatch.setattr(dh, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+  mesh = sharding.make_mesh({"data": -1})  # the host's CPU devices
+  for size in (None, (32, 32)):
+    sharding.in_mesh(_trace_conv_grads, mesh)(size)
+  assert set(used) == {"conv3x3", "conv3x3_of_resized"}
+  used.clear()
+  monkeypatch.setattr(dh, "compile_target", lambda: "tpu")  # as traced under a TPU slice's mesh
+  for size in (None, (32, 32)):
+    _trace_conv_grads(size)
+  assert used == []  # autodiff's convolutions (equal gradients: tests/model/test_depth_head.py)
+
+
+def test_micro_batches_unrolled_only_for_a_cpu_target(monkeypatch):
+  # The loop structure alone: a one-parameter stand-in for the model's loss terms.
+  monkeypatch.setattr(step, "loss_terms", lambda model, params, mb, *a: {
+      "depth_sum": jnp.sum(params["w"] * mb["depth"]), "depth_count": jnp.float32(1),
+      "lm_sum": jnp.float32(0), "lm_count": jnp.float32(0)})
+  model = types.SimpleNamespace(config=Qwen3VLConfig.tiny())
+  optimizer = optax.sgd(0.1)
+  params = {"w": jnp.ones((4, 4), jnp.float32)}
+  b = 4
+  batch = dict(labels=jnp.full((b, 8), -100, jnp.int32), position_ids=jnp.zeros((3, b, 8), jnp.int32),
+               image_grid_hw=jnp.full((b, 2), 4, jnp.int32), has_depth=jnp.ones((b,), bool),
+               depth=jnp.ones((b, 4, 4), jnp.float32))
+  state = step.initial_state(params, optimizer.init(params))
+  scans = {}
+  for platform in ("cpu", "tpu", "gpu"):
+    fn = step.make_train_step(model, optimizer, (2, 2), 2, 1.0, with_lm=False, platform=platform)
+    scans[platform] = str(jax.make_jaxpr(fn)(state, {}, batch)).count(" scan[")
+  assert scans == {"cpu": 0, "tpu": 1, "gpu": 1}
