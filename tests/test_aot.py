@@ -169,9 +169,10 @@ def test_scanned_layer_cost_is_corrected(monkeypatch):
   unrolled, scanned = rows[False], rows[True]
   info = scanned["layer_loop_correction"]
   assert info["text_trips"] == [5] and info["vision_trips"] == [2, 3, 2]
-  assert info["reported"]["flops"] < 0.8 * unrolled["flops"]  # loops counted once
+  # loops counted once: 4 text and 4 vision block iterations missing (the depth head dominates this model)
+  assert info["reported"]["flops"] < 0.95 * unrolled["flops"], (info, unrolled["flops"])
   for key in ("flops", "bytes_accessed"):
-    assert scanned[key] == pytest.approx(unrolled[key], rel=0.05), key
+    assert scanned[key] == pytest.approx(unrolled[key], rel=0.03), (key, info, unrolled[key])
   assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
 
 
