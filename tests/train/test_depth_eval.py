@@ -18,7 +18,9 @@ from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import depth_eval
 
-SPEC = pipeline.ExampleSpec((64, 64), 64, with_answer=False)
+# the synthetic scenes are 96x128 in the canonical camera: one bucket of that size (scale 1, so the
+# random model's depth and the targets overlap and δ1 is neither 0 nor 1)
+SPEC = pipeline.ExampleSpec((96, 128), 128, with_answer=False)
 NUM_TEST = 5
 
 
