@@ -349,13 +349,13 @@ def checkpoint_policy(name: str):
   return policy
 
 
-def run_blocks(parent: nn.Module, names: Sequence[str], make: Callable[[str | None], nn.Module],
+def run_blocks(parent: nn.Module, blocks: Sequence[nn.Module], template: nn.Module,
                call: Callable[[nn.Module, jax.Array], jax.Array], x: jax.Array, *, scan: bool,
                remat: bool, remat_policy: str, tail: int = 0) -> jax.Array:
-  """Applies the identically shaped blocks `names` (children of `parent`) to `x`, in order.
+  """Applies the identically shaped `blocks` (named children of `parent`) to `x`, in order.
 
-  `make(name)` builds a block: a child of `parent` called `name`, or with None an unbound template
-  of the same block. `call(block, x)` applies one block and returns the new `x`.
+  `template` is an unbound copy of one block (`parent=None`); `call(block, x)` applies one block and
+  returns the new `x`.
 
   Unrolled (`scan=False`, and always while initialising, which creates the parameters): one call per
   child, each a copy in the compiled program. Scanned: the children's parameters are stacked on a new
@@ -369,23 +369,21 @@ def run_blocks(parent: nn.Module, names: Sequence[str], make: Callable[[str | No
   result). XLA's cost analysis counts a loop body once whatever its trip count; the compile report
   (`depthvlm_jax.aot`) compiles with a tail of 1 to read one iteration's cost as the difference.
   """
-  policy = checkpoint_policy(remat_policy) if remat else None
-  if not scan or len(names) < 2 or parent.is_initializing():
-    for name in names:
-      x = call(make(name), x)
+  if not scan or len(blocks) < 2 or parent.is_initializing():
+    for block in blocks:
+      x = call(block, x)
     return x
-  tail = min(tail, len(names) - 1)
-  looped, after = names[:len(names) - tail], names[len(names) - tail:]
-  template = make(None)
+  tail = min(tail, len(blocks) - 1)
+  looped, after = blocks[:len(blocks) - tail], blocks[len(blocks) - tail:]
   params = parent.variables["params"]
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[name] for name in looped])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[block.name] for block in looped])
 
   def body(h, block_params):
     return template.apply({"params": block_params}, h, method=call), None
 
   if remat:
-    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    body = jax.checkpoint(body, policy=checkpoint_policy(remat_policy), prevent_cse=False)
   x, _ = jax.lax.scan(body, x, stacked)
-  for name in after:
-    x = call(make(name), x)
+  for block in after:
+    x = call(block, x)
   return x

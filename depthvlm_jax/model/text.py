@@ -169,11 +169,8 @@ class TextDecoder(nn.Module):
       return self.norm(x), new_cache
     for i, feat in enumerate(deepstack_at_positions):  # the layers followed by a DeepStack addition
       x = self.layers[i](x, cos, sin, mask)[0] + feat.astype(x.dtype)
-    rest = range(len(deepstack_at_positions), len(self.layers))
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = run_blocks(self, [f"layers_{i}" for i in rest],
-                   lambda name: self.layers[int(name.split("_")[1])] if name else DecoderLayer(
-                       self.config, parent=None, **kw),
+    template = DecoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+    x = run_blocks(self, self.layers[len(deepstack_at_positions):], template,
                    lambda layer, h: layer(h, cos, sin, mask)[0], x, scan=self.scan_layers, remat=self.remat,
                    remat_policy=self.remat_policy, tail=self.scan_tail)
     return self.norm(x), None

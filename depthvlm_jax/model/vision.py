@@ -211,10 +211,9 @@ class VisionTower(nn.Module):
     deepstack = []
     start = 0
     for end in sorted({*c.deepstack_visual_indexes, c.depth - 1}):  # runs of blocks between taps
-      x = run_blocks(self, [f"blocks_{i}" for i in range(start, end + 1)],
-                     lambda name: block_cls(c, name=name, **kw) if name else VisionBlock(c, parent=None, **kw),
-                     lambda block, h: block(h, cos, sin, mask), x, scan=self.scan_layers, remat=self.remat,
-                     remat_policy=self.remat_policy, tail=self.scan_tail)
+      x = run_blocks(self, [block_cls(c, name=f"blocks_{i}", **kw) for i in range(start, end + 1)],
+                     VisionBlock(c, parent=None, **kw), lambda block, h: block(h, cos, sin, mask), x,
+                     scan=self.scan_layers, remat=self.remat, remat_policy=self.remat_policy, tail=self.scan_tail)
       start = end + 1
       if end in c.deepstack_visual_indexes:
         k = c.deepstack_visual_indexes.index(end)
