@@ -443,10 +443,10 @@ def scanned_runs(model) -> tuple[list[int], list[int]]:
   """Trip counts of the layer loops `scan_layers` compiles: (text runs, vision runs); empty without it."""
   if not model.scan_layers:
     return [], []
+  from depthvlm_jax.model.vision import block_runs
   c = model.config
   text = [c.text.num_hidden_layers - len(c.vision.deepstack_visual_indexes)]
-  ends = sorted({*c.vision.deepstack_visual_indexes, c.vision.depth - 1})
-  vision = [b - a for a, b in zip([-1] + ends[:-1], ends)]
+  vision = [len(run) for run in block_runs(c.vision)]
   return [n for n in text if n > 1], [n for n in vision if n > 1]
 
 

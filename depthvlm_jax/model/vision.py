@@ -169,6 +169,12 @@ class PatchMerger(nn.Module):
     return Dense(c.out_hidden_size, ("vision_merged_mlp", "embed"), name="linear_fc2", **kw)(x)
 
 
+def block_runs(c: VisionConfig) -> list[range]:
+  """The blocks between DeepStack taps, in order: each run ends at a tap or at the last block."""
+  ends = sorted({*c.deepstack_visual_indexes, c.depth - 1})
+  return [range(start, end + 1) for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
+
+
 class VisionTower(nn.Module):
   """Patch embed + interpolated absolute positions + rotary blocks + merger + DeepStack mergers."""
 
@@ -209,12 +215,11 @@ class VisionTower(nn.Module):
     mask = AttentionMask(valid, kv_prefix=True)  # keys: the image's own real patches (a prefix)
     block_cls = nn.remat(VisionBlock, policy=checkpoint_policy(self.remat_policy)) if self.remat else VisionBlock
     deepstack = []
-    start = 0
-    for end in sorted({*c.deepstack_visual_indexes, c.depth - 1}):  # runs of blocks between taps
-      x = run_blocks(self, [block_cls(c, name=f"blocks_{i}", **kw) for i in range(start, end + 1)],
+    for run in block_runs(c):
+      x = run_blocks(self, [block_cls(c, name=f"blocks_{i}", **kw) for i in run],
                      VisionBlock(c, parent=None, **kw), lambda block, h: block(h, cos, sin, mask), x,
                      scan=self.scan_layers, remat=self.remat, remat_policy=self.remat_policy, tail=self.scan_tail)
-      start = end + 1
+      end = run[-1]
       if end in c.deepstack_visual_indexes:
         k = c.deepstack_visual_indexes.index(end)
         deepstack.append(PatchMerger(c, True, name=f"deepstack_merger_list_{k}", **kw)(x))
