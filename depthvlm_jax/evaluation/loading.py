@@ -6,7 +6,8 @@
   * a Hugging Face Qwen3-VL directory without a depth head -> `hf_checkpoint.load_qwen3_vl` plus a
     freshly initialised (untrained) head: text answers work, depth is random (`head_trained=False`);
   * a training workdir (`config.json` of the ml_collections config + `checkpoints/`) ->
-    `trainer.build_model(config)` and `checkpoints.restore_params(workdir)`.
+    `trainer.build_model(config)` and `checkpoints.restore_params(workdir, like)`, read straight onto
+    the devices in the requested dtype.
 The tokenizer comes from the directory (or the run's `model.hf_dir`) when it has one, else the
 embedded default; the image-processor settings likewise.
 """
@@ -84,7 +85,7 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
 
   Args:
     path: the directory.
-    dtype: parameter dtype for HF directories (workdirs keep their stored dtype).
+    dtype: the parameters' dtype (each array is converted as it is read).
     mesh: optional `jax.sharding.Mesh`; parameters are placed with the logical sharding rules.
     seed: seed of the random depth head given to a plain Qwen3-VL directory.
   """
@@ -101,10 +102,13 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     except (ValueError, KeyError, AttributeError, TypeError) as e:  # JSONDecodeError is a ValueError
       raise ModelLoadError(f"{p / 'config.json'}: not a valid training config ({type(e).__name__}: {e}); it "
                            "records the run's settings, restore it from a backup or rewrite it") from None
-    trainable, frozen = checkpoints.restore_params(p)
+    # Every array is read straight onto its shards of `mesh` (one device without one) in `dtype`: the
+    # model never passes through host memory, and no copy is made beside it.
+    target_mesh = mesh if mesh is not None else sharding.make_mesh({}, jax.devices()[:1])
+    like, _ = trainer.params_like(config, model, target_mesh)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), like)
+    trainable, frozen = checkpoints.restore_params(p, like)
     params = optim.merge_params(trainable, frozen)
-    shardings = param_shardings(model, mesh) if mesh is not None else None
-    params = sharding.place_params(params, shardings) if shardings is not None else jax.tree.map(jnp.asarray, params)
     tokenizer, processor = _tokenizer_and_processor(config.model.hf_dir or None)
     return LoadedModel(model, params, tokenizer, processor, "workdir", True, str(p))
   if not (p / "config.json").exists():

@@ -5,11 +5,12 @@ unsharded ones."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from depthvlm_jax import export, predict
+from depthvlm_jax import export, predict, sharding
 from depthvlm_jax.evaluation import loading, outputs, predictors, protocol, runner
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
@@ -129,6 +130,13 @@ def test_loader_reads_a_training_workdir_and_refuses_junk(tmp_path, hf_dir, load
   flat_b = jax.tree.leaves(got.params)
   assert len(flat_a) == len(flat_b) and all(np.array_equal(np.asarray(a), np.asarray(b))
                                             for a, b in zip(flat_a, flat_b))
+  # read straight onto a mesh's shards, in the requested dtype (what export --dtype=bfloat16 and
+  # evaluate's mesh use): the same values, cast
+  mesh = sharding.make_mesh({"data": -1})
+  got16 = loading.load_model(work, dtype=jnp.bfloat16, mesh=mesh)
+  for a, b in zip(flat_a, jax.tree.leaves(got16.params)):
+    assert b.dtype == jnp.bfloat16 and b.sharding.mesh.shape == mesh.shape
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(jnp.asarray(a).astype(jnp.bfloat16)))
   with pytest.raises(loading.ModelLoadError, match="not a directory"):
     loading.load_model(tmp_path / "nope")
   with pytest.raises(loading.ModelLoadError, match="no config.json"):
