@@ -70,6 +70,13 @@ def _check_program(name, p):
   assert p["flops"] >= 0.9 * p["model_flops"]
   for kind, c in p["collectives"].items():
     assert kind in aot.COLLECTIVES and c["count"] > 0 and c["bytes"] >= 0
+  # the splash kernels (TPU attention) are not in the cost model: their attention FLOPs at peak are added
+  if not name.startswith("decode"):
+    assert p["uncosted_kernels"] > 0 and 0 < p["attention_flops"] < p["model_flops"]
+    assert p["uncosted_kernel_s"] == pytest.approx(p["attention_flops"] / (aot.chip_of(TOPOLOGY).peak_tflops * 1e12))
+    assert p["est_step_s"] == pytest.approx(max(p["xla_optimal_s"], p["roofline_s"]) + p["uncosted_kernel_s"])
+  else:  # the KV-cache step takes the XLA form
+    assert p["uncosted_kernels"] == 0 and p["uncosted_kernel_s"] == 0
 
 
 def test_cli_stage1_reports_every_program(stage1_cli):
@@ -111,16 +118,19 @@ def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
 
 
 def test_stage2_train_step_compiles():
-  """Stage 2's step for every bucket (the prefill and decode programs are the same model's as stage 1's)."""
-  report = aot.report(_config(stage2), TOPOLOGY, programs=("train",))
-  assert report["stage"] == 2 and set(report["programs"]) == {f"train@{B0}", f"train@{B1}"}
-  for name, p in report["programs"].items():
-    _check_program(name, p)
-    # stage 2 trains the LLM: its gradients cross the batch shards (all-reduce / reduce-scatter)
-    assert set(p["collectives"]) & {"all-reduce", "reduce-scatter"}
-  # a portrait bucket is the same number of pixels: the same work
-  a, b = (report["programs"][f"train@{x}"] for x in (B0, B1))
-  assert b["model_flops"] == pytest.approx(a["model_flops"], rel=0.02)
+  """Stage 2's step, for the portrait bucket (the CLI fixture compiles the landscape one; the prefill and
+  decode programs are the same model's as stage 1's)."""
+  c = _config(stage2)
+  report = aot.report(c, TOPOLOGY, programs=("train",), buckets=(B1,))
+  assert report["stage"] == 2 and set(report["programs"]) == {f"train@{B1}"}
+  p = report["programs"][f"train@{B1}"]
+  _check_program(f"train@{B1}", p)
+  # stage 2 trains the LLM: its gradients cross the batch shards (all-reduce / reduce-scatter)
+  assert set(p["collectives"]) & {"all-reduce", "reduce-scatter"}
+  # a portrait bucket is the same number of pixels as the landscape one: the same work (traced, not compiled)
+  s = aot.make_setup(c, TOPOLOGY)
+  landscape = s.for_bucket(next(sp for sp in s.specs if sp.name == B0))
+  assert p["model_flops"] == pytest.approx(aot.train_model_flops(landscape), rel=0.02)
 
 
 def test_oversized_batch_is_reported_not_raised():
@@ -164,17 +174,23 @@ def test_scanned_layer_cost_is_corrected(monkeypatch):
   monkeypatch.setattr(Qwen3VLConfig, "tiny", staticmethod(deeper))
   rows = {}
   for scan in (False, True):
-    c = _config(stage1, **{"model.scan_layers": scan, "model.remat": True})
+    # the MLP depth head keeps the four compiles small: the towers' loops are what this test is about
+    c = _config(stage1, **{"model.scan_layers": scan, "model.head_type": "mlp"})
     rows[scan] = aot.train_program(aot.make_setup(c, TOPOLOGY))
   unrolled, scanned = rows[False], rows[True]
   info = scanned["layer_loop_correction"]
   assert info["text_trips"] == [5] and info["vision_trips"] == [2, 3, 2]
-  # loops counted once: 4 text and 4 vision block iterations missing (the depth head dominates this model)
+  # loops counted once: 4 text and 4 vision block iterations missing
   assert info["reported"]["flops"] < 0.95 * unrolled["flops"], (info, unrolled["flops"])
-  # FLOPs add up exactly per block; bytes less so (the probe's extra block fuses differently outside
-  # the loop): measured +3.5% on this model
+  # the correction adds (trips - 1) iterations per run to what the compiler reported
+  for key in ("flops", "bytes_accessed"):
+    added = 4 * info["text_iteration"][key] + 4 * info["vision_iteration"][key]
+    assert scanned[key] == pytest.approx(info["reported"][key] + added, rel=1e-9)
+  # FLOPs add up per block; bytes less so: a loop body reads its layer's weights as slices of the
+  # stacked weights and fuses differently from an unrolled block (measured +8.6% on this model with
+  # the MLP head, +3.5% with the DPT head, whose bytes are the same in both programs)
   assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.03), (info, unrolled["flops"])
-  assert scanned["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.06), (info, unrolled["bytes_accessed"])
+  assert scanned["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.12), (info, unrolled["bytes_accessed"])
   assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
 
 
