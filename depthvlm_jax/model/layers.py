@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from depthvlm_jax import sharding
+from depthvlm_jax.model import cpu_kernels
 from depthvlm_jax.model.config import ATTENTION_IMPLS
 
 Dtype = Any
@@ -53,7 +54,10 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", logical_init(default_kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if kernel.dtype in (jnp.bfloat16, jnp.float16) and compile_target() == "cpu" and _one_device_program():
+      kernel = cpu_kernels.weight_after_input(x, kernel)
+    y = jnp.einsum("...i,io->...o", x, kernel)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
@@ -129,6 +133,12 @@ def compile_target() -> str:
   mesh = jax.sharding.get_abstract_mesh()
   platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
   return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def _one_device_program() -> bool:
+  """Whether the current trace compiles for one device (no mesh in context, or a 1-device mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
 
 
 def resolve_attention_impl(impl: str, platform: str | None = None) -> str:

@@ -7,11 +7,13 @@ the fused attention kernels are picked the same way (`tests/model/test_attention
 
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from depthvlm_jax import sharding
+from depthvlm_jax.model import cpu_kernels, layers
 from depthvlm_jax.model import depth_head as dh
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.train import step
@@ -59,3 +61,51 @@ def test_micro_batches_unrolled_only_for_a_cpu_target(monkeypatch):
     fn = step.make_train_step(model, optimizer, (2, 2), 2, 1.0, with_lm=False, platform=platform)
     scans[platform] = str(jax.make_jaxpr(fn)(state, {}, batch)).count(" scan[")
   assert scans == {"cpu": 0, "tpu": 1, "gpu": 1}
+
+
+class _DenseStack(nn.Module):
+  """Eight bfloat16 layers of 512x512 (1 MiB each as float32)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(8):
+      x = jnp.tanh(layers.Dense(512, (None, None), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, name=f"d{i}")(x))
+    return x
+
+
+def _compiled_stack(monkeypatch, tie: bool):
+  if not tie:
+    monkeypatch.setattr(cpu_kernels, "weight_after_input", lambda x, kernel: kernel)
+  model = _DenseStack()
+  x = jnp.ones((4, 512), jnp.bfloat16)
+  params = model.init(jax.random.key(0), x)
+  compiled = jax.jit(model.apply).lower(params, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, compiled(params, x)
+
+
+def test_bf16_weights_are_converted_one_layer_at_a_time_on_cpu(monkeypatch):
+  """XLA:CPU upcasts bfloat16 matmul weights to float32 copies; tied to their layer's input
+  (`cpu_kernels.weight_after_input`) they are not all alive at once. Same values either way."""
+  tied_temp, tied = _compiled_stack(monkeypatch, tie=True)
+  loose_temp, loose = _compiled_stack(monkeypatch, tie=False)
+  f32_weights = 8 * 512 * 512 * 4
+  assert loose_temp >= f32_weights, loose_temp  # the untied program holds every float32 copy at once
+  assert tied_temp <= f32_weights / 3, tied_temp
+  assert jnp.array_equal(tied, loose)
+
+
+def test_the_weight_tie_is_only_for_one_device_cpu_programs(monkeypatch):
+  calls = []
+  monkeypatch.setattr(cpu_kernels, "weight_after_input", lambda x, kernel: calls.append(1) or kernel)
+  model = _DenseStack()
+  x = jnp.ones((8, 512), jnp.bfloat16)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  calls.clear()
+  jax.make_jaxpr(model.apply)(params, x)
+  assert len(calls) == 8
+  calls.clear()
+  sharding.in_mesh(jax.make_jaxpr(model.apply), sharding.make_mesh({"data": -1}))(params, x)  # 8 CPU devices
+  assert not calls
+  monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
+  jax.make_jaxpr(model.apply)(params, x)
+  assert not calls
