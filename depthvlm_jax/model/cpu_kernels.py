@@ -20,14 +20,15 @@ def weight_after_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`kernel`, unchanged in value, made to depend on `x` so XLA:CPU cannot convert it early.
 
   XLA:CPU computes bfloat16 matmuls in float32: it converts each bfloat16 weight to a float32
-  copy, and its scheduler places those converts as soon as their weights exist, at the start of
-  the program, so every copy is alive at once: 13.9 GiB of temporaries in the 4B model's stage-1
-  step at batch 1 (`memory_analysis()` of the step compiled for this CPU). An optimization barrier
+  copy (as does a float32 model reading bfloat16 weights), and its scheduler places those
+  converts as soon as their weights exist, at the start of the program, so every copy is alive at
+  once: 13.9 GiB of temporaries in the 4B model's stage-1 step at batch 1, 16.7 GB in `predict`
+  (`memory_analysis()` and the buffer assignment of the programs compiled for this CPU). An optimization barrier
   does not help (XLA:CPU removes them before scheduling). Adding zero times a (finite) element of
   the layer's input ties each convert to its layer: one layer's copy lives at a time, and the add
   fuses into the convert. XLA does not fold `y * 0` for floats (NaN semantics), so the tie stays.
   Accelerators convert inside their fusions; the model applies this only to one-device XLA:CPU
-  programs (`layers.Dense`): on a multi-device mesh the element would be a cross-device read.
+  programs (`layers.weight_as`): on a multi-device mesh the element would be a cross-device read.
   """
   first = x.reshape(-1)[0]
   zero = jnp.where(jnp.isfinite(first), first, 0) * 0

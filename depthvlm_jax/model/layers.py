@@ -41,6 +41,17 @@ def abstract_params(module: nn.Module, *inputs, boxed: bool = False, **kw_inputs
   return params if boxed else nn.unbox(params)
 
 
+def weight_as(x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+  """`weight` in `dtype`, for a matmul with `x`. In a one-device XLA:CPU program whose weight is
+  converted (a cast here, or XLA:CPU's float32 upcast of a bfloat16 matmul), the weight is first
+  tied to `x` (`cpu_kernels.weight_after_input`), so the converted copy is made when the layer runs
+  rather than at the start of the program."""
+  converted = weight.dtype != jnp.dtype(dtype) or weight.dtype in (jnp.bfloat16, jnp.float16)
+  if converted and compile_target() == "cpu" and _one_device_program():
+    weight = cpu_kernels.weight_after_input(x, weight)
+  return weight.astype(dtype)
+
+
 class Dense(nn.Module):
   """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear."""
 
@@ -54,10 +65,8 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", logical_init(default_kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if kernel.dtype in (jnp.bfloat16, jnp.float16) and compile_target() == "cpu" and _one_device_program():
-      kernel = cpu_kernels.weight_after_input(x, kernel)
-    y = jnp.einsum("...i,io->...o", x, kernel)
+    x = x.astype(self.dtype)
+    y = jnp.einsum("...i,io->...o", x, weight_as(x, kernel, self.dtype))
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthvlm_jax.model.config import TextConfig
-from depthvlm_jax.model.layers import Dense, RMSNorm, apply_rotary, attention, checkpoint_policy, logical_init, run_blocks
+from depthvlm_jax.model.layers import Dense, RMSNorm, apply_rotary, attention, checkpoint_policy, logical_init, run_blocks, weight_as
 from depthvlm_jax.sharding import constrain
 
 Dtype = Any
@@ -139,7 +139,7 @@ class TextDecoder(nn.Module):
 
   def attend(self, hidden: jax.Array) -> jax.Array:
     """Tied LM head: (B, L, D) @ embed_tokens.T -> (B, L, V)."""
-    return jnp.einsum("bld,vd->blv", hidden, self.embed_tokens.astype(self.dtype))
+    return jnp.einsum("bld,vd->blv", hidden, weight_as(hidden, self.embed_tokens, self.dtype))
 
   def __call__(self, embeds, position_ids, mask, deepstack_at_positions: Sequence[jax.Array] = (),
                cache: Sequence[KVCache] | None = None, cache_index=None):
