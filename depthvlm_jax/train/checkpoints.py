@@ -159,6 +159,9 @@ def frozen_path(ckpt_directory: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(ckpt_directory).absolute().parent / FROZEN_DIR
 
 
+FROZEN_SAVE_CONCURRENT_GB = 1
+
+
 def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
   """Writes the run's frozen parameters to `<workdir>/frozen_params` (replacing any), synchronously.
 
@@ -167,9 +170,11 @@ def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
   run killed before its first step starts afresh and writes them again.
   """
   path = pathlib.Path(workdir).absolute() / FROZEN_DIR
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, frozen, force=True)
-    checkpointer.wait_until_finished()
+  # At most FROZEN_SAVE_CONCURRENT_GB of arrays in flight to host memory (orbax's default, 96 GB, copied
+  # the whole 8.3 GiB 4B backbone at once: the CPU full-size run's peak went from 9.4 to 13.7 GiB).
+  handler = ocp.StandardCheckpointHandler(save_concurrent_gb=FROZEN_SAVE_CONCURRENT_GB)
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(path, ocp.args.StandardSave(frozen), force=True)  # synchronous
   return path
 
 
