@@ -35,6 +35,35 @@ def weight_after_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return kernel + jax.lax.stop_gradient(zero).astype(kernel.dtype)
 
 
+def attention_in_query_chunks(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                              max_logits_bytes: int) -> jax.Array:
+  """`attend(q, k, v, mask)` (the XLA form of attention, `layers._attention_xla`) over chunks of
+  queries (`lax.map`) when its float32 logits would exceed `max_logits_bytes`. Each query row's
+  softmax only reads its own logits, so the result is the same; one chunk's logits are held at a
+  time. For XLA:CPU, where the XLA form is the kernel (`layers.attention`); accelerators use fused
+  kernels, and a loop there would also hide iterations from the TPU cost model.
+
+  Args: as `layers._attention_xla` (mask: bool, broadcastable to (B, 1 or heads, Lq, Lk), or None).
+  """
+  b, lq, h, _ = q.shape
+  lk = k.shape[1]
+  row_bytes = b * h * lk * 4
+  if lq * row_bytes <= max_logits_bytes or lq < 256:
+    return attend(q, k, v, mask)
+  chunk = max(128, max_logits_bytes // row_bytes // 128 * 128)
+  n = -(-lq // chunk)
+  pad = n * chunk - lq
+  qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+  if mask is None:
+    out = jax.lax.map(lambda qc: attend(qc, k, v, None), qs)
+  else:
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, lk))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)  # padded rows: dropped
+    ms = mask.reshape(b, mask.shape[1], n, chunk, lk).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(lambda a: attend(a[0], k, v, a[1]), (qs, ms))
+  return out.swapaxes(0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :lq]
+
+
 def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """'Same' stride-1 convolution, NHWC x (k, k, in, out) kernel, odd k."""
   pad = (kernel.shape[0] - 1) // 2

@@ -229,37 +229,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | ja
     except (RuntimeError, NotImplementedError) as e:  # raised while tracing: no cuDNN on this host, ...
       _log.warning("cuDNN attention unavailable for %s x %s %s (%s); using the XLA form", q.shape, k.shape,
                    q.dtype, e)
-  return _attention_xla_bounded(q, k, v, mask.dense(q.shape[1]) if structured else mask)
+  dense = mask.dense(q.shape[1]) if structured else mask
+  if impl == "xla" and compile_target() == "cpu":  # bounded memory for long sequences on the CPU
+    return cpu_kernels.attention_in_query_chunks(_attention_xla, q, k, v, dense, MAX_LOGITS_BYTES)
+  return _attention_xla(q, k, v, dense)
 
 
-# The most float32 attention logits the XLA form holds at once; larger calls run in query chunks.
-# The 4B vision tower on a 992x1344 image (5208 patches, 16 heads) would otherwise hold 1.7 GB of
-# logits per block, several copies of it at the block's peak (the fused kernels hold none).
+# On XLA:CPU, the most float32 attention logits the XLA form holds at once; larger calls run in
+# query chunks. The 4B vision tower on a 992x1344 image (5208 patches, 16 heads) would otherwise hold
+# 1.7 GB of logits per block, several copies of it at the block's peak.
 MAX_LOGITS_BYTES = 256 * 2**20
-
-
-def _attention_xla_bounded(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                           max_logits_bytes: int = MAX_LOGITS_BYTES) -> jax.Array:
-  """`_attention_xla`, over chunks of queries (`lax.map`) when its logits would exceed
-  `max_logits_bytes`: each query row's softmax only reads its own logits, so the result is the
-  same; the memory held is one chunk's."""
-  b, lq, h, _ = q.shape
-  lk = k.shape[1]
-  row_bytes = b * h * lk * 4
-  if lq * row_bytes <= max_logits_bytes or lq < 256:
-    return _attention_xla(q, k, v, mask)
-  chunk = max(128, max_logits_bytes // row_bytes // 128 * 128)
-  n = -(-lq // chunk)
-  pad = n * chunk - lq
-  qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
-  if mask is None:
-    out = jax.lax.map(lambda qc: _attention_xla(qc, k, v, None), qs)
-  else:
-    mask = jnp.broadcast_to(mask, (b, mask.shape[1], lq, lk))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)  # padded rows: dropped
-    ms = mask.reshape(b, mask.shape[1], n, chunk, lk).transpose(2, 0, 1, 3, 4)
-    out = jax.lax.map(lambda a: _attention_xla(a[0], k, v, a[1]), (qs, ms))
-  return out.swapaxes(0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :lq]
 
 
 def _segment_ids(mask: AttentionMask) -> jax.Array:

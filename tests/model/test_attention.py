@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from depthvlm_jax import sharding
-from depthvlm_jax.model import layers
+from depthvlm_jax.model import cpu_kernels, layers
 from depthvlm_jax.model.config import ConfigError, Qwen3VLConfig
 from depthvlm_jax.model.qwen3_vl import Qwen3VL, init_params
 from depthvlm_jax.model.inputs import make_model_inputs
@@ -75,13 +75,13 @@ def test_dot_product_attention_call_matches_xla_form(causal, prefix):
 
 @pytest.mark.parametrize("mask_kind", ["causal", "padding", "none"])
 def test_query_chunks_equal_the_whole_xla_form(mask_kind):
-  """Past `max_logits_bytes` the XLA form runs over query chunks (300 queries in chunks of 128, the
-  last padded): the same outputs and gradients as one call."""
+  """On XLA:CPU, past `max_logits_bytes` the XLA form runs over query chunks (300 queries in chunks
+  of 128, the last padded): the same outputs and gradients as one call."""
   q, k, v, mask = _inputs(2, 2, 300, 4, 2, 16, [300, 211], mask_kind == "causal")
   dense = {"causal": mask.dense(300), "padding": mask.kv_valid[:, None, None, :], "none": None}[mask_kind]
   whole = lambda q, k, v: layers._attention_xla(q, k, v, dense)
   bound = 2 * 4 * 300 * 4 * 128  # one 128-query chunk of logits: (batch 2, heads 4, 128, 300) float32
-  chunked = lambda q, k, v: layers._attention_xla_bounded(q, k, v, dense, max_logits_bytes=bound)
+  chunked = lambda q, k, v: cpu_kernels.attention_in_query_chunks(layers._attention_xla, q, k, v, dense, bound)
   assert "scan[" in str(jax.make_jaxpr(chunked)(q, k, v))  # it does run in chunks (lax.map)
   np.testing.assert_allclose(np.asarray(chunked(q, k, v)), np.asarray(whole(q, k, v)), atol=1e-6)
   for a, b in zip(jax.grad(_masked_loss(whole, mask), argnums=(0, 1, 2))(q, k, v),

@@ -100,12 +100,27 @@ def test_the_weight_tie_is_only_for_one_device_cpu_programs(monkeypatch):
   model = _DenseStack()
   x = jnp.ones((8, 512), jnp.bfloat16)
   params = jax.eval_shape(model.init, jax.random.key(0), x)
+  trace = lambda: jax.make_jaxpr(lambda p, x: model.apply(p, x))  # a new function each time: no cached trace
   calls.clear()
-  jax.make_jaxpr(model.apply)(params, x)
+  trace()(params, x)
   assert len(calls) == 8
   calls.clear()
-  sharding.in_mesh(jax.make_jaxpr(model.apply), sharding.make_mesh({"data": -1}))(params, x)  # 8 CPU devices
+  sharding.in_mesh(trace(), sharding.make_mesh({"data": -1}))(params, x)  # 8 CPU devices
   assert not calls
+  trace()(params, x)
+  assert len(calls) == 8  # one device again
+  calls.clear()
   monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
-  jax.make_jaxpr(model.apply)(params, x)
+  trace()(params, x)
   assert not calls
+
+
+def test_attention_query_chunks_only_on_cpu(monkeypatch):
+  """The XLA form runs in query chunks past `layers.MAX_LOGITS_BYTES` on XLA:CPU only (4096 queries,
+  16 heads: 1 GiB of float32 logits); a TPU program keeps one call (no loop hidden from its cost model)."""
+  q = k = v = jax.ShapeDtypeStruct((1, 4096, 16, 64), jnp.float32)
+  def traced():  # a new function each time: no cached trace
+    return str(jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, None, impl="xla"))(q, k, v))
+  assert "scan[" in traced()
+  monkeypatch.setattr(layers, "compile_target", lambda: "tpu")
+  assert "scan[" not in traced()
