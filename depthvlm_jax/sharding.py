@@ -118,13 +118,25 @@ def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | N
 def in_mesh(fn, mesh: Mesh):
   """`fn` traced with `mesh` as JAX's context mesh (wrap it before `jax.jit`): the model's activation
   constraints (`constrain`) apply on that mesh, model code sees the compile target
-  (`layers.compile_target`: a TPU slice compiled from a CPU host is TPU) and the fused attention
+  (`compile_target`: a TPU slice compiled from a CPU host is TPU) and the fused attention
   kernels are laid out over the mesh's axes (`layers.splash_attention`)."""
   @functools.wraps(fn)
   def traced(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
   return traced
+
+
+def compile_target() -> str:
+  """The platform the current trace compiles for: "cpu", "tpu" or "gpu".
+
+  That of the mesh in context (`in_mesh`: the trainer and the AOT report trace under the mesh of the
+  slice they compile for, so a TPU program traced on a CPU host reads "tpu"), otherwise the default
+  backend, where a jit without a mesh runs. Model code picks its kernels by it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def constrain(x: jax.Array, *names: str | None, rules=DEFAULT_RULES) -> jax.Array:

@@ -40,7 +40,7 @@ CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 HEAD_TYPES = ("dpt", "mlp")
 MLP_FEATURE_MODES = ("llm_last", "concat", "sum")
 
-# Compile targets (`layers.compile_target`) whose 3x3 convolutions take the hand-written gradients of
+# Compile targets (`sharding.compile_target`) whose 3x3 convolutions take the hand-written gradients of
 # `cpu_kernels`: `conv3x3` (the kernel gradient as one matmul) pays off on XLA:CPU only;
 # `conv3x3_of_resized` (both gradients at the small map's size) where measured ahead. Elsewhere
 # autodiff's convolutions.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from depthvlm_jax import sharding
+from depthvlm_jax.sharding import compile_target
 from depthvlm_jax.model import cpu_kernels
 from depthvlm_jax.model.config import ATTENTION_IMPLS
 
@@ -130,18 +131,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Which attention kernel a trace uses. "auto" picks by the compile target (`compile_target`): the
 # Pallas splash kernel on TPU, cuDNN's fused kernel on NVIDIA GPUs, `_attention_xla` elsewhere.
 _IMPL_PLATFORM = {"splash": "tpu", "cudnn": "gpu"}
-
-
-def compile_target() -> str:
-  """The platform the current trace compiles for: "cpu", "tpu" or "gpu".
-
-  That of the mesh in context (`sharding.in_mesh`: the trainer and the AOT report trace under the mesh of
-  the slice they compile for, so a TPU program traced on a CPU host reads "tpu"), otherwise the
-  default backend, where a jit without a mesh runs.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-  return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def _one_device_program() -> bool:

@@ -6,9 +6,16 @@ the corner pixels of input and output coincide.
 
 The sampling positions depend only on the static sizes, so they are computed once on the host in
 float32 exactly as torch's CPU kernel does (`area_pixel_compute_scale` / `..._source_index`), and
-the resize is two separable gather-and-lerp passes: O(output) work and memory, jit-friendly, exact in
-float32 (no matmul precision involved), differentiable: the backward pass is a few gathers too
-(`align_corners_transpose_taps`), not the scatter-add autodiff would emit, which is slow on CPU.
+the resize is two separable passes, one per spatial axis, in a form chosen by the compile target
+(`sharding.compile_target`):
+- CPU and GPU: gather-and-lerp, O(output) work and memory, exact in float32 (no matmul precision
+  involved); the backward pass is a few gathers too (`align_corners_transpose_taps`), not the
+  scatter-add autodiff would emit, which is slow on CPU.
+- TPU: a matmul with the (n_out, n_in) interpolation matrix (`align_corners_matrix`), as
+  `jax.image.resize` does. The TPU compiler turns a gather along a spatial axis into a while loop
+  over the output rows (one loop of 1024 trips per 1024-wide map, 72 such loops in the paper
+  stage-2 step), which runs row by row and which its cost model counts as one trip; the matmul runs
+  on the MXU and is costed as it runs. float32 inputs use HIGHEST precision.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from depthvlm_jax.sharding import compile_target
 
 
 @functools.lru_cache(maxsize=256)
@@ -75,6 +84,26 @@ def align_corners_transpose_taps(n_in: int, n_out: int, shift: int = 0) -> tuple
   return idx, wt
 
 
+@functools.lru_cache(maxsize=256)
+def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """The 1-D resize as a float32 (n_out, n_in) matrix: row o holds 1 - lam at i0[o] and lam at i1[o]."""
+  i0, i1, lam = align_corners_taps(n_in, n_out)
+  m = np.zeros((n_out, n_in), np.float32)
+  rows = np.arange(n_out)
+  np.add.at(m, (rows, i0), np.float32(1) - lam)
+  np.add.at(m, (rows, i1), lam)
+  return m
+
+
+def _resize_axis_matmul(x: jax.Array, n_out: int, axis: int) -> jax.Array:
+  """One axis of the resize as a contraction with `align_corners_matrix` (the TPU form)."""
+  m = jnp.asarray(align_corners_matrix(x.shape[axis], n_out), x.dtype)
+  letters = "abcdefghijklmn"[:x.ndim]
+  out = letters[:axis] + "z" + letters[axis + 1:]
+  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  return jnp.einsum(f"z{letters[axis]},{letters}->{out}", m, x, precision=precision)
+
+
 def apply_taps(g: jax.Array, taps: tuple[np.ndarray, np.ndarray], axis: int) -> jax.Array:
   """sum_k wt[:, k] * take(g, idx[:, k], axis): a sparse linear map along one axis as K gathers."""
   idx, wt = taps
@@ -118,6 +147,8 @@ _resize_axis_op.defvjp(_resize_axis_fwd, _resize_axis_bwd)
 def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
   if x.shape[axis] == n_out:
     return x
+  if compile_target() == "tpu":
+    return _resize_axis_matmul(x, n_out, axis)
   return _resize_axis_op(x, n_out, axis)
 
 

@@ -395,7 +395,7 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
   # Traced under the mesh: the model's activation constraints keep every row on its batch shard, the
-  # model sees its platform (`layers.compile_target`) and lays the fused attention kernels out over its axes.
+  # model sees its platform (`sharding.compile_target`) and lays the fused attention kernels out over its axes.
   return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
 

@@ -121,9 +121,9 @@ def test_attention_picks_the_kernel_of_the_compile_target(monkeypatch):
 
 
 def test_compile_target_is_the_mesh_platform():
-  assert layers.compile_target() == jax.default_backend() == "cpu"
+  assert sharding.compile_target() == jax.default_backend() == "cpu"
   mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
-  assert sharding.in_mesh(layers.compile_target, mesh)() == "cpu"
+  assert sharding.in_mesh(sharding.compile_target, mesh)() == "cpu"
   assert layers.resolve_attention_impl("auto", "tpu") == "splash"
   assert layers.resolve_attention_impl("auto", "cuda") == "cudnn"
   assert layers.resolve_attention_impl("auto", "cpu") == "xla"

@@ -19,6 +19,7 @@ from depthvlm_jax.model.depth_head import (DPTDepthHead, MLPDepthHead, abstract_
                                            torch_state_dict_to_flax)
 from depthvlm_jax.model.hf_params import KeyMapError, depth_head_key_map
 from depthvlm_jax.model.hf_params import depth_head_to_torch as flax_to_torch_state_dict
+from depthvlm_jax.model import resize
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
 C = 64  # small LLM hidden size
@@ -212,15 +213,19 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------- resize
 @pytest.mark.parametrize("src,dst", [((3, 4), (6, 8)), ((5, 3), (17, 11)), ((24, 32), (7, 5)), ((4, 4), (4, 9)),
                                      ((1, 5), (3, 1)), ((6, 6), (6, 6))])
-def test_resize_matches_torch(src, dst):
+@pytest.mark.parametrize("target", ["cpu", "tpu"])  # gathers; the TPU's matmul form
+def test_resize_matches_torch(src, dst, target, monkeypatch):
+  monkeypatch.setattr(resize, "compile_target", lambda: target)
   x = np.random.default_rng(0).normal(size=(2, *src, 3)).astype(np.float32)
   want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=dst, mode="bilinear",
                        align_corners=True).permute(0, 2, 3, 1).numpy()
-  got = jax.jit(resize_bilinear_align_corners, static_argnums=1)(jnp.asarray(x), dst)
+  got = jax.jit(lambda a: resize_bilinear_align_corners(a, dst))(jnp.asarray(x))  # a fresh trace per target
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_resize_gradient_matches_torch():
+@pytest.mark.parametrize("target", ["cpu", "tpu"])
+def test_resize_gradient_matches_torch(target, monkeypatch):
+  monkeypatch.setattr(resize, "compile_target", lambda: target)
   x = np.random.default_rng(1).normal(size=(1, 5, 7, 2)).astype(np.float32)
   w = np.random.default_rng(2).normal(size=(1, 9, 4, 2)).astype(np.float32)
   g = jax.grad(lambda a: (resize_bilinear_align_corners(a, (9, 4)) * w).sum())(jnp.asarray(x))
