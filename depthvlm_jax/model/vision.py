@@ -66,14 +66,26 @@ def interpolated_position_embedding(table: jax.Array, row, col, grid_hw, side: i
   """Bilinearly resamples the square learned table (side*side, C) to each image's grid.
 
   Equals `F.interpolate(table.view(side, side, C), (h, w), bilinear, align_corners=True)` read at
-  (row, col), as in the reference. Returns (N, P, C) float32.
+  (row, col), as in the reference, whose four corner terms it sums in the same order. Returns
+  (N, P, C) float32.
+
+  One gather per corner with (N, P) indices, each kept on the chips of its images (`constrain`): on
+  a sharded mesh the partitioner otherwise gathers the whole global batch on every chip for its
+  slice of C (the table is FSDP-sharded along C) and transposes the result with an all-to-all, and a
+  trailing (2, 2) index axis is padded to a full (8, 128) TPU tile (3.75 GiB of the paper stage-2
+  step's temporaries).
   """
   h_taps, h_w = _bilinear_taps(row, grid_hw[:, 0:1], side)
   w_taps, w_w = _bilinear_taps(col, grid_hw[:, 1:2], side)
-  idx = h_taps[..., :, None] * side + w_taps[..., None, :]  # (N, P, 2, 2)
-  wts = h_w[..., :, None] * w_w[..., None, :]
-  gathered = jnp.take(table.astype(jnp.float32), idx, axis=0)  # (N, P, 2, 2, C)
-  return jnp.einsum("npabc,npab->npc", gathered, wts)
+  table = table.astype(jnp.float32)
+  out = None
+  for a in range(2):
+    for b in range(2):
+      idx = constrain(h_taps[..., a] * side + w_taps[..., b], "images", "patches")
+      term = jnp.take(table, idx, axis=0) * (h_w[..., a] * w_w[..., b])[..., None]
+      term = constrain(term, "images", "patches", "act_embed")
+      out = term if out is None else out + term
+  return out
 
 
 def vision_rotary(row: jax.Array, col: jax.Array, head_dim: int, theta: float):
