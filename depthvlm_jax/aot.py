@@ -2,11 +2,12 @@
 
     python -m depthvlm_jax.aot --config=configs/stage1.py:paper_4b --topology=v5p:4x4x4 [--json OUT.json]
     python -m depthvlm_jax.aot --config=configs/stage2.py --topology=v5e:2x2 --config.train.global_batch=16
-    python -m depthvlm_jax.aot --sweep [--sweep_out DIR]     # the README's plan table
+    python -m depthvlm_jax.aot --sweep [--sweep_out DIR] [--buckets=768x1024] [--memory_only]   # the plan table
 
 Every program is compiled once per image bucket of `data.buckets` (the trainer compiles one step
 per bucket), named `PROGRAM@HxW` (e.g. `train@768x1024`); `--buckets=768x1024,...` limits the
-report to some of them.
+report to some of them. `--memory_only` compiles each train step once, for memory and collectives
+(no cost probes, no time or MFU): a third of the compile time.
 
 No TPU is needed: libtpu (the `tpu` extra, `pip install -e ".[tpu]"`) carries the real TPU compiler,
 and `jax.experimental.topologies` describes the chips of a named slice ("v5p:4x4x4" = 64 chips on 16
@@ -43,7 +44,8 @@ Figures per program (all per chip):
                      global batch / est_step_s, and the hours of one paper epoch (4.4M images);
   collectives        per kind (all-gather, all-reduce, reduce-scatter, all-to-all,
                      collective-permute): count and bytes per step from the optimised HLO, with
-                     while-loop bodies multiplied by their known trip counts.
+                     while-loop bodies multiplied by their trip counts.
+Per report, `host`: its wall time and the host's peak resident memory.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import math
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -156,12 +159,32 @@ def _shape_bytes(text: str) -> int:
   return int(total)
 
 
+def _condition_trips(lines: list[str]) -> int:
+  """Trip count of a counted loop from its condition computation: `ROOT compare(counter, N),
+  direction=LT` with N an s32 constant, the form `lax.scan` / `fori_loop` from 0 lower to (1 when the
+  condition has another form)."""
+  consts = {}
+  for line in lines:
+    m = re.match(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)", line)
+    if m:
+      consts[m.group(1)] = int(m.group(2))
+  for line in lines:
+    m = re.match(r"^\s*ROOT\s.*\scompare\(([^)]*)\).*direction=LT", line)
+    if m:
+      operands = re.findall(r"%?([\w.\-]+)$", m.group(1).split(",")[-1].strip())
+      if operands and operands[0] in consts:
+        return consts[operands[0]]
+  return 1
+
+
 def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
   """{kind: {"count": n, "bytes": b}} over one execution of an optimised HLO module.
 
   Each collective's bytes are its result's (for async pairs the `-done`'s, the gathered or reduced
-  output). Computations are walked from ENTRY: a while body counts its known trip count
-  (`known_trip_count` in the backend config) times, every other called computation once per call.
+  output). Computations are walked from ENTRY: a while body counts its trip count times, every other
+  called computation once per call. The trip count is `known_trip_count` in the while's backend
+  config where there is one; the TPU compiler's optimised HLO has none, so otherwise it is read off
+  the loop condition (`_condition_trips`).
   """
   comps: dict[str, list[str]] = {}
   entry = None
@@ -198,7 +221,7 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, float]]:
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         body = re.search(r"body=%?([\w.\-]+)", line)
         cond = re.search(r"condition=%?([\w.\-]+)", line)
-        n = int(trips.group(1)) if trips else 1
+        n = int(trips.group(1)) if trips else _condition_trips(comps.get(cond.group(1), []) if cond else [])
         if body:
           edges.append((body.group(1), n))
         if cond:
@@ -466,15 +489,19 @@ def scanned_runs(model) -> tuple[list[int], list[int]]:
   return [n for n in text if n > 1], [n for n in vision if n > 1]
 
 
-def _correct_layer_loops(out: dict[str, Any], s: Setup, build: Callable, args: tuple) -> None:
+def _correct_layer_loops(out: dict[str, Any], s: Setup, build: Callable, args: tuple,
+                         towers: tuple[str, ...] = ("text", "vision")) -> None:
   """Per-step cost figures for a program whose layers run as `lax.scan` loops.
 
   The cost model counts each loop body once. One iteration's cost is read as a difference: the
   program compiled again with the last block of the text run (then of every vision run) applied after
   its loop (`scan_tail`, same result) costs exactly one more block. Each run then adds (trips - 1)
   iterations. Runs inside the micro-batch loop, so this comes before that loop's correction.
+  towers: the towers whose loops the program runs (prefill: the vision tower only; its text layers
+  run one call per layer to fill the KV cache).
   """
   text, vision = scanned_runs(s.model)
+  text, vision = (text if "text" in towers else []), (vision if "vision" in towers else [])
   if not text and not vision:
     return
   info: dict[str, Any] = {"reported": {k: out[k] for k in COST_KEYS}, "text_trips": text, "vision_trips": vision}
@@ -492,8 +519,12 @@ def _correct_layer_loops(out: dict[str, Any], s: Setup, build: Callable, args: t
   out["layer_loop_correction"] = info
 
 
-def train_program(s: Setup) -> dict[str, Any]:
-  """Compiles the trainer's step (and, for a scanned step, the update alone) and reports it."""
+def train_program(s: Setup, memory_only: bool = False) -> dict[str, Any]:
+  """Compiles the trainer's step (and, for a scanned step, the update alone) and reports it.
+
+  memory_only: compile the step once, for its memory and collectives; the loop-cost probes and the
+  update are not compiled, and the cost figures (FLOPs, bytes, time, MFU) are left out.
+  """
   import jax
   import jax.numpy as jnp
   from depthvlm_jax import sharding
@@ -511,10 +542,14 @@ def train_program(s: Setup) -> dict[str, Any]:
 
   args = (state_like, frozen, batch_like)
   out = compile_stats(step, args, inspect=shards)
+  k = c.train.micro_batches
+  if memory_only:
+    out.update(memory_only=True, micro_batches=k, global_batch=c.train.global_batch,
+               images_per_step=c.train.global_batch)
+    return out
   if out["fits"]:
     _correct_layer_loops(out, s, lambda model: trainer.jit_train_step(c, model, optimizer, s.mesh, ti.state_shardings,
                                                                       s.depth_grid), args)
-  k = c.train.micro_batches
   platform = s.mesh.devices.flat[0].platform
   scanned = k > 1 and platform != "cpu"
   out.update(micro_batches=k, scanned_micro_batches=scanned, global_batch=c.train.global_batch)
@@ -553,8 +588,9 @@ def _train_flops(s: Setup, ti: TrainInputs | None = None) -> tuple[float, float]
   return (rest + attention) / n, attention / n
 
 
-def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str, Any]]:
-  """The predict CLI's programs: prefill with depth for the bucket, and one decode step."""
+def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = False) -> dict[str, dict[str, Any]]:
+  """The predict CLI's programs: prefill with depth for the bucket, and one decode step (memory_only:
+  the prefill's loop-cost probes are not compiled)."""
   import jax
   import jax.numpy as jnp
   from depthvlm_jax import generate, sharding
@@ -563,14 +599,20 @@ def inference_programs(s: Setup, max_new_tokens: int = 32) -> dict[str, dict[str
   b = _batch_like(s, batch)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.params_like)
   h, w = s.spec.image_size
-  prefill_fn = lambda p, ids, mask, pos, px, grid: generate.prefill(
-      s.model, p, ids, mask, pos, px, grid, max_new_tokens=max_new_tokens, depth_grid=s.depth_grid,
+  prefill_of = lambda model: lambda p, ids, mask, pos, px, grid: generate.prefill(
+      model, p, ids, mask, pos, px, grid, max_new_tokens=max_new_tokens, depth_grid=s.depth_grid,
       depth_output_size=(h, w), images_per_row=1)
+  prefill_fn = prefill_of(s.model)
   # Compiled traced under the mesh (its platform picks the attention kernel, see `trainer.jit_train_step`);
   # model FLOPs are counted on the plain trace, whose attention is the XLA form.
   prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
   args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], b["pixel_values"], b["image_grid_hw"])
   out = {"prefill": compile_stats(prefill, args)}
+  if memory_only:
+    out["prefill"]["memory_only"] = True
+  elif out["prefill"]["fits"]:
+    _correct_layer_loops(out["prefill"], s, lambda model: jax.jit(sharding.in_mesh(prefill_of(model), s.mesh)), args,
+                         towers=("vision",))
   rest, attention = model_flops_split(prefill_fn, *args)
   out["prefill"]["model_flops"] = (rest + attention) / s.mesh.devices.size
   out["prefill"]["attention_flops"] = attention / s.mesh.devices.size
@@ -610,15 +652,15 @@ def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   row["hbm_gib"] = chip.hbm_gib if chip else None
   if row.get("fits") and not row.get("flops"):  # no cost model at all: count the model's own FLOPs
     row["flops"] = row["model_flops"]
-  if not row.get("fits"):
-    for k in ("argument_gib", "output_gib", "peak_gib", "flops", "bytes_accessed", "est_step_s", "est_mfu",
-              "images_per_s", "est_hours"):
-      row.setdefault(k, None)
-    row.setdefault("collectives", {})
-    return row
-  if chip is not None and row["fits"] and row["peak_gib"] > chip.hbm_gib:
+  if chip is not None and row.get("fits") and row["peak_gib"] > chip.hbm_gib:
     row["fits"] = False
     row["error"] = f"peak {row['peak_gib']:.2f} GiB per chip > {chip.hbm_gib} GiB HBM"
+  if not row.get("fits") or row.get("memory_only"):
+    for k in ("argument_gib", "output_gib", "peak_gib", "flops", "bytes_accessed", "est_step_s", "est_mfu",
+              "images_per_s", "est_hours"):
+      row[k] = row.get(k) if k.endswith("_gib") else None
+    row.setdefault("collectives", {})
+    return row
   # The cost model's `optimal_seconds` is -1 for some programs and can be pulled low by ops it does
   # not model (measured here: a prefill reporting -0.9994 s, a 4-micro-batch step -16 s). The roofline
   # (FLOPs at peak, bytes at HBM bandwidth) bounds any real execution from below, so the estimate is
@@ -647,9 +689,11 @@ def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
 
 
 def report(config, topology: str, programs=("train", "prefill", "decode"), devices=None,
-           buckets: tuple[str, ...] = ()) -> dict[str, Any]:
+           buckets: tuple[str, ...] = (), memory_only: bool = False) -> dict[str, Any]:
   """{"topology", "chips", "mesh", "config", "buckets", "programs": {"NAME@HxW": figures}} for one config
-  on one slice, every program compiled for each bucket (or the `buckets` named "HxW")."""
+  on one slice, every program compiled for each bucket (or the `buckets` named "HxW"). memory_only:
+  see `train_program`."""
+  t0 = time.time()
   s = make_setup(config, topology, devices)
   specs = [sp for sp in s.specs if not buckets or sp.name in buckets]
   if not specs:
@@ -663,11 +707,14 @@ def report(config, topology: str, programs=("train", "prefill", "decode"), devic
   for spec in specs:
     sb = s.for_bucket(spec)
     if "train" in programs:
-      out["programs"][f"train@{spec.name}"] = _finish(train_program(sb), s.chip)
+      out["programs"][f"train@{spec.name}"] = _finish(train_program(sb, memory_only), s.chip)
     if {"prefill", "decode"} & set(programs):
-      for name, row in inference_programs(sb).items():
+      for name, row in inference_programs(sb, memory_only=memory_only).items():
         if name in programs:
           out["programs"][f"{name}@{spec.name}"] = _finish(row, s.chip)
+  # what the report cost this host: wall time, and peak resident memory (ru_maxrss is in KiB on Linux)
+  out["host"] = {"report_s": round(time.time() - t0, 1),
+                 "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
   return out
 
 
@@ -730,7 +777,8 @@ def slice_overrides(stage: int, global_batch: int, topology: str, chips: int) ->
 
 
 def sweep(out_dir: pathlib.Path, presets=SWEEP_PRESETS, topologies=SWEEP_TOPOLOGIES, stages=(1, 2),
-          programs=("train",), timeout_s: int = 7200) -> list[dict[str, Any]]:
+          programs=("train",), timeout_s: int = 7200, memory_only: bool = False,
+          buckets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
   """One subprocess per (preset, stage, slice) so each compile starts clean; JSON files in out_dir.
 
   Rows already in out_dir are reused, so an interrupted sweep continues where it stopped.
@@ -747,6 +795,7 @@ def sweep(out_dir: pathlib.Path, presets=SWEEP_PRESETS, topologies=SWEEP_TOPOLOG
           chips = len(topology_devices(topo))
           cmd = [sys.executable, "-m", "depthvlm_jax.aot", f"--config=configs/stage{stage}.py:{preset}",
                  f"--topology={topo}", f"--json={path}", f"--programs={','.join(programs)}",
+                 *(["--memory_only"] if memory_only else []), *([f"--buckets={','.join(buckets)}"] if buckets else []),
                  *slice_overrides(stage, batch, topo, chips)]
           print("+", " ".join(cmd), flush=True)
           try:
@@ -764,7 +813,7 @@ def main(argv):
   f = flags.FLAGS
   if f.sweep:
     rows = sweep(pathlib.Path(f.sweep_out), presets=tuple(f.sweep_presets), topologies=tuple(f.sweep_topologies),
-                 programs=tuple(f.programs))
+                 programs=tuple(f.programs), memory_only=f.memory_only, buckets=tuple(f.buckets))
     print(table(rows))
     return 0
   if not f.topology:
@@ -772,7 +821,8 @@ def main(argv):
     return 2
   try:
     chip_of(f.topology)
-    result = report(f["config"].value, f.topology, tuple(f.programs), buckets=tuple(f.buckets))
+    result = report(f["config"].value, f.topology, tuple(f.programs), buckets=tuple(f.buckets),
+                    memory_only=f.memory_only)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -794,6 +844,8 @@ def _define_flags():
   flags.DEFINE_list("programs", ["train", "prefill", "decode"], "Programs to compile (with --sweep: "
                     "give e.g. --programs=train to compile the train steps only).")
   flags.DEFINE_list("buckets", [], "Compile only these buckets of data.buckets, as HxW (default: all).")
+  flags.DEFINE_bool("memory_only", False, "Train programs: compile the step once for memory and collectives, "
+                    "without the loop-cost probes (one compile instead of three; no FLOPs, time or MFU).")
   flags.DEFINE_bool("sweep", False, "Compile the README plan table (paper presets x stages x slices).")
   flags.DEFINE_string("sweep_out", "runs/aot_sweep", "Folder for the sweep's per-row JSON files.")
   flags.DEFINE_list("sweep_presets", list(SWEEP_PRESETS), "Presets of the sweep.")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -158,6 +159,25 @@ def test_scanned_micro_batch_cost_is_corrected(stage1_cli):
   assert scanned["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
 
 
+def test_memory_only_compiles_once(stage1_cli, monkeypatch):
+  """--memory_only: one compile of the step, the same memory as the full report, no cost figures."""
+  full = stage1_cli[0]["programs"][f"train@{B0}"]
+  assert stage1_cli[0]["host"]["report_s"] > 0 and stage1_cli[0]["host"]["peak_rss_gib"] > 0
+  calls = []
+  real = aot.compile_stats
+  monkeypatch.setattr(aot, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+  report = aot.report(_config(stage1), TOPOLOGY, programs=("train",), buckets=(B0,), memory_only=True)
+  p = report["programs"][f"train@{B0}"]
+  assert len(calls) == 1
+  assert p["fits"] and p["memory_only"]
+  assert p["argument_gib"] == full["argument_gib"]
+  for k in ("temp_gib", "peak_gib"):  # a separate compile in another process: within 1% here
+    assert p[k] == pytest.approx(full[k], rel=0.05), k
+  assert p["collectives"].keys() == full["collectives"].keys()
+  for k in ("flops", "bytes_accessed", "est_step_s", "est_mfu", "images_per_s", "est_hours"):
+    assert p[k] is None, k
+
+
 def test_scanned_layer_cost_is_corrected(monkeypatch):
   """With `model.scan_layers` each tower's layer loop is counted once by the cost model; corrected from
   the probe compiles, the step costs what the unrolled step costs. A tiny model deep enough to scan:
@@ -192,6 +212,17 @@ def test_scanned_layer_cost_is_corrected(monkeypatch):
   assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.03), (info, unrolled["flops"])
   assert scanned["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.12), (info, unrolled["bytes_accessed"])
   assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
+  # the prefill: its vision runs are loops too (its text layers fill the KV cache one call each)
+  prefill = {}
+  for scan in (False, True):
+    c = _config(stage1, **{"model.scan_layers": scan, "model.head_type": "mlp"})
+    prefill[scan] = aot.inference_programs(aot.make_setup(c, TOPOLOGY))["prefill"]
+  info = prefill[True]["layer_loop_correction"]
+  assert info["vision_trips"] == [2, 3, 2] and "text_iteration" not in info
+  # 4 vision block iterations missing: 1.8% of this tiny prefill's FLOPs (its text and head dominate)
+  missing = prefill[False]["flops"] - info["reported"]["flops"]
+  assert missing > 0.01 * prefill[False]["flops"], (info, prefill[False]["flops"])
+  assert abs(prefill[True]["flops"] - prefill[False]["flops"]) < 0.1 * missing, (info, prefill[False]["flops"])
 
 
 def test_collective_stats_multiply_loop_bodies():
@@ -219,6 +250,26 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   stats = aot.collective_stats(hlo)
   assert stats["all-gather"] == {"count": 5 + 1, "bytes": 5 * 32 * 4 + 16 * 4}
   assert stats["all-reduce"] == {"count": 1, "bytes": 16 * 2}
+  # no known_trip_count (as libtpu prints loops): the trips are the condition's bound
+  tpu_form = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "").replace(
+      "  ROOT %c = pred[] constant(true)",
+      "  %n = s32[]{:T(128)} constant(7)\n  %i = s32[] get-tuple-element(%p), index=0\n"
+      "  ROOT %c = pred[] compare(%i, %n), direction=LT")
+  assert aot.collective_stats(tpu_form)["all-gather"] == {"count": 7 + 1, "bytes": 7 * 32 * 4 + 16 * 4}
+
+
+def test_collective_stats_count_tpu_loops_from_their_condition():
+  """libtpu's optimised HLO gives its while loops no `known_trip_count`: the trips are read off the
+  loop condition. A 6-layer scan whose weights are sharded along the contraction reduces once a layer."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(aot.topology_devices("v5e:2x2")), ("x",))
+  def layers(w, x):
+    return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+  w = jax.ShapeDtypeStruct((6, 512, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "x", None)))
+  x = jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  hlo = jax.jit(layers).lower(w, x).compile().as_text()
+  assert hlo.count(" while(") == 1 and "known_trip_count" not in hlo
+  assert aot.collective_stats(hlo)["all-reduce"] == {"count": 6, "bytes": 6 * 64 * 512 * 4}
 
 
 def test_bad_topology_is_a_one_line_error(tmp_path):
