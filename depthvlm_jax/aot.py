@@ -588,9 +588,10 @@ def _train_flops(s: Setup, ti: TrainInputs | None = None) -> tuple[float, float]
   return (rest + attention) / n, attention / n
 
 
-def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = False) -> dict[str, dict[str, Any]]:
+def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = False,
+                       programs: tuple[str, ...] = ("prefill", "decode")) -> dict[str, dict[str, Any]]:
   """The predict CLI's programs: prefill with depth for the bucket, and one decode step (memory_only:
-  the prefill's loop-cost probes are not compiled)."""
+  the prefill's loop-cost probes are not compiled). Only the named `programs` are compiled."""
   import jax
   import jax.numpy as jnp
   from depthvlm_jax import generate, sharding
@@ -607,16 +608,20 @@ def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = F
   # model FLOPs are counted on the plain trace, whose attention is the XLA form.
   prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
   args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], b["pixel_values"], b["image_grid_hw"])
-  out = {"prefill": compile_stats(prefill, args)}
-  if memory_only:
-    out["prefill"]["memory_only"] = True
-  elif out["prefill"]["fits"]:
-    _correct_layer_loops(out["prefill"], s, lambda model: jax.jit(sharding.in_mesh(prefill_of(model), s.mesh)), args,
-                         towers=("vision",))
-  rest, attention = model_flops_split(prefill_fn, *args)
-  out["prefill"]["model_flops"] = (rest + attention) / s.mesh.devices.size
-  out["prefill"]["attention_flops"] = attention / s.mesh.devices.size
-  out["prefill"]["images_per_step"] = batch
+  out = {}
+  if "prefill" in programs:
+    out["prefill"] = compile_stats(prefill, args)
+    if memory_only:
+      out["prefill"]["memory_only"] = True
+    elif out["prefill"]["fits"]:
+      _correct_layer_loops(out["prefill"], s, lambda model: jax.jit(sharding.in_mesh(prefill_of(model), s.mesh)),
+                           args, towers=("vision",))
+    rest, attention = model_flops_split(prefill_fn, *args)
+    out["prefill"]["model_flops"] = (rest + attention) / s.mesh.devices.size
+    out["prefill"]["attention_flops"] = attention / s.mesh.devices.size
+    out["prefill"]["images_per_step"] = batch
+  if "decode" not in programs:
+    return out
 
   t = s.model.config.text
   slots = s.spec.seq_len + max_new_tokens
@@ -688,12 +693,18 @@ def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   return row
 
 
-def report(config, topology: str, programs=("train", "prefill", "decode"), devices=None,
+PROGRAMS = ("train", "prefill", "decode")
+
+
+def report(config, topology: str, programs=PROGRAMS, devices=None,
            buckets: tuple[str, ...] = (), memory_only: bool = False) -> dict[str, Any]:
   """{"topology", "chips", "mesh", "config", "buckets", "programs": {"NAME@HxW": figures}} for one config
   on one slice, every program compiled for each bucket (or the `buckets` named "HxW"). memory_only:
   see `train_program`."""
   t0 = time.time()
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown or not programs:
+    raise ValueError(f"--programs={','.join(programs)}: expected one or more of {', '.join(PROGRAMS)}")
   s = make_setup(config, topology, devices)
   specs = [sp for sp in s.specs if not buckets or sp.name in buckets]
   if not specs:
@@ -709,9 +720,9 @@ def report(config, topology: str, programs=("train", "prefill", "decode"), devic
     if "train" in programs:
       out["programs"][f"train@{spec.name}"] = _finish(train_program(sb, memory_only), s.chip)
     if {"prefill", "decode"} & set(programs):
-      for name, row in inference_programs(sb, memory_only=memory_only).items():
-        if name in programs:
-          out["programs"][f"{name}@{spec.name}"] = _finish(row, s.chip)
+      wanted = tuple(p for p in ("prefill", "decode") if p in programs)
+      for name, row in inference_programs(sb, memory_only=memory_only, programs=wanted).items():
+        out["programs"][f"{name}@{spec.name}"] = _finish(row, s.chip)
   # what the report cost this host: wall time, and peak resident memory (ru_maxrss is in KiB on Linux)
   out["host"] = {"report_s": round(time.time() - t0, 1),
                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -842,7 +853,7 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", "configs/stage1.py", "Training configuration file.", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v5e:2x2.")
   flags.DEFINE_string("json", None, "Write the report as JSON here.")
-  flags.DEFINE_list("programs", ["train", "prefill", "decode"], "Programs to compile (with --sweep: "
+  flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile (with --sweep: "
                     "give e.g. --programs=train to compile the train steps only).")
   flags.DEFINE_list("buckets", [], "Compile only these buckets of data.buckets, as HxW (default: all).")
   flags.DEFINE_bool("memory_only", False, "Train programs: compile the step once for memory and collectives, "
