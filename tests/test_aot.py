@@ -2,8 +2,8 @@
 
 The default preset's programs are compiled for a v5e 2x2 slice (4 chips), once per image bucket
 (`train@96x128`, ...): every key of the report is present and sane, per-chip argument bytes equal the sharded parameter + optimizer + batch shards, an
-oversized batch is reported as not fitting with the compiler's own message, and the cost of a
-scanned micro-batch loop is corrected to match one pass over the same rows.
+oversized batch is reported as not fitting with the compiler's own message. The loop-cost corrections
+and `--memory_only` are in `test_aot_loops.py`.
 """
 
 import json
@@ -92,6 +92,7 @@ def test_cli_stage1_reports_every_program(stage1_cli):
   assert train["est_hours"] == pytest.approx(4.4e6 / train["images_per_s"] / 3600)
   assert report["programs"][f"decode@{B0}"]["tokens_per_s"] > 0
   assert "| default | 1 | v5e:2x2 (4) |" in stdout  # the printed table
+  assert report["host"]["report_s"] > 0 and report["host"]["peak_rss_gib"] > 0
 
 
 def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
@@ -142,87 +143,6 @@ def test_oversized_batch_is_reported_not_raised():
   assert "HBM" in p["error"] or "memory" in p["error"].lower(), p["error"]
   for k in KEYS:
     assert k in p
-
-
-def test_scanned_micro_batch_cost_is_corrected(stage1_cli):
-  """The cost model counts a while-loop body once: 2 scanned micro-batches of 4 rows, corrected, cost
-  what one pass over the same 8 rows costs (the CLI fixture's step), and uncorrected about half."""
-  one_pass = stage1_cli[0]["programs"][f"train@{B0}"]
-  assert one_pass["micro_batches"] == 1 and one_pass["global_batch"] == 8
-  c = _config(stage1, **{"train.global_batch": 8, "train.micro_batches": 2})
-  scanned = aot.train_program(aot.make_setup(c, TOPOLOGY))
-  assert scanned["scanned_micro_batches"]
-  raw = scanned["loop_correction"]["reported_flops"]
-  assert raw == pytest.approx(one_pass["flops"] / 2, rel=0.05)
-  assert scanned["flops"] == pytest.approx(one_pass["flops"], rel=0.03)
-  assert scanned["bytes_accessed"] > scanned["loop_correction"]["update_bytes_accessed"]
-  assert scanned["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
-
-
-def test_memory_only_compiles_once(stage1_cli, monkeypatch):
-  """--memory_only: one compile of the step, the same memory as the full report, no cost figures."""
-  full = stage1_cli[0]["programs"][f"train@{B0}"]
-  assert stage1_cli[0]["host"]["report_s"] > 0 and stage1_cli[0]["host"]["peak_rss_gib"] > 0
-  calls = []
-  real = aot.compile_stats
-  monkeypatch.setattr(aot, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
-  report = aot.report(_config(stage1), TOPOLOGY, programs=("train",), buckets=(B0,), memory_only=True)
-  p = report["programs"][f"train@{B0}"]
-  assert len(calls) == 1
-  assert p["fits"] and p["memory_only"]
-  assert p["argument_gib"] == full["argument_gib"]
-  for k in ("temp_gib", "peak_gib"):  # a separate compile in another process: within 1% here
-    assert p[k] == pytest.approx(full[k], rel=0.05), k
-  assert p["collectives"].keys() == full["collectives"].keys()
-  for k in ("flops", "bytes_accessed", "est_step_s", "est_mfu", "images_per_s", "est_hours"):
-    assert p[k] is None, k
-
-
-def test_scanned_layer_cost_is_corrected(monkeypatch):
-  """With `model.scan_layers` each tower's layer loop is counted once by the cost model; corrected from
-  the probe compiles, the step costs what the unrolled step costs. A tiny model deep enough to scan:
-  text layers 3-7 and vision runs 0-1, 3-5, 6-7 are loops."""
-  import dataclasses
-  from depthvlm_jax.model.config import Qwen3VLConfig
-  small = Qwen3VLConfig.tiny
-
-  def deeper(**kw):
-    c = small(**kw)
-    return dataclasses.replace(c, vision=dataclasses.replace(c.vision, depth=8, deepstack_visual_indexes=(1, 2, 5)),
-                               text=dataclasses.replace(c.text, num_hidden_layers=8))
-
-  monkeypatch.setattr(Qwen3VLConfig, "tiny", staticmethod(deeper))
-  rows = {}
-  for scan in (False, True):
-    # the MLP depth head keeps the four compiles small: the towers' loops are what this test is about
-    c = _config(stage1, **{"model.scan_layers": scan, "model.head_type": "mlp"})
-    rows[scan] = aot.train_program(aot.make_setup(c, TOPOLOGY))
-  unrolled, scanned = rows[False], rows[True]
-  info = scanned["layer_loop_correction"]
-  assert info["text_trips"] == [5] and info["vision_trips"] == [2, 3, 2]
-  # loops counted once: 4 text and 4 vision block iterations missing
-  assert info["reported"]["flops"] < 0.95 * unrolled["flops"], (info, unrolled["flops"])
-  # the correction adds (trips - 1) iterations per run to what the compiler reported
-  for key in ("flops", "bytes_accessed"):
-    added = 4 * info["text_iteration"][key] + 4 * info["vision_iteration"][key]
-    assert scanned[key] == pytest.approx(info["reported"][key] + added, rel=1e-9)
-  # FLOPs add up per block; bytes less so: a loop body reads its layer's weights as slices of the
-  # stacked weights and fuses differently from an unrolled block (measured +8.6% on this model with
-  # the MLP head, +3.5% with the DPT head, whose bytes are the same in both programs)
-  assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.03), (info, unrolled["flops"])
-  assert scanned["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.12), (info, unrolled["bytes_accessed"])
-  assert scanned["model_flops"] == pytest.approx(unrolled["model_flops"], rel=1e-6)
-  # the prefill: its vision runs are loops too (its text layers fill the KV cache one call each)
-  prefill = {}
-  for scan in (False, True):
-    c = _config(stage1, **{"model.scan_layers": scan, "model.head_type": "mlp"})
-    prefill[scan] = aot.inference_programs(aot.make_setup(c, TOPOLOGY))["prefill"]
-  info = prefill[True]["layer_loop_correction"]
-  assert info["vision_trips"] == [2, 3, 2] and "text_iteration" not in info
-  # 4 vision block iterations missing: 1.8% of this tiny prefill's FLOPs (its text and head dominate)
-  missing = prefill[False]["flops"] - info["reported"]["flops"]
-  assert missing > 0.01 * prefill[False]["flops"], (info, prefill[False]["flops"])
-  assert abs(prefill[True]["flops"] - prefill[False]["flops"]) < 0.1 * missing, (info, prefill[False]["flops"])
 
 
 def test_collective_stats_multiply_loop_bodies():
@@ -279,6 +199,12 @@ def test_bad_topology_is_a_one_line_error(tmp_path):
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "--topology='v9z:2x2'" in proc.stderr and "v5p" in proc.stderr
+
+
+def test_unknown_program_is_a_clear_error():
+  """A misspelt --programs entry fails before any work, naming the flag and what it takes."""
+  with pytest.raises(ValueError, match=r"--programs=train,prefil: expected one or more of train, prefill, decode"):
+    aot.report(_config(stage1), TOPOLOGY, programs=("train", "prefil"))
 
 
 def test_sweep_rows_split_their_batches():

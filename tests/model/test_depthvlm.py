@@ -159,8 +159,9 @@ def test_scanned_layers_equal_unrolled():
 
   run = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
   (_, (logits, depth)), grads = run(params, plain)
-  for options in (dict(), dict(remat=True), dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable"),
-                  dict(scan_tail=(1, 1))):
+  # (a remat policy and scan_tail share one compile: each is its own code path)
+  for options in (dict(), dict(remat=True),
+                  dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable", scan_tail=(1, 1))):
     scanned = DepthVLM(config, head=DepthHeadConfig.tiny(), scan_layers=True, **options)
     (_, (s_logits, s_depth)), s_grads = run(params, scanned)
     np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)

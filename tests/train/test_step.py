@@ -68,14 +68,23 @@ def test_stage1_changes_only_the_depth_head(setup):
   assert sum(x.size for x in opt_leaves) <= 2 * sum(x.size for x in jax.tree.leaves(state["params"])) + 10
 
 
-@pytest.mark.parametrize("micro,unroll", [(2, True), (4, True), (2, False)])
-def test_micro_batches_equal_full_batch(setup, micro, unroll):
-  # unroll=True: the Python loop XLA:CPU gets; False: the lax.scan accelerators get.
+@pytest.fixture(scope="module")
+def full_batch_sgd_step(setup):
+  """One stage-2 SGD step on 4 rows in one pass (sgd is linear in the gradient, so the new params
+  compare the accumulated gradients)."""
   config, model, params = setup
   batch = make_batch(config, n=4, seed=1)
-  sgd = optax.sgd(1.0)  # linear in the gradient, so params compare the accumulated gradients
-  full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=sgd)
-  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=sgd, unroll=unroll)
+  full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=optax.sgd(1.0))
+  return batch, full, m1
+
+
+# unroll=True: the Python loop XLA:CPU gets (2 copies of the step); False: the lax.scan accelerators
+# get (4 trips of one body)
+@pytest.mark.parametrize("micro,unroll", [(2, True), (4, False)])
+def test_micro_batches_equal_full_batch(setup, full_batch_sgd_step, micro, unroll):
+  config, model, params = setup
+  batch, full, m1 = full_batch_sgd_step
+  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=optax.sgd(1.0), unroll=unroll)
   np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
