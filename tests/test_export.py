@@ -11,7 +11,7 @@ import transformers
 from depthvlm_jax import export
 from depthvlm_jax.model import hf_checkpoint, hf_params
 from depthvlm_jax.model.config import Qwen3VLConfig
-from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, random_params
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.torch_export import DepthVLMForConditionalGeneration
 from tests.model import hf_reference as ref
@@ -21,9 +21,7 @@ from tests.model import hf_reference as ref
 def jax_model():
   config = Qwen3VLConfig.tiny()
   model = DepthVLM(config, head=DepthHeadConfig.tiny())
-  params = jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x,  # livelier random logits
-                        jax.jit(lambda: __import__("flax").linen.unbox(
-                            model.init(jax.random.key(3), **depthvlm_dummy_inputs(config))["params"]))())
+  params = jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x, random_params(model, seed=3))  # livelier logits
   return config, model, params
 
 
@@ -100,13 +98,12 @@ def test_export_cli_from_training_workdir(tmp_path):
   import subprocess
   import sys
 
-  import flax.linen as nn
   from configs import stage1
   from depthvlm_jax.train import checkpoints, optim, trainer
 
   config = stage1.get_config()
   model = trainer.build_model(config)
-  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(1), **depthvlm_dummy_inputs(model.config))["params"]))()
+  params = random_params(model, seed=1)
   trainable, frozen = optim.split_params(params, optim.trainable_mask(params, list(map(tuple, config.train.trainable))))
   workdir = tmp_path / "run"
   (workdir).mkdir()

@@ -8,7 +8,7 @@ import pytest
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
-from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs, random_params
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import checkpoints, optim
 
@@ -28,8 +28,7 @@ def saved(tmp_path_factory):
   assert jax.device_count() >= 8
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   _, shardings = param_shardings(mesh)
-  params = jax.jit(lambda r: nn.unbox(MODEL.init(r, **depthvlm_dummy_inputs(MODEL.config))["params"]),
-                   out_shardings=shardings)(jax.random.key(1))
+  params = jax.device_put(random_params(MODEL, seed=1), shardings)
   trainable, frozen = optim.split_params(params, optim.trainable_mask(params, STAGE2))
 
   @jax.jit

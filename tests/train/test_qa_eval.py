@@ -1,13 +1,11 @@
 """Distance-QA evaluation: parsing, scoring against an independent computation, and one real greedy pass."""
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
 from data_pipelines import pipeline, synthetic
 from depthvlm_jax.model.config import Qwen3VLConfig
-from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, random_params
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import qa_eval
@@ -30,7 +28,7 @@ def test_greedy_answers_on_held_out_questions(tmp_path):
   assert questions and all(q.prompt.startswith("How far") for q, _ in questions)
   config = Qwen3VLConfig.tiny()
   model = DepthVLM(config, head=DepthHeadConfig.tiny())
-  params = nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
+  params = random_params(model, seed=0)
   source = pipeline.SourceSpec(str(paths["qa_test"]), str(tmp_path), "", "synthetic", with_depth=False)
   out = qa_eval.evaluate_distance_qa(model, params, source, [pipeline.ExampleSpec((64, 96), 64, False)],
                                      load_tokenizer(None), ImageProcessorConfig(),

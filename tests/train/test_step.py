@@ -1,6 +1,5 @@
 """The train step: stage-1 freezing, accumulation == full batch, NaN guard, sharded == unsharded."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -8,7 +7,7 @@ import pytest
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
-from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs, random_params
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import optim
@@ -24,7 +23,7 @@ STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_h
 def setup():
   config = Qwen3VLConfig.tiny(vocab_size=151936)
   model = DepthVLM(config, head=DepthHeadConfig.tiny())
-  params = nn.unbox(model.init(jax.random.key(0), **depthvlm_dummy_inputs(config))["params"])
+  params = random_params(model, seed=0)
   return config, model, params
 
 
@@ -43,12 +42,25 @@ def make_batch(config, n=4, seed=0):
   return b
 
 
-def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=None, unroll=None):
+ADAMW = optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
+SGD = optax.sgd(1.0)  # linear in the gradient: new params compare accumulated gradients
+_steps = {}
+
+
+def jitted_step(model, opt, micro, with_lm, unroll):
+  """One jitted step per (model, optimizer, micro-batching): tests with the same settings share its compile."""
+  key = (id(model), id(opt), micro, with_lm, unroll)
+  if key not in _steps:
+    _steps[key] = (model, opt, jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm,
+                                                       unroll_micro_batches=unroll)))
+  return _steps[key][2]
+
+
+def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=ADAMW, unroll=None):
   mask = optim.trainable_mask(params, rules)
   trainable, frozen = optim.split_params(params, mask)
-  opt = opt or optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
   state = initial_state(trainable, opt.init(trainable))
-  step = jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm, unroll_micro_batches=unroll))
+  step = jitted_step(model, opt, micro, with_lm, unroll)
   for _ in range(steps):
     state, metrics = step(state, frozen, batch)
   return optim.merge_params(state["params"], frozen), state, metrics
@@ -74,7 +86,7 @@ def full_batch_sgd_step(setup):
   compare the accumulated gradients)."""
   config, model, params = setup
   batch = make_batch(config, n=4, seed=1)
-  full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=optax.sgd(1.0))
+  full, _, m1 = run(model, params, STAGE2, batch, 1, with_lm=True, opt=SGD)
   return batch, full, m1
 
 
@@ -84,7 +96,7 @@ def full_batch_sgd_step(setup):
 def test_micro_batches_equal_full_batch(setup, full_batch_sgd_step, micro, unroll):
   config, model, params = setup
   batch, full, m1 = full_batch_sgd_step
-  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=optax.sgd(1.0), unroll=unroll)
+  acc, _, mk = run(model, params, STAGE2, batch, micro, with_lm=True, opt=SGD, unroll=unroll)
   np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
@@ -101,7 +113,7 @@ def test_nonfinite_step_is_skipped(setup):
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the optimizer state is untouched too: the moments stay zero, the step count at 0
-  fresh = optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0).init(optim.split_params(
+  fresh = ADAMW.init(optim.split_params(
       params, optim.trainable_mask(params, STAGE1))[0])
   for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -126,17 +138,17 @@ def test_nonfinite_update_counts_as_nonfinite(setup):
   assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["skipped_updates"]) == 0
 
 
-def test_sharded_step_equals_unsharded(setup):
+def test_sharded_step_equals_unsharded(setup, full_batch_sgd_step):
+  """The stage-2 SGD step on a data x fsdp x tensor mesh of 8 devices equals the one-device step
+  (SGD: Adam's first step divides by |g| and amplifies rounding in tiny gradients)."""
   config, model, params = setup
-  batch = make_batch(config, n=4, seed=3)
-  sgd = optax.sgd(1.0)  # Adam's first step divides by |g| and amplifies rounding in tiny gradients
-  expected, _, m1 = run(model, params, STAGE2, batch, with_lm=True, opt=sgd)
+  batch, expected, m1 = full_batch_sgd_step
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   boxed = abstract_params(model, **depthvlm_dummy_inputs(config), boxed=True)
   sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
   sharded_batch = {k: jax.device_put(v, sharding.activation_sharding(
       mesh, *((None, "batch") if k == "position_ids" else ("batch",)), shape=v.shape)) for k, v in batch.items()}
-  got, _, m8 = run(model, sharded_params, STAGE2, sharded_batch, with_lm=True, opt=sgd)
+  got, _, m8 = run(model, sharded_params, STAGE2, sharded_batch, with_lm=True, opt=SGD)
   assert len(jax.tree.leaves(got)[0].sharding.device_set) == 8
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
@@ -147,11 +159,13 @@ def test_lm_head_on_supervised_positions_only_gives_the_same_loss(setup):
   config, model, params = setup
   batch = make_batch(config, n=4, seed=4)
   longest = max_supervised_tokens(batch["labels"])
-  full = loss_terms(model, params, batch, (2, 3), with_lm=True)
-  gathered = loss_terms(model, params, batch, (2, 3), with_lm=True, lm_positions=longest)
+  terms = jax.jit(lambda p, b, positions: loss_terms(model, p, b, (2, 3), with_lm=True, lm_positions=positions),
+                  static_argnums=2)
+  full = terms(params, batch, 0)
+  gathered = terms(params, batch, longest)
   assert float(full["lm_count"]) == float(gathered["lm_count"]) > 0
   np.testing.assert_allclose(float(gathered["lm_sum"]), float(full["lm_sum"]), rtol=1e-6)
   np.testing.assert_allclose(float(gathered["depth_sum"]), float(full["depth_sum"]), rtol=1e-6)
   # a budget below the longest reply drops tokens (the trainer refuses such batches on the host)
-  short = loss_terms(model, params, batch, (2, 3), with_lm=True, lm_positions=longest - 1)
+  short = terms(params, batch, longest - 1)
   assert float(short["lm_count"]) < float(full["lm_count"])
