@@ -766,7 +766,8 @@ def _json_safe(x):
 
 
 # Largest per-chip micro-batch the sweep gives each stage on each chip (samples), from the chip's HBM.
-# v5p stage 2: 10 rows measured at 22.8 GiB peak (paper_4b, 768x1024); the others are estimates.
+# v5p: 5 / 10 rows measured at 11.2 / 22.8 GiB peak (paper_4b, 768x1024); v6e (32 GiB) takes 5 in both
+# stages from those; v4 and v5e are estimates.
 SWEEP_MICRO_BATCH = {1: {"v4": 2, "v5e": 1, "v5p": 5, "v6e": 5}, 2: {"v4": 1, "v5e": 1, "v5p": 10, "v6e": 5}}
 
 

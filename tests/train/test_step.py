@@ -1,5 +1,7 @@
 """The train step: stage-1 freezing, accumulation == full batch, NaN guard, sharded == unsharded."""
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -44,16 +46,12 @@ def make_batch(config, n=4, seed=0):
 
 ADAMW = optim.make_optimizer(lambda count: 1e-2, 1.0, 0.0)
 SGD = optax.sgd(1.0)  # linear in the gradient: new params compare accumulated gradients
-_steps = {}
 
 
+@functools.cache
 def jitted_step(model, opt, micro, with_lm, unroll):
   """One jitted step per (model, optimizer, micro-batching): tests with the same settings share its compile."""
-  key = (id(model), id(opt), micro, with_lm, unroll)
-  if key not in _steps:
-    _steps[key] = (model, opt, jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm,
-                                                       unroll_micro_batches=unroll)))
-  return _steps[key][2]
+  return jax.jit(make_train_step(model, opt, (2, 3), micro, 1.0, with_lm, unroll_micro_batches=unroll))
 
 
 def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=ADAMW, unroll=None):
