@@ -212,6 +212,8 @@ def test_demo_in_browser(tmp_path):
       answer = page.locator("#answer textarea").input_value()
       assert answer and answer == json.loads((ref / "room.json").read_text())["text"]
       img = page.locator("#depth img")
+      # the status can read "Done" while the browser is still fetching and decoding the map
+      page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img.element_handle())
       assert img.evaluate("e => [e.naturalWidth, e.naturalHeight]") == [w, h]
       depth = np.load(ref / "room_depth.npy")
       lo, hi = outputs.percentile_range(depth)
