@@ -37,7 +37,7 @@ def _inputs(config, seed=0):
 
 def _compare(config, model, params, torch_model, tol=1e-4):
   batch, patches, grids = _inputs(config)
-  out = model.apply({"params": params}, **batch, depth_grid=(2, 3))
+  out = jax.jit(lambda p, b: model.apply({"params": p}, **b, depth_grid=(2, 3)))(params, batch)
   logits, depths = torch_model.depth_forward(torch.tensor(batch["input_ids"], dtype=torch.long),
                                              torch.tensor(batch["attention_mask"]),
                                              torch.tensor(np.concatenate(patches)),

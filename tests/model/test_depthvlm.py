@@ -82,8 +82,8 @@ def test_requested_output_size(composed):
   patches = [ref.random_image_patches(rng, g, config) for g in grids]
   batch = make_model_inputs([ref.build_prompt(rng, config, grids)], config, patches, grids)
   batch.pop("rope_deltas")
-  out = model.apply({"params": params}, **batch, depth_grid=(2, 3), depth_output_size=(50, 70),
-                    compute_logits=False)
+  out = jax.jit(lambda p, b: model.apply({"params": p}, **b, depth_grid=(2, 3), depth_output_size=(50, 70),
+                                         compute_logits=False))(params, batch)
   _, ref_depth = _torch_depth(config, hf, head, batch, patches, grids, (2, 3), output_size=(50, 70))
   assert out.logits is None and out.depth.shape == (1, 50, 70)
   assert (np.abs(np.asarray(out.depth[0]) - ref_depth[0]) / ref_depth[0]).max() < 1e-4
@@ -120,32 +120,34 @@ def test_remat_and_bf16_options(composed):
 
   def loss(p, m):
     out = m.apply({"params": p}, **batch, depth_grid=(2, 3))
-    return out.depth.mean() + out.logits.astype(jax.numpy.float32).std()
+    return out.depth.mean() + out.logits.astype(jax.numpy.float32).std(), (out.logits, out.depth)
 
-  grad = jax.jit(jax.grad(loss), static_argnums=1)
-  g_plain = grad(params, model)
-  g_remat = grad(params, DepthVLM(config, head=DepthHeadConfig.tiny(), remat=True))
+  # one program per model: its gradients and, as aux, the forward's outputs
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  g_plain, (_, depth32) = grad(params, model)
+  g_remat, _ = grad(params, DepthVLM(config, head=DepthHeadConfig.tiny(), remat=True))
   for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
-  bf16 = DepthVLM(config, head=DepthHeadConfig.tiny(), dtype=jax.numpy.bfloat16)
-  fwd = jax.jit(lambda p, m: m.apply({"params": p}, **batch, depth_grid=(2, 3)), static_argnums=1)
-  out16, out32 = fwd(params, bf16), fwd(params, model)
-  assert out16.logits.dtype == jax.numpy.bfloat16 and out16.depth.dtype == jax.numpy.float32
-  rel = np.abs(np.asarray(out16.depth) - np.asarray(out32.depth)) / np.asarray(out32.depth)
+  g16, (logits16, depth16) = grad(params, DepthVLM(config, head=DepthHeadConfig.tiny(), dtype=jax.numpy.bfloat16))
+  assert logits16.dtype == jax.numpy.bfloat16 and depth16.dtype == jax.numpy.float32
+  rel = np.abs(np.asarray(depth16) - np.asarray(depth32)) / np.asarray(depth32)
   assert np.median(rel) < 0.05
-  assert all(x.dtype == jax.numpy.float32 for x in jax.tree.leaves(grad(params, bf16)))
+  assert all(x.dtype == jax.numpy.float32 for x in jax.tree.leaves(g16))
 
 
 def test_scanned_layers_equal_unrolled():
   """`scan_layers` (stacked per-layer params under lax.scan, with and without a remat policy) gives the
   unrolled model's outputs and gradients, on a model deep enough that both towers really scan:
-  5 text layers after 3 DeepStack ones, vision runs of 2, 1, 3 and 2 blocks."""
+  5 text layers after 3 DeepStack ones, vision runs of 2, 1, 3 and 2 blocks. The scans are the
+  backbone's, so the model takes the MLP head (the DPT head's convolutions add a fifth to each of the
+  four compiles; `test_remat_and_bf16_options` takes the DPT head)."""
   import dataclasses
   from depthvlm_jax.model.depthvlm import random_params
   tiny = Qwen3VLConfig.tiny(vocab_size=512)
   config = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, depth=8, deepstack_visual_indexes=(1, 2, 5)),
                                text=dataclasses.replace(tiny.text, num_hidden_layers=8))
-  plain = DepthVLM(config, head=DepthHeadConfig.tiny())
+  head = DepthHeadConfig.tiny("mlp")
+  plain = DepthVLM(config, head=head)
   params = random_params(plain, seed=3)
   rng = np.random.default_rng(7)
   grids = [(4, 6), (4, 6)]
@@ -162,7 +164,7 @@ def test_scanned_layers_equal_unrolled():
   # (a remat policy and scan_tail share one compile: each is its own code path)
   for options in (dict(), dict(remat=True),
                   dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable", scan_tail=(1, 1))):
-    scanned = DepthVLM(config, head=DepthHeadConfig.tiny(), scan_layers=True, **options)
+    scanned = DepthVLM(config, head=head, scan_layers=True, **options)
     (_, (s_logits, s_depth)), s_grads = run(params, scanned)
     np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s_depth), np.asarray(depth), rtol=1e-5, atol=1e-6)
@@ -170,6 +172,6 @@ def test_scanned_layers_equal_unrolled():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
   # one while loop per scanned run: the text layers 3-7 and the vision runs 0-1, 3-5, 6-7 (block 2 alone
   # is a plain call)
-  hlo = jax.jit(lambda p: DepthVLM(config, head=DepthHeadConfig.tiny(), scan_layers=True).apply(
+  hlo = jax.jit(lambda p: DepthVLM(config, head=head, scan_layers=True).apply(
       {"params": p}, **batch, depth_grid=(2, 3)).depth).lower(params).as_text()
   assert hlo.count("stablehlo.while") == 4

@@ -1,5 +1,6 @@
 """Full-model parity with HF `Qwen3VLForConditionalGeneration` (PyTorch fp32) on tiny random configs."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,8 @@ def _hf_forward(hf, config, batch, patches, grids):
 
 def _jax_forward(flax_model, params, batch, images_per_row=None):
   args = {k: v for k, v in batch.items() if k != "rope_deltas"}
-  return flax_model.apply({"params": params}, **args, images_per_row=images_per_row)
+  # jitted: one compile per batch shape, where running op by op compiles every op of every shape
+  return jax.jit(lambda p, a: flax_model.apply({"params": p}, **a, images_per_row=images_per_row))(params, args)
 
 
 def _check(config, hf, flax_model, params, token_lists, patches, grids, padding_side, images_per_row=None):
