@@ -767,8 +767,9 @@ def _json_safe(x):
 
 # Largest per-chip micro-batch the sweep gives each stage on each chip (samples), from the chip's HBM.
 # v5p: 5 / 10 rows measured at 11.2 / 22.8 GiB peak (paper_4b, 768x1024); v6e (32 GiB) takes 5 in both
-# stages from those; v4 and v5e are estimates.
-SWEEP_MICRO_BATCH = {1: {"v4": 2, "v5e": 1, "v5p": 5, "v6e": 5}, 2: {"v4": 1, "v5e": 1, "v5p": 10, "v6e": 5}}
+# stages from those, and the H100 (80 GB) the v5p's; v4 and v5e are estimates.
+SWEEP_MICRO_BATCH = {1: {"v4": 2, "v5e": 1, "v5p": 5, "v6e": 5, "h100": 5},
+                     2: {"v4": 1, "v5e": 1, "v5p": 10, "v6e": 5, "h100": 10}}
 
 
 def slice_overrides(stage: int, global_batch: int, topology: str, chips: int) -> list[str]:

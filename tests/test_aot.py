@@ -211,7 +211,7 @@ def test_sweep_rows_split_their_batches():
   """Every sweep row's mesh and micro-batches split the preset's global batch over the slice."""
   for stage, batch in ((1, stage1.get_config("paper_4b").train.global_batch),
                        (2, stage2.get_config("paper_4b").train.global_batch)):
-    for topology, chips in (("v5p:4x4x4", 64), ("v5e:16x16", 256), ("v6e:8x8", 64), ("v5p:4x4x8", 128)):
+    for topology, chips in (("v5p:4x4x4", 64), ("v5e:16x16", 256), ("v6e:8x8", 64), ("v5p:4x4x8", 128), ("h100:8", 8)):
       args = dict(a.removeprefix("--config.").split("=") for a in aot.slice_overrides(stage, batch, topology, chips))
       shards, tensor, k = int(args["mesh.fsdp"]), int(args["mesh.tensor"]), int(args["train.micro_batches"])
       assert shards * tensor == chips
