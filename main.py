@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs.common import default_workdir
+from depthvlm_jax.presets import default_workdir
 from depthvlm_jax import cli
 from depthvlm_jax.train import distributed, trainer
 

@@ -22,6 +22,7 @@ from benchmarks import common
 from benchmarks.training import CLIP, LR, STAGES, WD, train_batch
 from depthvlm_jax.model.depthvlm import DepthVLM
 from depthvlm_jax.train import optim
+from depthvlm_jax.runs import freeze
 from depthvlm_jax.train.step import initial_state, make_train_step
 
 BUCKETS = ((192, 256), (256, 320), (288, 384))  # (H, W) pixels: 48, 80, 108 image tokens
@@ -30,8 +31,8 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 def run(setup, params, steps_per_bucket: int = 3, seed: int = 0) -> dict:
   model = DepthVLM(setup.config, head=setup.head)
-  mask = optim.trainable_mask(params, STAGES[1])
-  trainable, frozen = optim.split_params(params, mask)
+  mask = freeze.trainable_mask(params, STAGES[1])
+  trainable, frozen = freeze.split_params(params, mask)
   optimizer = optim.make_optimizer(optax.constant_schedule(LR), CLIP, WD)
   state = initial_state(jax.tree.map(jnp.copy, trainable), jax.jit(optimizer.init)(trainable))
   steps, batches = {}, {}

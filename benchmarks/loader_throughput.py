@@ -40,7 +40,9 @@ from data_pipelines import pipeline
 from depthvlm_jax import sharding
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
-from depthvlm_jax.train import distributed, optim, trainer
+from depthvlm_jax.runs import freeze, model_from_config
+from depthvlm_jax.train import data as train_data
+from depthvlm_jax.train import distributed, model_state, optim
 from depthvlm_jax.train.step import initial_state, make_train_step
 
 
@@ -56,9 +58,9 @@ def stage_config(stage: int, synthetic_train: int, synthetic_dir: str):
 
 
 def loader(config, model_config, tokenizer, workdir, num_workers: int, sources=None):
-  specs = trainer.example_specs(config, model_config)
+  specs = train_data.example_specs(config, model_config)
   if sources is None:
-    sources, weights, _ = trainer.data_sources(config, workdir)
+    sources, weights, _ = train_data.data_sources(config, workdir)
   else:
     weights = [None] * len(sources)
   ds = pipeline.make_dataset(sources, weights, specs, model_config, tokenizer, ImageProcessorConfig(),
@@ -81,15 +83,15 @@ def time_loader(it, batches: int) -> tuple[float, float, dict]:
 
 def train_step(config):
   """(jitted step, state, frozen, (mesh, data shard), model) for the config, built with the trainer's helpers."""
-  model = trainer.build_model(config)
+  model = model_from_config.build_model(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  like, mask = trainer.params_like(config, model, mesh)
-  params = trainer.initial_params(config, model, like, jax.random.key(0))
-  trainable, frozen = optim.split_params(params, mask)
+  like, mask = model_from_config.params_like(config, model, mesh)
+  params = model_state.initial_params(config, model, like, jax.random.key(0))
+  trainable, frozen = freeze.split_params(params, mask)
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(config.train.lr, 1000, 0.04),
                                    config.train.grad_clip, config.train.weight_decay)
   state = initial_state(trainable, jax.jit(optimizer.init)(trainable))
-  depth_grid = trainer.example_specs(config, model.config)[0].token_grid(model.config.vision.image_token_pixels)
+  depth_grid = train_data.example_specs(config, model.config)[0].token_grid(model.config.vision.image_token_pixels)
   fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches, config.train.depth_loss_weight,
                        with_lm=config.stage == 2, lm_positions=config.train.lm_positions)
   shard = distributed.data_shard(mesh, config.train.global_batch)
@@ -99,7 +101,7 @@ def train_step(config):
 def time_steps(step, state, frozen, mesh, batches, steps: int) -> tuple[float, float, object]:
   """(compile+first-step seconds, examples/s over `steps` steps, state); `batches` yields host batches."""
   t0 = time.perf_counter()
-  state, m = step(state, frozen, trainer._to_global(next(batches), *mesh))
+  state, m = step(state, frozen, train_data.to_global(next(batches), *mesh))
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def time_steps(step, state, frozen, mesh, batches, steps: int) -> tuple[float, f
   for _ in range(steps):
     batch = next(batches)
     n += len(batch["input_ids"])
-    state, m = step(state, frozen, trainer._to_global(batch, *mesh))
+    state, m = step(state, frozen, train_data.to_global(batch, *mesh))
   jax.block_until_ready(m)
   return first, n / (time.perf_counter() - t0), state
 
@@ -141,8 +143,8 @@ def write_paper_frames(root: pathlib.Path, per_camera: int) -> pipeline.SourceSp
 def paper_shapes(args, workdir: pathlib.Path) -> None:
   """Loader samples/s on paper-size frames into the paper_4b buckets, against one host's demand."""
   config = stage1.get_config("paper_4b")
-  model_config = trainer.build_model(stage_config(1, 4, str(workdir / "unused"))).config  # tiny: same patching
-  specs = trainer.example_specs(config, model_config)
+  model_config = model_from_config.build_model(stage_config(1, 4, str(workdir / "unused"))).config  # tiny: same patching
+  specs = train_data.example_specs(config, model_config)
   source = write_paper_frames(workdir / "paper_frames", args.per_camera)
   hosts, batch = 16, config.train.global_batch // 16
   need = config.train.global_batch / args.step_s / hosts
@@ -195,7 +197,7 @@ def main():
   rows, notes = [], []
   for stage in [int(s) for s in args.stages.split(",")]:
     config = stage_config(stage, args.synthetic_train, str(syn))
-    model = trainer.build_model(config)
+    model = model_from_config.build_model(config)
     row = {"stage": stage, "batch": config.train.global_batch, "step": float("nan"), "e2e": float("nan"),
            "compile_s": float("nan"), "e2e_workers": 0}
     for w in workers:

@@ -51,8 +51,8 @@ def make_model(directory: pathlib.Path) -> None:
   from configs import stage1
   from depthvlm_jax import export
   from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
-  from depthvlm_jax.train import trainer
-  model = trainer.build_model(stage1.get_config("default"))
+  from depthvlm_jax.runs import model_from_config
+  model = model_from_config.build_model(stage1.get_config("default"))
   params = jax.jit(lambda r: nn.unbox(model.init(r, **depthvlm_dummy_inputs(model.config))["params"]))(jax.random.key(0))
   export.write_hf_dir(jax.device_get(params), model.config, model.head, directory)
 

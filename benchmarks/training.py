@@ -25,6 +25,7 @@ import optax
 from benchmarks import common
 from depthvlm_jax.model.depthvlm import DepthVLM
 from depthvlm_jax.train import optim
+from depthvlm_jax.runs import freeze
 from depthvlm_jax.train.step import initial_state, make_train_step
 
 STAGES = {1: [("depth_head/.*", True), (".*", False)],
@@ -94,8 +95,8 @@ def torch_step_fn(tm, batch, patches, grids, stage: int):
 def jax_step(setup, params, batch, stage: int):
   """(compiled step, state, frozen, device batch, compiled-program FLOPs, compile seconds)."""
   model = DepthVLM(setup.config, head=setup.head)
-  mask = optim.trainable_mask(params, STAGES[stage])
-  trainable, frozen = optim.split_params(params, mask)
+  mask = freeze.trainable_mask(params, STAGES[stage])
+  trainable, frozen = freeze.split_params(params, mask)
   trainable = jax.tree.map(jnp.copy, trainable)  # the state is donated: keep `params` alive
   optimizer = optim.make_optimizer(optax.constant_schedule(LR), CLIP, WD)
   state = initial_state(trainable, jax.jit(optimizer.init)(trainable))

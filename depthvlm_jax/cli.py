@@ -25,8 +25,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
   from depthvlm_jax.model.hf_checkpoint import CheckpointError
   from depthvlm_jax.model.hf_params import KeyMapError
   from depthvlm_jax.processing.tokenizer import TokenizerError
-  from depthvlm_jax.train.checkpoints import NoIntactCheckpointError
-  from depthvlm_jax.train.optim import FreezeRuleError
+  from depthvlm_jax.runs.checkpoints import NoIntactCheckpointError
+  from depthvlm_jax.runs.freeze import FreezeRuleError
   from depthvlm_jax.train.workdir_lock import WorkdirLockedError
   return (ConfigError, CheckpointError, KeyMapError, ModelLoadError, FrameError, TokenizerError, FreezeRuleError,
           RecordError, SampleError, SourceExhaustedError, NoIntactCheckpointError, WorkdirLockedError,

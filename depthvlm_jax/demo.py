@@ -44,7 +44,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from configs.common import default_workdir
+from depthvlm_jax.presets import default_workdir
 from data_pipelines import rgbd
 from depthvlm_jax import predict
 from depthvlm_jax.evaluation import outputs

@@ -118,11 +118,12 @@ from depthvlm_jax import export
 from depthvlm_jax.evaluation.loading import load_model
 from depthvlm_jax.model.depthvlm import depthvlm_dummy_inputs
 from depthvlm_jax.train import trainer
+from depthvlm_jax.runs import model_from_config
 
 if not CHECKPOINT:  # the embedded default: the tiny model of the CPU preset, random weights, as a HF directory
     CHECKPOINT = f"{OUT_DIR}/tiny_random_model"
     if not pathlib.Path(CHECKPOINT, "config.json").exists():
-        model = trainer.build_model(stage1.get_config("default"))
+        model = model_from_config.build_model(stage1.get_config("default"))
         init = jax.jit(lambda rng: nn.unbox(model.init(rng, **depthvlm_dummy_inputs(model.config))["params"]))
         export.write_hf_dir(jax.device_get(init(jax.random.key(0))), model.config, model.head, CHECKPOINT)
 # On an accelerator: bf16 weights sharded FSDP over all chips (a 4B model does not fit one 16 GiB v5e chip in fp32).

@@ -7,26 +7,22 @@ import json
 import pathlib
 
 import pytest
+from flax.traverse_util import flatten_dict
 
-from configs import common, stage1, stage2
+from configs import stage1, stage2
+from depthvlm_jax import presets
 
 EXPECTED = json.loads((pathlib.Path(__file__).parent / "config_values.json").read_text())
 MOVED = {("stage2:default", "model_init"): "runs/stage1_default",
          ("stage2:default", "data.synthetic_dir"): "runs/stage1_default/synthetic_data"}
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
+def _flat(d):
+  return flatten_dict(d, keep_empty_nodes=True, sep=".")
 
 
 @pytest.mark.parametrize("stage,module", [("stage1", stage1), ("stage2", stage2)])
-@pytest.mark.parametrize("preset", list(common.PRESETS))
+@pytest.mark.parametrize("preset", list(presets.PRESETS))
 def test_values_unchanged(stage, module, preset):
   name = f"{stage}:{preset}"
   got = _flat(json.loads(json.dumps(module.get_config(preset).to_dict())))
@@ -39,13 +35,16 @@ def test_values_unchanged(stage, module, preset):
 
 
 def test_presets_and_errors():
-  assert set(common.PRESETS) == {"default", "paper_4b", "paper_8b"}
+  assert set(presets.PRESETS) == {"default", "paper_4b", "paper_8b"}
   assert stage1.get_config().preset == "default" and stage2.get_config().stage == 2
   with pytest.raises(ValueError, match="unknown config preset 'big'"):
     stage1.get_config("big")
-  with pytest.raises(KeyError, match="'train.lrr': no such field"):
-    common.override(stage1.get_config().unlock(), {"train.lrr": 1.0})
-  assert common.default_workdir(2, "paper_4b") == "runs/stage2_paper_4b"
+  with pytest.raises(KeyError, match="lrr"):  # a block naming a field that does not exist
+    stage1.get_config().update_from_flattened_dict({"train.lrr": 1.0})
+  with pytest.raises(ValueError, match="unknown stage 3"):
+    presets.get_config(3)
+  assert presets.get_config(2, "paper_4b").to_dict() == stage2.get_config("paper_4b").to_dict()
+  assert presets.default_workdir(2, "paper_4b") == "runs/stage2_paper_4b"
 
 
 def test_no_tmp_paths_in_configs():

@@ -99,12 +99,12 @@ def test_export_cli_from_training_workdir(tmp_path):
   import sys
 
   from configs import stage1
-  from depthvlm_jax.train import checkpoints, optim, trainer
+  from depthvlm_jax.runs import checkpoints, freeze, model_from_config
 
   config = stage1.get_config()
-  model = trainer.build_model(config)
+  model = model_from_config.build_model(config)
   params = random_params(model, seed=1)
-  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, list(map(tuple, config.train.trainable))))
+  trainable, frozen = freeze.split_params(params, freeze.trainable_mask(params, list(map(tuple, config.train.trainable))))
   workdir = tmp_path / "run"
   (workdir).mkdir()
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -6,7 +6,7 @@
   * a Hugging Face Qwen3-VL directory without a depth head -> `hf_checkpoint.load_qwen3_vl` plus a
     freshly initialised (untrained) head: text answers work, depth is random (`head_trained=False`);
   * a training workdir (`config.json` of the ml_collections config + `checkpoints/`) ->
-    `trainer.build_model(config)` and `checkpoints.restore_params(workdir, like)`, read straight onto
+    `model_from_config.build_model(config)` and `checkpoints.restore_params(workdir, like)`, read straight onto
     the devices in the requested dtype.
 The tokenizer comes from the directory (or the run's `model.hf_dir`) when it has one, else the
 embedded default; the image-processor settings likewise.
@@ -95,20 +95,20 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
                          "and safetensors, or a training workdir with config.json and checkpoints/)")
   if _is_workdir(p):
     import ml_collections
-    from depthvlm_jax.train import checkpoints, optim, trainer
+    from depthvlm_jax.runs import checkpoints, freeze, model_from_config
     try:
       config = ml_collections.ConfigDict(json.loads((p / "config.json").read_text()))
-      model = trainer.build_model(config)
+      model = model_from_config.build_model(config)
     except (ValueError, KeyError, AttributeError, TypeError) as e:  # JSONDecodeError is a ValueError
       raise ModelLoadError(f"{p / 'config.json'}: not a valid training config ({type(e).__name__}: {e}); it "
                            "records the run's settings, restore it from a backup or rewrite it") from None
     # Every array is read straight onto its shards of `mesh` (one device without one) in `dtype`: the
     # model never passes through host memory, and no copy is made beside it.
     target_mesh = mesh if mesh is not None else sharding.make_mesh({}, jax.devices()[:1])
-    like, _ = trainer.params_like(config, model, target_mesh)
+    like, _ = model_from_config.params_like(config, model, target_mesh)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), like)
     trainable, frozen = checkpoints.restore_params(p, like)
-    params = optim.merge_params(trainable, frozen)
+    params = freeze.merge_params(trainable, frozen)
     tokenizer, processor = _tokenizer_and_processor(config.model.hf_dir or None)
     return LoadedModel(model, params, tokenizer, processor, "workdir", True, str(p))
   if not (p / "config.json").exists():

@@ -22,7 +22,7 @@ import optax
 
 from depthvlm_jax.losses import lm_cross_entropy, silog_loss
 from depthvlm_jax.model.depthvlm import DepthVLM
-from depthvlm_jax.train.optim import merge_params
+from depthvlm_jax.runs.freeze import merge_params
 
 
 def supervised_positions(labels: jax.Array, max_positions: int) -> tuple[jax.Array, jax.Array]:

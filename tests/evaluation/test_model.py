@@ -108,13 +108,13 @@ def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
 
 def test_loader_reads_a_training_workdir_and_refuses_junk(tmp_path, hf_dir, loaded):
   from configs import stage1
-  from depthvlm_jax.train import checkpoints, trainer
+  from depthvlm_jax.runs import checkpoints, model_from_config
   config = stage1.get_config()
   config.model.hf_dir = str(hf_dir)  # a run on this backbone, with the tiny head's widths
   head = DepthHeadConfig.tiny()
   config.model.dpt_features, config.model.dpt_out_channels = head.features, head.out_channels
   config.model.dpt_head_features = head.head_features
-  model = trainer.build_model(config)
+  model = model_from_config.build_model(config)
   params = loaded.params
   work = tmp_path / "run"
   work.mkdir()

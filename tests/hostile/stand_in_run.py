@@ -16,7 +16,7 @@ import numpy as np
 
 from configs import stage1
 from data_pipelines import synthetic
-from depthvlm_jax.train import trainer
+from depthvlm_jax.train import model_state, trainer
 from tests.hostile.conftest import TRAIN_SETTINGS
 
 
@@ -46,8 +46,8 @@ def main(workdir: str, data: str) -> None:
     for p in path:
       node = node[p]
     node[leaf] = value
-  trainer.make_train_step = stand_in_step
-  trainer.initial_params = stand_in_params
+  model_state.make_train_step = stand_in_step
+  model_state.initial_params = stand_in_params
   trainer.evaluate_depth = stand_in_eval
   trainer.train_and_evaluate(config, workdir)
 

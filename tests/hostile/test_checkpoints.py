@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from depthvlm_jax.train import checkpoints
+from depthvlm_jax.runs import checkpoints
 from tests.hostile.conftest import error_line, train
 
 

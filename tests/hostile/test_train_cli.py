@@ -11,7 +11,7 @@ import pytest
 
 from configs import stage1
 from depthvlm_jax.model.config import ConfigError
-from depthvlm_jax.train import trainer, workdir_lock
+from depthvlm_jax.train import config_checks, run_record, trainer, workdir_lock
 from tests.hostile.conftest import error_line, run, train
 
 
@@ -43,7 +43,7 @@ def config(**changes):
 ])
 def test_bad_training_values_are_config_errors(field, value, expected):
   with pytest.raises(ConfigError, match="invalid config") as e:
-    trainer.validate_config(config(**{field: value}))
+    config_checks.validate_config(config(**{field: value}))
   assert expected in str(e.value)
 
 
@@ -51,7 +51,7 @@ def test_missing_train_files_are_config_errors(tmp_path):
   c = config(**{"data.kind": "jsonl"})
   c.data.train_files = {"mine": f"{tmp_path}/nope.jsonl|{tmp_path}/images|{tmp_path}"}
   with pytest.raises(ConfigError) as e:
-    trainer.validate_config(c)
+    config_checks.validate_config(c)
   assert f"data.train_files.mine: annotation file '{tmp_path}/nope.jsonl' not found" in str(e.value)
   assert f"data.train_files.mine: image_root '{tmp_path}/images' is not a directory" in str(e.value)
 
@@ -124,7 +124,7 @@ def test_lock_is_free_again_after_the_holder_ends(tmp_path):
 
 
 def test_results_json_is_strict_json_with_nonfinite_values_flagged(tmp_path):
-  trainer.write_results(tmp_path / "results.json", {"synthetic_test": {"delta1": float("nan"), "images": 2},
+  run_record.write_results(tmp_path / "results.json", {"synthetic_test": {"delta1": float("nan"), "images": 2},
                                                     "loss": [1.0, float("inf")]})
   text = (tmp_path / "results.json").read_text()
   got = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))

@@ -10,7 +10,9 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs, random_params
 from depthvlm_jax.model.layers import abstract_params
-from depthvlm_jax.train import checkpoints, optim
+from depthvlm_jax.train import optim
+from depthvlm_jax.runs import checkpoints, freeze
+from depthvlm_jax.train import model_state
 
 STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)]
 MODEL = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512), head=DepthHeadConfig.tiny())
@@ -29,7 +31,7 @@ def saved(tmp_path_factory):
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   _, shardings = param_shardings(mesh)
   params = jax.device_put(random_params(MODEL, seed=1), shardings)
-  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, STAGE2))
+  trainable, frozen = freeze.split_params(params, freeze.trainable_mask(params, STAGE2))
 
   @jax.jit
   def moments(p):  # non-trivial optimizer moments: one update with a pseudo-gradient
@@ -53,7 +55,7 @@ def test_restore_onto_another_mesh(saved, target):
   mesh = sharding.make_mesh(target, devices=devices)
   shapes, shardings = param_shardings(mesh)
   like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-  like_train, like_frozen = optim.split_params(like, optim.trainable_mask(shapes, STAGE2))
+  like_train, like_frozen = freeze.split_params(like, freeze.trainable_mask(shapes, STAGE2))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
   like_state = {"step": scalar, "params": like_train, "opt_state": checkpoints.optimizer_state_like(OPT, like_train, mesh),
@@ -82,23 +84,23 @@ def test_model_init_restores_another_runs_params_onto_this_mesh(saved, tmp_path,
   versions wrote them)."""
   import ml_collections
   from depthvlm_jax.model.config import ConfigError
-  from depthvlm_jax.train import trainer
+
   directory, state, frozen = saved
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "checkpoints").symlink_to(directory)
   config = ml_collections.ConfigDict({"model_init": str(tmp_path / "run"), "model": {"hf_dir": ""}})
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
   like = _like(MODEL, mesh, dtype)
-  params = trainer.initial_params(config, MODEL, like, jax.random.key(0))
-  want = optim.flatten(optim.merge_params(state["params"], frozen))
-  got, target = optim.flatten(params), optim.flatten(like)
+  params = model_state.initial_params(config, MODEL, like, jax.random.key(0))
+  want = freeze.flatten(freeze.merge_params(state["params"], frozen))
+  got, target = freeze.flatten(params), freeze.flatten(like)
   assert set(got) == set(want)
   for path, value in got.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]).astype(target[path].dtype))
     assert value.sharding == target[path].sharding and value.dtype == target[path].dtype
   other = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512, tie_word_embeddings=True), head=DepthHeadConfig.tiny())
   with pytest.raises(ConfigError, match="model_init=.*does not match this model.*lm_head"):
-    trainer.initial_params(config, other, _like(other, mesh), jax.random.key(0))
+    model_state.initial_params(config, other, _like(other, mesh), jax.random.key(0))
 
 
 def test_resume_from_steps_of_an_earlier_version_writes_the_frozen_params_once(saved, tmp_path):
@@ -106,14 +108,14 @@ def test_resume_from_steps_of_an_earlier_version_writes_the_frozen_params_once(s
   params are then written to `frozen_params`, which the run's new steps (state only) rely on."""
   import shutil
   import ml_collections
-  from depthvlm_jax.train import trainer
+
   directory, state, frozen = saved
   workdir = tmp_path / "run"
   shutil.copytree(directory, workdir / "checkpoints")
   config = ml_collections.ConfigDict({"train": {"trainable": STAGE2, "seed": 0}, "model": {"frozen_dtype": "float32"},
                                       "keep_ckpts": 2, "resume": "", "model_init": ""})
   mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  start, got_state, got_frozen, mgr = trainer.restore_or_initialise(config, MODEL, mesh, workdir, OPT, None)
+  start, got_state, got_frozen, mgr = model_state.restore_or_initialise(config, MODEL, mesh, workdir, OPT, None)
   assert start == 7
   for want, got in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves((got_state, got_frozen)), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -14,7 +14,7 @@ import numpy as np
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, random_params
-from depthvlm_jax.train import optim, trainer
+from depthvlm_jax.runs import freeze, model_from_config
 from depthvlm_jax.train.step import loss_terms
 from tests.train.test_step import STAGE1, make_batch
 
@@ -26,8 +26,8 @@ def test_params_like_keeps_only_frozen_params_in_bf16():
   mesh = sharding.make_mesh({"fsdp": -1})
   for frozen_dtype, want in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
     config = ml_collections.ConfigDict({"model": {"frozen_dtype": frozen_dtype}, "train": {"trainable": RULES}})
-    like, mask = trainer.params_like(config, model, mesh)
-    flat = optim.flatten(like)
+    like, mask = model_from_config.params_like(config, model, mesh)
+    flat = freeze.flatten(like)
     assert {p for p, t in mask.items() if t} == {p for p in flat if p[0] == "depth_head"}
     assert {x.dtype for p, x in flat.items() if mask[p]} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for p, x in flat.items() if not mask[p]} == {jnp.dtype(want)}
@@ -38,14 +38,14 @@ def test_bf16_frozen_towers_match_fp32_with_bf16_compute():
   config = Qwen3VLConfig.tiny(vocab_size=151936)
   model = DepthVLM(config, head=DepthHeadConfig.tiny(), dtype=jnp.bfloat16)
   params = random_params(model, seed=1)
-  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, STAGE1))
+  trainable, frozen = freeze.split_params(params, freeze.trainable_mask(params, STAGE1))
   frozen_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
   batch = make_batch(config)
 
   @jax.jit
   def loss_and_grad(tp, fp):
     def loss(tp):
-      t = loss_terms(model, optim.merge_params(tp, fp), batch, (2, 3), with_lm=False)
+      t = loss_terms(model, freeze.merge_params(tp, fp), batch, (2, 3), with_lm=False)
       return t["depth_sum"] / t["depth_count"]
     return jax.value_and_grad(loss)(tp)
 

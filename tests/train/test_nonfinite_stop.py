@@ -16,7 +16,7 @@ import pytest
 
 from configs import stage1
 from data_pipelines import synthetic
-from depthvlm_jax.train import trainer
+from depthvlm_jax.train import model_state, trainer
 
 SETTINGS = {"train.total_steps": 7, "ckpt_every": 2, "keep_ckpts": 10, "log_every": 4, "eval_every": 0,
             "eval_qa": 0, "data.buckets": ((64, 96),), "data.seq_len": 64, "train.global_batch": 8,
@@ -48,13 +48,13 @@ def run(tmp_path, monkeypatch):
     for p in path:
       node = node[p]
     node[leaf] = value
-  monkeypatch.setattr(trainer, "initial_params", lambda config, model, like, rng: jax.tree.map(
+  monkeypatch.setattr(model_state, "initial_params", lambda config, model, like, rng: jax.tree.map(
       lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), like))
   monkeypatch.setattr(trainer, "evaluate_depth", lambda *a, **k: {"delta1": 0.5, "images": 2, "best_constant_m": 1.0,
                                                                    "best_constant_delta1": 0.25})
 
   def go(bad):
-    monkeypatch.setattr(trainer, "make_train_step", bad_steps_step(bad))
+    monkeypatch.setattr(model_state, "make_train_step", bad_steps_step(bad))
     workdir = tmp_path / f"run_{bad[0]}_{bad[1]}"
     try:
       return workdir, trainer.train_and_evaluate(config, str(workdir))

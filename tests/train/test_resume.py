@@ -22,8 +22,8 @@ import pytest
 
 from data_pipelines import synthetic
 from flax.traverse_util import flatten_dict as flatten
-from depthvlm_jax.train import checkpoints
-from depthvlm_jax.train.optim import merge_params
+from depthvlm_jax.runs import checkpoints
+from depthvlm_jax.runs.freeze import merge_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6

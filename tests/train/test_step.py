@@ -13,6 +13,7 @@ from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dumm
 from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import optim
+from depthvlm_jax.runs import freeze
 from depthvlm_jax.train.step import initial_state, loss_terms, make_train_step, max_supervised_tokens
 from tests.model import hf_reference as ref
 
@@ -55,20 +56,20 @@ def jitted_step(model, opt, micro, with_lm, unroll):
 
 
 def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=ADAMW, unroll=None):
-  mask = optim.trainable_mask(params, rules)
-  trainable, frozen = optim.split_params(params, mask)
+  mask = freeze.trainable_mask(params, rules)
+  trainable, frozen = freeze.split_params(params, mask)
   state = initial_state(trainable, opt.init(trainable))
   step = jitted_step(model, opt, micro, with_lm, unroll)
   for _ in range(steps):
     state, metrics = step(state, frozen, batch)
-  return optim.merge_params(state["params"], frozen), state, metrics
+  return freeze.merge_params(state["params"], frozen), state, metrics
 
 
 def test_stage1_changes_only_the_depth_head(setup):
   config, model, params = setup
   new, state, m = run(model, params, STAGE1, make_batch(config))
   assert bool(m["finite"]) and float(m["depth_loss"]) > 0 and float(m["depth_images"]) == 3
-  before, after = optim.flatten(params), optim.flatten(new)
+  before, after = freeze.flatten(params), freeze.flatten(new)
   changed = {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
   assert changed and all(p[0] == "depth_head" for p in changed)
   frozen_paths = [p for p in before if p[0] != "depth_head"]
@@ -111,8 +112,8 @@ def test_nonfinite_step_is_skipped(setup):
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the optimizer state is untouched too: the moments stay zero, the step count at 0
-  fresh = ADAMW.init(optim.split_params(
-      params, optim.trainable_mask(params, STAGE1))[0])
+  fresh = ADAMW.init(freeze.split_params(
+      params, freeze.trainable_mask(params, STAGE1))[0])
   for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -120,7 +121,7 @@ def test_nonfinite_step_is_skipped(setup):
 def test_update_norm_is_the_applied_change(setup):
   config, model, params = setup
   new, state, m = run(model, params, STAGE1, make_batch(config, seed=4))
-  before, after = optim.flatten(params), optim.flatten(new)
+  before, after = freeze.flatten(params), freeze.flatten(new)
   change = np.sqrt(sum(np.sum((np.asarray(after[p], np.float64) - np.asarray(before[p], np.float64)) ** 2)
                        for p in before))
   assert bool(m["finite"]) and change > 0

@@ -19,23 +19,24 @@ import numpy as np
 
 from configs import stage1
 from depthvlm_jax.model.depthvlm import random_params
-from depthvlm_jax.train import checkpoints, optim, trainer
+from depthvlm_jax.train import optim
+from depthvlm_jax.runs import checkpoints, freeze, model_from_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def write_stage1_run(workdir: pathlib.Path) -> None:
   config = stage1.get_config()
-  model = trainer.build_model(config)
+  model = model_from_config.build_model(config)
   params = random_params(model, seed=0)
-  trainable, frozen = optim.split_params(params, optim.trainable_mask(params, config.train.trainable))
+  trainable, frozen = freeze.split_params(params, freeze.trainable_mask(params, config.train.trainable))
   optimizer = optim.make_optimizer(lambda count: 1e-3, 1.0, 0.0)
   moments = optimizer.update(jax.tree.map(np.ones_like, trainable), optimizer.init(trainable), trainable)[1]
   mgr = checkpoints.manager(workdir / "checkpoints", keep=1, async_save=False)
   checkpoints.save(mgr, 3, {"step": np.int32(3), "params": trainable, "opt_state": moments,
                             "nonfinite": np.int32(0), "skipped_updates": np.int32(0)}, None, None)
   mgr.close()
-  checkpoints.save_frozen(workdir, optim.unflatten({p: v.astype(jnp.bfloat16) for p, v in optim.flatten(frozen).items()}))
+  checkpoints.save_frozen(workdir, freeze.unflatten({p: v.astype(jnp.bfloat16) for p, v in freeze.flatten(frozen).items()}))
 
 
 def _free_port() -> int:

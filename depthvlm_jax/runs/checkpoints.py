@@ -258,7 +258,7 @@ def restore_params(workdir: str | pathlib.Path, like: Any | None = None) -> tupl
   """(trainable, frozen) parameter trees of the newest intact checkpoint in another run's workdir.
 
   like: None = host arrays as stored (the whole trees). Otherwise the abstract parameters of the
-    model to start (nested dict of ShapeDtypeStructs with shardings, e.g. `trainer.params_like`):
+    model to start (nested dict of ShapeDtypeStructs with shardings, e.g. `model_from_config.params_like`):
     every array is read straight onto its target shards in its target dtype (no host copy of the
     model, works when arrays span processes), the other run's optimizer state is not read, and a
     parameter tree that differs from `like` raises ParamTreeMismatchError naming the paths. The split

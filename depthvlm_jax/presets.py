@@ -1,15 +1,19 @@
-"""Settings shared by both stages, and the presets as blocks of overrides.
+"""Training settings: the paper's base config, the presets, and what each stage changes.
 
-Presets (`--config=configs/stage1.py:PRESET`):
+Presets (`python main.py --config=configs/stage1.py:PRESET`):
   default   tiny random-init Qwen3-VL + DPT head on the embedded synthetic RGB-D set; 2-core CPU, minutes.
   paper_4b  the paper's settings on Qwen3-VL-4B-Instruct read from `model.hf_dir` (bf16, remat).
   paper_8b  the same on Qwen3-VL-8B-Instruct.
 
-`base_config()` holds the paper's settings; `PRESETS[name]` lists what a preset changes in them
-and each stage file adds its own block per preset. A config is built as
+A config is built as
   base_config() <- PRESETS[preset] <- the stage's common settings <- the stage's block for the preset,
-then command-line `--config.x.y=v` overrides.
+then command-line `--config.x.y=v` overrides. Every block is a flat {dotted field: value} dict
+applied to the locked base config, so a misspelt field is an error. `configs/stage1.py` and
+`configs/stage2.py` are the files `--config=` names; they call `get_config` here, so the library
+(the AOT sweep, the demo) builds the same configs without importing the top-level `configs` folder.
 """
+
+from __future__ import annotations
 
 import ml_collections
 
@@ -17,7 +21,7 @@ import ml_collections
 PRESETS = {
     "default": {
         "model.size": "tiny",
-        # (64, (32, 64, 128, 128), 16) cost 59 GFLOP per stage-1 step at 192x256; these 18.
+        # narrow DPT widths: the default run trains in minutes on a 2-core CPU
         "model.dpt_features": 32,
         "model.dpt_out_channels": (16, 32, 64, 64),
         "model.dpt_head_features": 16,
@@ -25,8 +29,8 @@ PRESETS = {
         "model.frozen_dtype": "float32",
         "model.remat": False,
         "model.scan_layers": False,
-        # the 3x4 tokens of 96x128 keep a stage-1 step near 5 GFLOP; the synthetic scenes (1.1:1 to 1.65:1
-        # landscape) all land in the first bucket, so a default run compiles one train step
+        # 3x4 image tokens; the synthetic scenes (1.1:1 to 1.65:1 landscape) all land in the first
+        # bucket, so a default run compiles one train step
         "data.buckets": ((96, 128), (128, 96)),
         "data.seq_len": 128,
         "data.num_workers": 0,
@@ -52,27 +56,67 @@ def default_workdir(stage: int, preset: str) -> str:
   return f"runs/stage{stage}_{preset}"
 
 
-def override(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-  """Sets each dotted field of `values` in `c` (a field that does not exist is an error)."""
-  for name, value in values.items():
-    *parents, leaf = name.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"config override {name!r}: no such field")
-    node[leaf] = value
-  return c
+# ---- stage 1: the depth head only (vision tower, LLM and LM head frozen), depth loss.
+_STAGE1_COMMON = {
+    "train.trainable": [("depth_head/.*", True), (".*", False)],
+    "train.warmup_fraction": 0.04,
+    "data.qa_weight": 0.0,
+}
+
+_STAGE1_PAPER = {"train.lr": 3.5e-4, "train.global_batch": 2560, "train.micro_batches": 8}
+_STAGE1_PER_PRESET = {
+    # 20 epochs over the 512 synthetic scenes (1280 steps); held-out δ1 every 320 steps.
+    "default": {"train.lr": 2e-3, "train.global_batch": 8, "train.epochs": 20.0, "eval_every": 320},
+    "paper_4b": _STAGE1_PAPER,
+    "paper_8b": _STAGE1_PAPER,
+}
 
 
-def make_config(arg, stage: int, common: dict, per_preset: dict) -> ml_collections.ConfigDict:
-  """base_config() <- PRESETS[preset] <- `common` (the stage's settings) <- `per_preset[preset]`; locked."""
-  preset = parse_preset(arg)
+# ---- stage 2: from the stage-1 run, LLM + LM head + depth head (vision frozen), depth + LM loss.
+# The paper presets reproduce the authors' recipe: the same depth images with the fixed reply and no
+# caption/QA data (`data.qa_weight` 0). The default preset mixes the synthetic set's caption/QA
+# samples (half of each batch) as an extension; for real data give `data.qa_files` and
+# `data.qa_weight`. The default preset starts from `runs/stage1_default` (stage 1's default
+# workdir); set `--config.model_init=DIR` for a run written elsewhere, and for the paper presets
+# (there "" starts a fresh head on `model.hf_dir`).
+_STAGE2_COMMON = {
+    "train.trainable": [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)],
+    "train.warmup_fraction": 0.05,
+}
+
+_STAGE1_DEFAULT_WORKDIR = default_workdir(1, "default")
+# One micro-batch of 640 rows: each extra micro-batch gathers the FSDP-sharded weights again, and
+# on a 64-chip slice 10 rows per chip fit (docs/measurements/tpu_aot.md). On fewer chips raise
+# train.micro_batches. data.qa_weight stays 0: the fixed reply on the depth images only, as the authors.
+_STAGE2_PAPER = {"train.lr": 2e-5, "train.global_batch": 640, "train.micro_batches": 1}
+_STAGE2_PER_PRESET = {
+    # 640 steps, half of each batch caption/QA samples. The tiny LLM starts from random init,
+    # hence the high lr.
+    "default": {"train.lr": 2e-3, "train.global_batch": 8, "train.total_steps": 640, "eval_every": 160,
+                "data.qa_weight": 0.5,
+                "model_init": _STAGE1_DEFAULT_WORKDIR,
+                # the same synthetic set (and held-out split) as stage 1, not a second copy
+                "data.synthetic_dir": f"{_STAGE1_DEFAULT_WORKDIR}/synthetic_data"},
+    "paper_4b": _STAGE2_PAPER,
+    "paper_8b": _STAGE2_PAPER,
+}
+
+
+STAGES = {1: (_STAGE1_COMMON, _STAGE1_PER_PRESET), 2: (_STAGE2_COMMON, _STAGE2_PER_PRESET)}
+
+
+def get_config(stage: int, preset: str | None = None) -> ml_collections.ConfigDict:
+  """base_config() <- PRESETS[preset] <- the stage's common block <- its block for the preset; locked."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {tuple(STAGES)}")
+  preset = parse_preset(preset)
+  common, per_preset = STAGES[stage]
   c = base_config(preset)
   c.stage = stage
+  c.lock()  # a field that does not exist is an error, not a new field
   for values in (PRESETS[preset], common, per_preset[preset]):
-    override(c, values)
-  return c.lock()
+    c.update_from_flattened_dict(values)
+  return c
 
 
 def base_config(preset):
