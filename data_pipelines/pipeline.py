@@ -54,7 +54,7 @@ PAD_PIXEL = 128  # grey: about 0 after the processor's (x / 255 - 0.5) / 0.5
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-  """One annotation file with its roots; `dataset` picks the depth range (SPEC §4).
+  """One annotation file with its roots; `dataset` picks the depth range.
 
   With `format="array_record"`, `jsonl` is instead a directory written by
   `data_pipelines.tfds_builder.convert` (examples already loaded and focal-unified) and `split` picks
@@ -212,7 +212,7 @@ def canonical_hw(record: Any, source: SourceSpec) -> tuple[int, int] | None:
 def load_canonical(record: rgbd.RGBDRecord, source: SourceSpec) -> rgbd.CanonicalSample:
   """Reads one record as the pipeline uses it (raises `rgbd.SampleError`).
 
-  RGB-D sources: focal-unified image and depth (SPEC §4). Caption/QA sources (`depth` None): the
+  RGB-D sources: focal-unified image and depth. Caption/QA sources (`depth` None): the
   image focal-unified too when the record gives `canonical_size` or `original_fx` (same geometry
   as the depth data), else as stored.
   """

@@ -1,6 +1,6 @@
 """DepthVLM annotation records (JSON Lines) and RGB-D readers with focal-length unification.
 
-SPEC §4: every image is resized so that its focal length becomes `canonical_fx` (RGB bilinear,
+Focal unification: every image is resized so that its focal length becomes `canonical_fx` (RGB bilinear,
 depth nearest) to `canonical_size` = original size * canonical_fx / original_fx (rounded);
 Taskonomy and HM3D are centre-cropped to a 1024-pixel edge (cropping keeps fx); depth outside
 the dataset's range becomes 0 (invalid); a sample without a valid depth pixel is skipped.

@@ -22,7 +22,7 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), 
            "white": (230, 230, 230), "orange": (230, 120, 30), "purple": (140, 50, 170), "grey": (120, 120, 120)}
 INDOOR_CLASSES = ("box", "cabinet", "table", "ball")
 OUTDOOR_CLASSES = ("car", "van", "truck")
-# The canonical camera (SPEC §4 focal unification) and the size range of its images: a little larger
+# The canonical camera (focal unification) and the size range of its images: a little larger
 # than the default preset's 96x128 bucket, so that one crop sees nearly the whole scene (horizon,
 # floor, far wall) instead of a fragment. Rendered images stay about 180-460 px wide.
 CANONICAL_FX = 150.0

@@ -43,7 +43,7 @@ class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
   Example features: image (H, W, 3) uint8; depth (H, W) float32 metres, 0 = invalid ((0, 0) when
   `has_depth` is False); prompt, solution, key ("file:line"), dataset (text); canonical_fx;
   crop_offset (2,) int32 (x0, y0) and size_before_crop (2,) int32 (W, H) of the centre crop;
-  pixel_coords (N, 2) float32 and sparse_depth (N,) float32 (SPEC §4 sparse evaluation, N may be 0).
+  pixel_coords (N, 2) float32 and sparse_depth (N,) float32 (sparse evaluation points, N may be 0).
   """
 
   VERSION = tfds.core.Version(VERSION)
@@ -59,7 +59,7 @@ class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description="DepthVLM RGB-D / caption-QA examples, focal-unified (SPEC §4).",
+        description="DepthVLM RGB-D / caption-QA examples, focal-unified.",
         features=tfds.features.FeaturesDict({
             # zlib-compressed raw pixels: about twice as fast to decode as PNG (lossless either way)
             "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),

@@ -1,4 +1,4 @@
-"""DepthVLM-Bench evaluation (SPEC §5): per-dataset and average δ1 and the standard depth metrics.
+"""DepthVLM-Bench evaluation: per-dataset and average δ1 and the standard depth metrics.
 
   python -m depthvlm_jax.evaluate --model DIR_OR_CKPT \\
       --data scannetpp=/data/scannetpp/test.jsonl|/data/scannetpp/rgb|/data/scannetpp/depth \\

@@ -100,7 +100,7 @@ def hf_tensors(params: dict[str, Any], config: Qwen3VLConfig) -> Iterator[tuple[
   yield from hf_params.params_to_hf(params, config)
 
 
-# The widths the authors' DPT head is built with (SPEC §1): features, out_channels, head_features.
+# The widths the authors' DPT head is built with: features, out_channels, head_features.
 OFFICIAL_DPT = (256, (256, 512, 1024, 1024), 32)
 
 

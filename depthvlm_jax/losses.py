@@ -1,4 +1,4 @@
-"""DepthVLM losses (SPEC §2) as (sum, count) pairs: accumulate both over micro-batches, divide once.
+"""DepthVLM losses as (sum, count) pairs: accumulate both over micro-batches, divide once.
 
 * Depth: SILog per image, then the mean over images that have at least one valid pixel
   (hanxunyu/DepthVLM `Qwen3VLForConditionalGeneration._silog_loss` and its per-sample loop).

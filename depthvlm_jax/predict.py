@@ -1,4 +1,4 @@
-"""Depth maps, point clouds and text answers for images (SPEC §6).
+"""Depth maps, point clouds and text answers for images.
 
   python -m depthvlm_jax.predict --model DIR_OR_CKPT --image PATH [--fx F] [--prompt TEXT] --out DIR
 

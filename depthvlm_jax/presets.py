@@ -173,7 +173,7 @@ def base_config(preset):
   # square (Taskonomy, HM3D centre crops).
   c.data.buckets = ((768, 1024), (1024, 1344), (640, 960), (576, 896), (704, 1248), (1152, 864), (1024, 1024))
   # Padded sequence length; 0 = each bucket's image tokens + `text_tokens` (768 + 128 = 896 for the
-  # 768x1024 bucket: a sample is about 840 tokens, where a fixed 4096 spent ~80% of the step on padding).
+  # 768x1024 bucket, where a sample is a little shorter: a fixed long length would be mostly padding).
   c.data.seq_len = 0
   c.data.text_tokens = 128  # prompt + reply budget when seq_len = 0; longer samples are skipped as too_long
   # Mixing weight of each train source by name; a source not listed weighs its record count (the

@@ -2,7 +2,7 @@
 
 `DepthVLMForConditionalGeneration.from_pretrained(DIR)` loads a directory written by
 `python -m depthvlm_jax.export` (or the official DepthVLM checkpoint layout) strictly: backbone keys
-`model.*`, `lm_head.*` and head keys `depth_head.*`. The heads follow SPEC.md §1 and the official
+`model.*`, `lm_head.*` and head keys `depth_head.*`. The heads follow the official
 checkpoint's module names, including the official in-place ReLU of the residual conv unit (the
 residual adds relu(x)). Depth is computed per image here (reference code, not a training path).
 """

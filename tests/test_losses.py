@@ -1,4 +1,4 @@
-"""Losses against NumPy / PyTorch references (SPEC §2)."""
+"""Losses against NumPy / PyTorch references."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""What a depth prediction is turned into for users (SPEC §6): files, colours, point clouds.
+"""What a depth prediction is turned into for users: files, colours, point clouds.
 
   * 16-bit PNG in millimetres (0 = invalid, saturates at 65.535 m) and float32 .npy in metres;
   * a Turbo colour map over the 2nd-98th percentile of the valid depths, side by side with the RGB;

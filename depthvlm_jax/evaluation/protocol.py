@@ -1,6 +1,6 @@
 """DepthVLM-Bench protocol pieces on the host: conventions, coordinate frames, sparse points, dense maps.
 
-Two protocols (`PROTOCOLS`, `CONVENTIONS`; SPEC §4-5; the README has the full table):
+Two protocols (`PROTOCOLS`, `CONVENTIONS`; docs/evaluation.md has the full table):
   official: the authors' evaluator (DepthVLM `eval/eval.py` + `utils/datasets.py`) end to end, so the
             paper's numbers can be compared: 28-then-32 preprocessing (`processing.image_processor`),
             system prompt, GT depth upsampled with OpenCV's INTER_NEAREST rule (`rgbd.NEAREST_RULES`),
@@ -48,7 +48,7 @@ PROTOCOLS = ("official", "correct")
 COORD_MODES = PROTOCOLS  # the former name of the choice (`evaluate --coords`)
 FRAMES = ("rgb", "depth")
 MODES = ("sparse", "dense")
-# Frame of `pixel_coords` in the released annotations of a dataset kind (SPEC §5, checked on the
+# Frame of `pixel_coords` in the released annotations of a dataset kind (checked on the
 # ScanNet++ examples: every coordinate lies inside the 256x192 depth map and matches its values).
 KNOWN_FRAMES = {"scannetpp": "depth"}
 FRAME_FIELD = "pixel_coords_frame"

@@ -1,4 +1,4 @@
-"""The evaluation loop (SPEC §5): datasets -> planned items -> loaded samples -> predictor -> per-image
+"""The evaluation loop: datasets -> planned items -> loaded samples -> predictor -> per-image
 metrics, appended to `per_image.jsonl` after every batch (a rerun with the same settings resumes),
 then the summary (`report.py`) in `results.json`.
 
@@ -35,7 +35,7 @@ class EvalConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class EvalDataset:
-  """One annotation file with its roots; `kind` picks depth range and crop (SPEC §4)."""
+  """One annotation file with its roots; `kind` picks depth range and crop."""
 
   name: str
   jsonl: str

@@ -1,4 +1,4 @@
-"""DepthVLM depth heads (SPEC §1): the DPT head and the MLP ablation head.
+"""DepthVLM depth heads: the DPT head and the MLP ablation head.
 
 Both heads read four token-feature maps of one image grid, in this order: DeepStack merger outputs
 0, 1, 2 and the LLM's last hidden states (after the final norm) at the image tokens, each
@@ -208,7 +208,7 @@ def _check_features(features: Sequence[jax.Array]) -> tuple[int, int]:
 
 
 class DPTDepthHead(nn.Module):
-  """DPT metric-depth head of DepthVLM (SPEC §1).
+  """DPT metric-depth head of DepthVLM.
 
   Attributes:
     hidden_size: C, the LLM hidden size (= DeepStack merger output size).
@@ -255,7 +255,7 @@ class DPTDepthHead(nn.Module):
 
 
 class MLPDepthHead(nn.Module):
-  """MLP ablation head: each token predicts its own patch x patch depth patch (SPEC §1).
+  """MLP ablation head: each token predicts its own patch x patch depth patch.
 
   LayerNorm(C_in) -> Linear(C_in, mlp_hidden) -> GELU (exact erf, torch `nn.GELU()`) ->
   Linear(mlp_hidden, patch**2) -> patches tiled to (B, patch*h, patch*w) -> optional bilinear

@@ -1,6 +1,6 @@
 """DepthVLM: Qwen3-VL plus a depth head; one forward gives LM logits and metric depth maps.
 
-The depth head reads four token-feature maps per image (SPEC §1): the three DeepStack merger
+The depth head reads four token-feature maps per image: the three DeepStack merger
 outputs and the LLM's last hidden states (after the final norm) at the image tokens. Depth is
 computed on the static token grid `depth_grid` of the call (the bucket): an image whose own grid
 fits inside it sits at the top left, the rest of the map is zero features (padding, which the

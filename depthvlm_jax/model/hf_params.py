@@ -15,7 +15,7 @@ Kinds:
   bias            any bias                                <-> bias
   table           embedding tables                        <-> the array itself
 
-Depth-head keys (SPEC §1), one to one with our tree under `depth_head/`:
+Depth-head keys (the authors' checkpoint names), one to one with our tree under `depth_head/`:
   norm.{weight,bias}                            norm/{scale,bias}
   projects.i.{weight,bias}                      projects_i/{kernel,bias}               1x1 conv
   resize_layers.i.{weight,bias}  (i < 3)        resize_layers_i/{kernel,bias}          ConvTranspose k=s

@@ -2,7 +2,7 @@
 
 A step holds what changes while training: the trainable parameters, the optimizer state, the step
 and non-finite counters, and the grain iterator. The frozen parameters (in stage 1 the whole
-backbone: 17.7 GB at fp32 for the 4B model) never change, so they are written once, when the run
+backbone, most of the model's bytes) never change, so they are written once, when the run
 starts, to `<workdir>/frozen_params` (FROZEN_DIR), and every step of the run restores with them.
 Steps written by earlier versions, which hold a `frozen` item of their own, still restore.
 
@@ -172,8 +172,8 @@ def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
   run killed before its first step starts afresh and writes them again.
   """
   path = pathlib.Path(workdir).absolute() / FROZEN_DIR
-  # At most FROZEN_SAVE_CONCURRENT_GB of arrays in flight to host memory (orbax's default, 96 GB, copied
-  # the whole 8.3 GiB 4B backbone at once: the CPU full-size run's peak went from 9.4 to 13.7 GiB).
+  # At most FROZEN_SAVE_CONCURRENT_GB of arrays in flight to host memory: orbax's default is large
+  # enough to copy a whole 4B backbone to the host at once, on top of the model already there.
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=FROZEN_SAVE_CONCURRENT_GB)
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(path, ocp.args.StandardSave(frozen), force=True)  # synchronous

@@ -129,8 +129,8 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
   unroll_micro_batches: accumulate gradients in a Python loop (K copies of the model in the
     program) instead of `lax.scan`. None = unroll when there is one micro-batch or the target is
     the CPU: XLA:CPU runs convolutions inside a while-loop body through a slow generic path
-    (jax-ml/jax#12868; the DPT head's train step at 640x480 took 85 s inside a length-1 scan against
-    2 s outside). Accelerators keep the scan, whose program size does not grow with K.
+    (jax-ml/jax#12868), many times slower than the same convolutions outside a loop. Accelerators
+    keep the scan, whose program size does not grow with K.
   """
   unroll = (micro_batches == 1 or platform == "cpu") if unroll_micro_batches is None else unroll_micro_batches
   # As the reference: the weight balances depth against LM; depth alone is used unweighted.
@@ -182,8 +182,7 @@ def guarded_update(optimizer: optax.GradientTransformation, state: dict[str, Any
   grad_norm = optax.tree.norm(grads)
   # The guard is decided before the update, so the optimizer's pass over params and moments runs
   # once, inside the branch, in place. Refusing on the update itself would keep the update, the
-  # new and the old state alive together: on the CPU that doubled the optimizer's time (stage 2
-  # of the benchmark model, 28.7M trainable parameters: 150 -> 95 ms).
+  # new and the old state alive together, and the optimizer's pass over them would run twice.
   inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply_update():

@@ -13,7 +13,7 @@ from data_pipelines.skips import SOURCE_KEY
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 
-# Canonical (fx = 1000) sizes (W, H) of the training sets' images (issue 18) and the paper bucket
+# Canonical (fx = 1000) sizes (W, H) of the training sets' images and the paper bucket
 # (H, W) each must land in.
 CANONICAL = {"waymo": ((932, 621), (640, 960)), "ddad": ((888, 558), (576, 896)),
              "nuscenes": ((1264, 711), (704, 1248)), "argoverse": ((874, 1155), (1152, 864)),

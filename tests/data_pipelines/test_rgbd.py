@@ -1,4 +1,4 @@
-"""RGB-D readers: real ScanNet++ frames follow SPEC §4; every bad-input kind is caught with a reason."""
+"""RGB-D readers: real ScanNet++ frames follow focal unification; every bad-input kind is caught with a reason."""
 
 import json
 

@@ -28,7 +28,7 @@ SIZES = [(192, 1006), (256, 1342), (192, 1004), (256, 1339), (1024, 1006), (1344
 @needs_frames
 def test_official_constant_2m_gives_the_authors_figures(tmp_path, capsys):
   """Authors' eval/eval.py on these four frames with a constant 2 m prediction: sparse 0.075000,
-  dense 0.285620 (SPEC §5, issue 19)."""
+  dense 0.285620 (the authors' evaluation of the released checkpoint)."""
   summary = ev.main(["--baseline", "constant:2", "--protocol", "official", "--data", SCANNETPP,
                      "--out", str(tmp_path / "o"), "--workers", "1"])
   d = summary["datasets"]["scannetpp"]

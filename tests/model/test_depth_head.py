@@ -1,4 +1,4 @@
-"""Depth heads and their key map against PyTorch references written here from SPEC.md §1.
+"""Depth heads and their key map against PyTorch references written here from the paper's description.
 
 The references use the official key names (hanxunyu/DepthVLM `depth_head.*`) and the official
 in-place ReLU of the residual conv unit; they are our own code, not the reference's.
@@ -27,7 +27,7 @@ SMALL = dict(features=32, out_channels=(16, 32, 48, 64), head_features=8)
 
 
 # ----------------------------------------------------------------------------- torch references
-# The PyTorch heads live in depthvlm_jax/torch_export.py (written from SPEC.md, shipped for export).
+# The PyTorch heads live in depthvlm_jax/torch_export.py (shipped for export).
 class Wrapper(torch.nn.Module):
   """Gives the reference head the official `depth_head.` prefix."""
 

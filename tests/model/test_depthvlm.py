@@ -1,5 +1,5 @@
 """DepthVLM end to end: logits and depth maps equal the PyTorch composition (HF Qwen3-VL + a torch
-DPT head from SPEC.md); one compilation per image-size bucket."""
+DPT head); one compilation per image-size bucket."""
 
 import jax
 import numpy as np
