@@ -48,6 +48,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
+  # The fast tier, `python -m pytest -q -n 2 --dist loadfile -m "not slow" tests`, leaves these out.
+  config.addinivalue_line("markers", "slow: compiles a model, trains, or starts processes (minutes); "
+                          "left out by -m 'not slow', always run by CI")
   if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order above
     config.option.loadscopereorder = False
 
