@@ -1,5 +1,6 @@
-"""The README's Layout table matches the tree: every path it names exists, and every module of the
-packages and every top-level folder is named (a package folder by its own row)."""
+"""The README's Layout table matches the tree: every path it names exists, and every module of
+`depthvlm_jax/`, every package folder inside it and every top-level folder is named (a folder row
+names everything under it)."""
 
 import pathlib
 import re
@@ -40,6 +41,8 @@ def test_every_module_and_folder_is_named():
           for p in sorted((ROOT / pkg).glob("*.py")) if p.name != "__init__.py"]
   want += [f"{p.name}/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")
            and p.name not in ("depthvlm_jax", "__pycache__", "runs", "build") and not p.name.endswith(".egg-info")]
+  want += [f"depthvlm_jax/{p.name}/" for p in sorted((ROOT / "depthvlm_jax").iterdir())
+           if p.is_dir() and p.name != "__pycache__"]
   want += ["main.py"]
   unnamed = [w for w in want if w not in named and not any(w.startswith(f) for f in folders if f != w)]
   assert not unnamed, f"README Layout does not name: {unnamed}"
