@@ -80,6 +80,7 @@ def _check_program(name, p):
     assert p["uncosted_kernels"] == 0 and p["uncosted_kernel_s"] == 0
 
 
+@pytest.mark.slow
 def test_cli_stage1_reports_every_program(stage1_cli):
   report, stdout = stage1_cli
   assert report["topology"] == TOPOLOGY and report["chips"] == 4
@@ -95,6 +96,7 @@ def test_cli_stage1_reports_every_program(stage1_cli):
   assert report["host"]["report_s"] > 0 and report["host"]["peak_rss_gib"] > 0
 
 
+@pytest.mark.slow
 def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
   """Per-chip argument bytes == one device's shards of params, optimizer state, frozen params and batch."""
   report, _ = stage1_cli
@@ -119,6 +121,7 @@ def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
   assert shard_bytes(ti.batch) * 4 == pytest.approx(full_batch, rel=0.01)
 
 
+@pytest.mark.slow
 def test_stage2_train_step_compiles():
   """Stage 2's step, for the portrait bucket (the CLI fixture compiles the landscape one; the prefill and
   decode programs are the same model's as stage 1's)."""
@@ -135,6 +138,7 @@ def test_stage2_train_step_compiles():
   assert p["model_flops"] == pytest.approx(aot.train_model_flops(landscape), rel=0.02)
 
 
+@pytest.mark.slow
 def test_oversized_batch_is_reported_not_raised():
   c = _config(stage1, **{"data.buckets": ((2048, 2048),), "train.global_batch": 64, "data.seq_len": 4200})
   report = aot.report(c, TOPOLOGY, programs=("train",))

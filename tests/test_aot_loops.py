@@ -12,6 +12,7 @@ pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU sl
 
 from configs import stage1  # noqa: E402
 from depthvlm_jax import aot  # noqa: E402
+from depthvlm_jax.aot import programs  # noqa: E402
 from tests.test_aot import B0, TOPOLOGY, _config  # noqa: E402
 
 MLP = {"model.head_type": "mlp"}
@@ -24,6 +25,7 @@ def one_pass():
   return report["programs"][f"train@{B0}"]
 
 
+@pytest.mark.slow
 def test_scanned_micro_batch_cost_is_corrected(one_pass):
   """The cost model counts a while-loop body once: 2 scanned micro-batches of 4 rows, corrected, cost
   what one pass over the same 8 rows costs, and uncorrected about half."""
@@ -40,12 +42,13 @@ def test_scanned_micro_batch_cost_is_corrected(one_pass):
   assert scanned["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_memory_only_compiles_once(one_pass, monkeypatch):
   """--memory_only: one compile of the step, the same memory as the full report, no cost figures."""
   full = one_pass
   calls = []
-  real = aot.compile_stats
-  monkeypatch.setattr(aot, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = programs.compile_stats  # patched where the programs call it
+  monkeypatch.setattr(programs, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
   report = aot.report(_config(stage1, **MLP), TOPOLOGY, programs=("train",), buckets=(B0,), memory_only=True)
   p = report["programs"][f"train@{B0}"]
   assert len(calls) == 1
@@ -58,6 +61,7 @@ def test_memory_only_compiles_once(one_pass, monkeypatch):
     assert p[k] is None, k
 
 
+@pytest.mark.slow
 def test_scanned_layer_cost_is_corrected(monkeypatch):
   """With `model.scan_layers` each tower's layer loop is counted once by the cost model; corrected from
   the probe compiles, the step costs what the unrolled step costs. A tiny model deep enough to scan:

@@ -28,6 +28,8 @@ from data_pipelines import rgbd, synthetic
 from depthvlm_jax import demo, predict
 from depthvlm_jax.evaluation import outputs
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

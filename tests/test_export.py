@@ -49,6 +49,7 @@ def _compare(config, model, params, torch_model, tol=1e-4):
     assert (np.abs(np.asarray(out.depth[i]) - d.numpy()) / d.numpy()).max() < tol
 
 
+@pytest.mark.slow
 def test_export_loads_in_pytorch_and_matches(tmp_path, jax_model):
   config, model, params = jax_model
   out = export.write_hf_dir(params, config, model.head, tmp_path / "hf", max_shard_bytes=2**20,
@@ -66,6 +67,7 @@ def test_export_loads_in_pytorch_and_matches(tmp_path, jax_model):
   assert set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+@pytest.mark.slow
 def test_pytorch_to_jax(tmp_path, jax_model):
   config, model, _ = jax_model
   hf_cfg = transformers.Qwen3VLConfig(**config.to_hf_dict())
@@ -92,6 +94,7 @@ def test_bf16_export(tmp_path, jax_model):
     np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_cli_from_training_workdir(tmp_path):
   """`python -m depthvlm_jax.export --checkpoint WORKDIR` writes a directory PyTorch loads strictly,
   holding exactly the run's parameters."""

@@ -17,6 +17,8 @@ from depthvlm_jax.model.layers import abstract_params
 from flax import traverse_util
 from tests.conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 
 def test_random_checkpoint_is_sharded_bf16_and_loads(tmp_path):
   out = tmp_path / "ckpt"

@@ -14,6 +14,8 @@ import nbclient
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 NB_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 
 

@@ -53,6 +53,7 @@ def test_place_params_puts_each_leaf_on_its_sharding():
     sharding.place_params({"a": {"v": host["a"]["w"]}, "b": host["b"]}, shardings)
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_unsharded():
   config = Qwen3VLConfig.tiny()
   hf = ref.make_hf_model(config, seed=11)
@@ -96,6 +97,7 @@ def test_constrain_applies_the_rules_only_under_a_context_mesh():
     f(on_mesh[None])
 
 
+@pytest.mark.slow
 def test_row_local_forward_on_a_sharded_batch_moves_no_activations():
   """Data parallel over 8 devices: with one image per row (`images_per_row=1`) and the activation
   constraints (`sharding.in_mesh`), the compiled forward has no all-gather (nor any other collective:

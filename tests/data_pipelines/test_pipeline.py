@@ -58,6 +58,7 @@ def _find(state, key):
   return []
 
 
+@pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted_in_the_full_pipeline(data, tok):
   root, files = data
   spec = pipeline.ExampleSpec((96, 128), 128, with_answer=True)

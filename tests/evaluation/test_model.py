@@ -34,6 +34,7 @@ def loaded(hf_dir):
   return loading.load_model(hf_dir)
 
 
+@pytest.mark.slow
 def test_predict_writes_every_output(tmp_path, hf_dir, loaded):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
@@ -78,6 +79,7 @@ def test_predict_writes_every_output(tmp_path, hf_dir, loaded):
     predict.list_images(tmp_path / "bad.txt")
 
 
+@pytest.mark.slow
 def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
   from depthvlm_jax import sharding
   path = write_dataset(tmp_path / "d", 3, seed=3)
@@ -106,6 +108,7 @@ def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
       assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (mode, k)
 
 
+@pytest.mark.slow
 def test_loader_reads_a_training_workdir_and_refuses_junk(tmp_path, hf_dir, loaded):
   from configs import stage1
   from depthvlm_jax.runs import checkpoints, model_from_config
@@ -143,6 +146,7 @@ def test_loader_reads_a_training_workdir_and_refuses_junk(tmp_path, hf_dir, load
     loading.load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_loader_gives_a_plain_qwen3_vl_directory_a_fresh_head(tmp_path, loaded):
   backbone = {k: v for k, v in loaded.params.items() if k != "depth_head"}
   d = export.write_hf_dir(backbone, loaded.model.config, None, tmp_path / "qwen", processing_files=False)

@@ -8,6 +8,8 @@ import pytest
 from depthvlm_jax.runs import checkpoints
 from tests.hostile.conftest import error_line, train
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 
 def damage(step_dir):
   """Truncates the array data files of the step's train state (what a full disk or a cut copy leaves)."""

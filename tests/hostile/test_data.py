@@ -76,6 +76,7 @@ def test_all_bad_source_mixed_with_a_good_one_is_named(good):
       assert "_source" not in batch and batch["has_depth"].all()
 
 
+@pytest.mark.slow
 def test_a_good_source_with_some_bad_samples_keeps_going(good):
   root, files = good
   lines = files["train"].read_text().splitlines()

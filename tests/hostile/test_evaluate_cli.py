@@ -1,6 +1,7 @@
 """`evaluate` and `predict` on a training workdir whose config.json was damaged: one line naming the
 file (it used to be a JSONDecodeError traceback)."""
 
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -8,6 +9,7 @@ from tests.hostile.conftest import error_line, run
 from tests.hostile.test_predict_cli import call
 
 
+@pytest.mark.slow
 def test_evaluate_names_the_invalid_workdir_config(run_copy, tmp_path):
   workdir, data = run_copy
   (workdir / "config.json").write_text('{"model": ')

@@ -17,6 +17,7 @@ def tree(path):
   return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+@pytest.mark.slow
 def test_cli_refuses_the_training_workdir_and_its_parent(trained):
   workdir, _ = trained
   before = tree(workdir)
@@ -88,6 +89,7 @@ def test_failed_export_names_out_not_its_temporary_folder(tmp_path, monkeypatch)
   assert list(tmp_path.iterdir()) == []  # and it is gone
 
 
+@pytest.mark.slow
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text("{broken")

@@ -20,6 +20,8 @@ from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM
 from tests.evaluation.helpers import random_params
 from tests.hostile.conftest import error_line
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 
 def bomb_png(path, w=60000, h=60000):
   """A valid PNG header declaring w x h pixels, with almost no data (what a decompression bomb starts as)."""

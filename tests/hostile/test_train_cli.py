@@ -70,23 +70,27 @@ def test_attention_kernel_of_another_platform_is_refused_before_the_workdir_is_t
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_without_traceback(tmp_path):
   proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config.train.lr=-1", "--config.train.micro_batches=0")
   error_line(proc.returncode, proc.stderr, "train.lr=-1.0", "train.micro_batches=0")
   assert not (tmp_path / "w").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_unknown_override_names_the_flag(tmp_path):
   proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config.data.train_files.mydata=a.jsonl|img|depth")
   line = error_line(proc.returncode, proc.stderr, "--config.data.train_files.mydata", "config file")
   assert "c.data.train_files" in line  # says how to give named files instead
 
 
+@pytest.mark.slow
 def test_cli_missing_config_file_names_it(tmp_path):
   proc = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/nope.py")
   error_line(proc.returncode, proc.stderr, "--config=configs/nope.py", "No such file")
 
 
+@pytest.mark.slow
 def test_resume_with_changed_model_is_refused_with_the_diff(run_copy):
   workdir, data = run_copy
   before = (workdir / "config.json").read_text()
@@ -97,6 +101,7 @@ def test_resume_with_changed_model_is_refused_with_the_diff(run_copy):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_invalid_workdir_config_json_is_named(run_copy):
   workdir, data = run_copy
   (workdir / "config.json").write_text("{not json")
@@ -104,6 +109,7 @@ def test_invalid_workdir_config_json_is_named(run_copy):
   error_line(proc.returncode, proc.stderr, str(workdir / "config.json"), "not valid JSON")
 
 
+@pytest.mark.slow
 def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(run_copy):
   workdir, data = run_copy
   with workdir_lock.hold(workdir):  # this test process plays the running trainer

@@ -43,6 +43,7 @@ def _max_diff_at_real_rows(a, b, mask):
   return float(jnp.max(jnp.abs(jnp.where(mask.kv_valid[:, :, None, None], a - b, 0))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_splash_interpret_matches_xla_form(causal):
   # 200 slots pad to 256 = two kernel blocks (causal blocks above the diagonal are skipped); grouped
@@ -58,6 +59,7 @@ def test_splash_interpret_matches_xla_form(causal):
       assert float(jnp.max(jnp.abs(a - b))) < TOL * 5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("prefix", [True, False], ids=["seq_lengths", "mask"])
 def test_dot_product_attention_call_matches_xla_form(causal, prefix):
@@ -73,6 +75,7 @@ def test_dot_product_attention_call_matches_xla_form(causal, prefix):
     assert float(jnp.max(jnp.abs(a - b))) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask_kind", ["causal", "padding", "none"])
 def test_query_chunks_equal_the_whole_xla_form(mask_kind):
   """On XLA:CPU, past `max_logits_bytes` the XLA form runs over query chunks (300 queries in chunks
@@ -142,6 +145,7 @@ def test_attention_impl_is_a_run_setting_not_part_of_config_json():
                                                                        attention_impl="flash"))
 
 
+@pytest.mark.slow
 def test_model_with_the_splash_kernel_matches_the_xla_form(monkeypatch):
   """A Qwen3-VL forward with every attention through the splash kernel (interpret mode): the
   vision tower's per-image padding (images of 48 and 16 patches, a padding image slot) and the

@@ -127,6 +127,7 @@ def test_attention_query_chunks_only_on_cpu(monkeypatch):
   assert "scan[" not in traced()
 
 
+@pytest.mark.slow
 def test_resize_is_a_matmul_without_loops_on_tpu():
   """Compiled for a TPU chip, the bilinear resize's gathers of a large map (here 126 MB, as the depth
   head's at 768x1024; smaller ones stay gathers) become while loops, one trip per output row, counted

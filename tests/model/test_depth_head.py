@@ -87,6 +87,7 @@ def test_dpt_matches_torch(small_dpt, grid, output_size):
   assert max_rel_err(got, want) < 1e-5
 
 
+@pytest.mark.slow
 def test_dpt_default_widths_match_torch():
   ref = randomize(Wrapper(TorchDPT(C)).eval(), seed=1)
   params = torch_state_dict_to_flax(ref.state_dict())
@@ -271,6 +272,7 @@ def test_conv3x3_gradients_equal_autodiff(hw):
   np.testing.assert_allclose(cpu_kernels.kernel_grad_3x3(x, w), want, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dpt_gradients_match_torch(small_dpt):
   """Parameter gradients of the head (fused upsample + conv backward included) equal torch autograd."""
   ref, params = small_dpt

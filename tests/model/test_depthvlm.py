@@ -89,6 +89,7 @@ def test_requested_output_size(composed):
   assert (np.abs(np.asarray(out.depth[0]) - ref_depth[0]) / ref_depth[0]).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_one_compilation_per_bucket(composed):
   config, _, _, model, params = composed
   traces = []
@@ -110,6 +111,7 @@ def test_one_compilation_per_bucket(composed):
   assert traces == [(2, 2), (3, 4), (4, 3)]
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_options(composed):
   config, _, _, model, params = composed
   rng = np.random.default_rng(5)
@@ -135,6 +137,7 @@ def test_remat_and_bf16_options(composed):
   assert all(x.dtype == jax.numpy.float32 for x in jax.tree.leaves(g16))
 
 
+@pytest.mark.slow
 def test_scanned_layers_equal_unrolled():
   """`scan_layers` (stacked per-layer params under lax.scan, with and without a remat policy) gives the
   unrolled model's outputs and gradients, on a model deep enough that both towers really scan:

@@ -14,6 +14,8 @@ from depthvlm_jax.train import optim
 from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.train import model_state
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 STAGE2 = [("visual/.*", False), ("(language_model|lm_head)/.*", True), ("depth_head/.*", True)]
 MODEL = DepthVLM(Qwen3VLConfig.tiny(vocab_size=512), head=DepthHeadConfig.tiny())
 OPT = optim.make_optimizer(lambda c: 1e-3, 1.0, 0.0)
@@ -48,6 +50,7 @@ def saved(tmp_path_factory):
   return directory, state, frozen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [{"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1}])
 def test_restore_onto_another_mesh(saved, target):
   directory, state, frozen = saved

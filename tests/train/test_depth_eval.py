@@ -75,6 +75,7 @@ def unpadded(setup):
   return result[0]
 
 
+@pytest.mark.slow
 def test_one_compile_padded_last_batch_and_skips(setup, unpadded):
   one_device = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   # batches of 2: the last of each source is padded (5 records: 2, 2, 1 + 1 pad; 6: 2, 2, 2 with one skip)
@@ -93,6 +94,7 @@ def test_one_compile_padded_last_batch_and_skips(setup, unpadded):
     assert (missing["best_constant_m"], missing["best_constant_delta1"]) == pytest.approx(constant, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_sharded_over_eight_devices_equals_one_device(setup, unpadded):
   assert jax.device_count() == 8
   (sharded,), sets, compiles = _evaluate(setup, sharding.make_mesh({"data": 4, "fsdp": 2}), 1)

@@ -6,6 +6,7 @@ stage-1 depth loss over 4 images: loss within 1e-4 relative, the head's gradient
 relative (global norm of the difference; measured: loss equal to 7 digits, gradient 6.7e-4).
 """
 
+import pytest
 import ml_collections
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ def test_params_like_keeps_only_frozen_params_in_bf16():
     assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in flat.values())
 
 
+@pytest.mark.slow
 def test_bf16_frozen_towers_match_fp32_with_bf16_compute():
   config = Qwen3VLConfig.tiny(vocab_size=151936)
   model = DepthVLM(config, head=DepthHeadConfig.tiny(), dtype=jnp.bfloat16)

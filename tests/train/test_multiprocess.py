@@ -25,6 +25,8 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.train import distributed, trainer
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 2  # step 1 runs at lr 0 (warmup) but feeds Adam's moments; step 2 moves the parameters
 OVERRIDES = {"data.synthetic_train": 16, "data.synthetic_test": 2, "data.buckets": ((64, 64),), "data.seq_len": 64,

@@ -71,6 +71,7 @@ def steps_written(workdir):
   return ckpts, rows
 
 
+@pytest.mark.slow
 def test_stop_at_the_step_that_reaches_the_limit(run):
   # steps 3, 4, 5 non-finite: step 5 is neither a log nor a checkpoint step, so its counter is read
   # late, after step 6 is dispatched; the error still names step 5.
@@ -85,6 +86,7 @@ def test_stop_at_the_step_that_reaches_the_limit(run):
   assert steps_written(workdir) == ([2], [4])
 
 
+@pytest.mark.slow
 def test_a_shorter_streak_does_not_stop_the_run(run):
   workdir, results = run((3, 4))
   assert isinstance(results, dict), results

@@ -25,6 +25,8 @@ from flax.traverse_util import flatten_dict as flatten
 from depthvlm_jax.runs import checkpoints
 from depthvlm_jax.runs.freeze import merge_params
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
 # A tiny stage-1 run: two small buckets, narrow head, batch 2, checkpoints every 2 steps.

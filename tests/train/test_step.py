@@ -65,6 +65,7 @@ def run(model, params, rules, batch, micro=1, with_lm=False, steps=1, opt=ADAMW,
   return freeze.merge_params(state["params"], frozen), state, metrics
 
 
+@pytest.mark.slow
 def test_stage1_changes_only_the_depth_head(setup):
   config, model, params = setup
   new, state, m = run(model, params, STAGE1, make_batch(config))
@@ -91,6 +92,7 @@ def full_batch_sgd_step(setup):
 
 # unroll=True: the Python loop XLA:CPU gets (2 copies of the step); False: the lax.scan accelerators
 # get (4 trips of one body)
+@pytest.mark.slow
 @pytest.mark.parametrize("micro,unroll", [(2, True), (4, False)])
 def test_micro_batches_equal_full_batch(setup, full_batch_sgd_step, micro, unroll):
   config, model, params = setup
@@ -101,6 +103,7 @@ def test_micro_batches_equal_full_batch(setup, full_batch_sgd_step, micro, unrol
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped(setup):
   config, model, params = setup
   batch = make_batch(config, seed=2)
@@ -128,6 +131,7 @@ def test_update_norm_is_the_applied_change(setup):
   np.testing.assert_allclose(float(m["update_norm"]), change, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_counts_as_nonfinite(setup):
   """Finite gradients but an infinite learning rate: the update cannot be refused in place, but the
   step is flagged (so the trainer writes no checkpoint from it) without counting as skipped."""
@@ -137,6 +141,7 @@ def test_nonfinite_update_counts_as_nonfinite(setup):
   assert not bool(m["finite"]) and int(state["nonfinite"]) == 1 and int(state["skipped_updates"]) == 0
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_unsharded(setup, full_batch_sgd_step):
   """The stage-2 SGD step on a data x fsdp x tensor mesh of 8 devices equals the one-device step
   (SGD: Adam's first step divides by |g| and amplifies rounding in tiny gradients)."""
@@ -154,6 +159,7 @@ def test_sharded_step_equals_unsharded(setup, full_batch_sgd_step):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_lm_head_on_supervised_positions_only_gives_the_same_loss(setup):
   config, model, params = setup
   batch = make_batch(config, n=4, seed=4)

@@ -6,6 +6,7 @@ the head as the train state (with Adam moments, which stage 2 must not read) and
 once, in bfloat16, as a stage-1 run with `model.frozen_dtype=bfloat16` keeps it.
 """
 
+import pytest
 import os
 import pathlib
 import socket
@@ -21,6 +22,8 @@ from configs import stage1
 from depthvlm_jax.model.depthvlm import random_params
 from depthvlm_jax.train import optim
 from depthvlm_jax.runs import checkpoints, freeze, model_from_config
+
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
