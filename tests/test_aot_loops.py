@@ -12,7 +12,7 @@ pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU sl
 
 from configs import stage1  # noqa: E402
 from depthvlm_jax import aot  # noqa: E402
-from depthvlm_jax.aot import programs  # noqa: E402
+from depthvlm_jax.aot import programs as aot_programs  # noqa: E402
 from tests.test_aot import B0, TOPOLOGY, _config  # noqa: E402
 
 MLP = {"model.head_type": "mlp"}
@@ -47,8 +47,8 @@ def test_memory_only_compiles_once(one_pass, monkeypatch):
   """--memory_only: one compile of the step, the same memory as the full report, no cost figures."""
   full = one_pass
   calls = []
-  real = programs.compile_stats  # patched where the programs call it
-  monkeypatch.setattr(programs, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = aot_programs.compile_stats  # patched where the programs call it
+  monkeypatch.setattr(aot_programs, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
   report = aot.report(_config(stage1, **MLP), TOPOLOGY, programs=("train",), buckets=(B0,), memory_only=True)
   p = report["programs"][f"train@{B0}"]
   assert len(calls) == 1

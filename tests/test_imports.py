@@ -57,7 +57,9 @@ def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
     for target in targets:
       while target and target not in modules:  # `import a.b.c` of a name inside a module
         target = target.rpartition(".")[0]
-      if target and target != name and not _is_package(modules[target]):
+      # A package's `__init__` is no edge (importing a submodule runs it too), unless the package is a
+      # program (`__main__.py`): then importing it is importing the program.
+      if target and target != name and (not _is_package(modules[target]) or f"{target}.__main__" in modules):
         out.add(target)
   return out
 
@@ -72,11 +74,16 @@ def import_graph() -> nx.DiGraph:
 
 
 def _clis(modules) -> set[str]:
-  """Top-level `depthvlm_jax` modules run as programs (`python -m depthvlm_jax.X`), and `main`."""
+  """Top-level `depthvlm_jax` modules run as programs (`python -m depthvlm_jax.X`), and `main`. A
+  top-level package run as one (`depthvlm_jax/X/__main__.py`) counts whole: the package and every
+  module in it."""
   out = {"main"}
   for name, path in modules.items():
     if name.count(".") == 1 and name.startswith("depthvlm_jax.") and 'if __name__ == "__main__"' in path.read_text():
       out.add(name)
+    if name.count(".") == 2 and name.startswith("depthvlm_jax.") and name.endswith(".__main__"):
+      program = name.rpartition(".")[0]
+      out.update(m for m in modules if _in(m, (program,)))
   return out
 
 
@@ -116,3 +123,4 @@ def test_layers_point_down():
         bad.append(f"{a} -> {b}")
   assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
   assert "depthvlm_jax.evaluate" in clis and "depthvlm_jax.predict" in clis
+  assert {"depthvlm_jax.aot", "depthvlm_jax.aot.cli", "depthvlm_jax.aot.report"} <= clis
