@@ -9,6 +9,7 @@ detected (`--distributed=on` forces `jax.distributed.initialize()` with JAX's ow
 """
 
 import os
+import pathlib
 import runpy
 import sys
 import traceback
@@ -111,6 +112,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(_override_error(argv, e))
 
 
+# What a run (or a run killed early) leaves in its workdir.
+RUN_ENTRIES = frozenset({"config.json", "checkpoints", "checkpoints_damaged", "frozen_params", "synthetic_data",
+                         "metrics.jsonl", "tensorboard", "results.json", "data_counts.json", ".lock",
+                         "config.json.tmp"})
+
+
+def check_workdir(workdir: str) -> None:
+  """UserError for a workdir that holds files but nothing a run writes (a folder of unrelated files)."""
+  path = pathlib.Path(workdir)
+  if not path.is_dir():
+    return
+  entries = sorted(p.name for p in path.iterdir())
+  if entries and not RUN_ENTRIES.intersection(entries):
+    raise cli.UserError(f"--workdir={workdir}: holds {len(entries)} entries (e.g. {', '.join(entries[:3])}) and no "
+                        "training run; give a new or empty folder, or the workdir of the run to resume")
+
+
 def main(argv):
   del argv
   verbosity = flags.FLAGS.verbosity
@@ -128,6 +146,7 @@ def main(argv):
   with cli.user_errors(verbosity, extra=(trainer.NonFiniteError,)):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     workdir = _WORKDIR.value or default_workdir(config.stage, config.preset)
+    check_workdir(workdir)
     if distributed.is_main():
       print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     results = trainer.train_and_evaluate(config, workdir)

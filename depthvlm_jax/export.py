@@ -205,6 +205,8 @@ def write_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: Qwen3VLC
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    for f in tmp.iterdir():  # the safetensors writer makes its files private too
+      os.chmod(f, 0o666 & ~umask)
     (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "depthvlm_jax.export", "dtype": dtype}))
     old = None
     if out.exists():  # the previous contents move aside and go only once the new export is in place

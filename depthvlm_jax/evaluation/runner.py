@@ -319,6 +319,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
   summary["predictor"] = predictor.description
   summary["preprocessing"] = conv.preprocessing
   summary["bad_records"] = {k: len(v) for k, v in bad_lines.items() if v}
+  summary["bad_lines"] = {k: v for k, v in bad_lines.items() if v}  # every rejected line, with its file:line
   summary["table"] = format_table(summary, modes)
   (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
   return summary

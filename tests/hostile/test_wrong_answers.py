@@ -6,6 +6,7 @@ checkpoints when reading a run, sample counts after a resume, library noise."""
 import contextlib
 import io
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from depthvlm_jax.model.config import ConfigError
 from depthvlm_jax.runs import checkpoints
 from depthvlm_jax.train import config_checks
 from tests.evaluation.helpers import write_dataset
-from tests.hostile.conftest import ROOT, TRAIN_OVERRIDES, cli_env, error_line, run
+from tests.hostile.conftest import ROOT, TRAIN_OVERRIDES, cli_env, error_line, run, train
 from tests.hostile.test_checkpoints import damage
 from tests.hostile.test_train_cli import config
 
@@ -186,6 +187,7 @@ def test_sample_counts_survive_a_resume(run_copy, trained):
   (workdir / "results.json").unlink()
   proc = run("-m", "tests.hostile.stand_in_run", workdir, data)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any("64x96" in line and "compil" in line for line in (proc.stdout + proc.stderr).splitlines())
   resumed = json.loads((workdir / "results.json").read_text())["skipped_by_source"]
   assert resumed == uninterrupted and resumed["synthetic"]["drawn"] == 16  # 2 steps of 8
 
@@ -211,3 +213,40 @@ def test_a_run_prints_no_library_noise_by_default(run_copy):
   assert str(workdir / "results.json") in quiet.stdout and "{" not in quiet.stdout
   loud = main_py("--verbosity=1")
   assert [n for n in noise if n in loud.stderr], loud.stderr[-3000:]
+
+
+# 6. Smaller ones: export file modes, the evaluate table's average row, a workdir of unrelated files.
+
+def test_every_exported_file_is_readable_as_umask_allows(tmp_path):
+  from depthvlm_jax import export
+  from depthvlm_jax.model.config import Qwen3VLConfig
+  from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM
+  from tests.evaluation.helpers import random_params
+  cfg = Qwen3VLConfig.tiny(tie_word_embeddings=True)
+  model = DepthVLM(cfg, head=DepthHeadConfig.tiny())
+  umask = os.umask(0o022)
+  try:
+    out = export.write_hf_dir(random_params(model, seed=1), cfg, model.head, tmp_path / "hf")
+  finally:
+    os.umask(umask)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+  assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_average_row_counts_images_not_datasets(tmp_path):
+  ds = [runner.EvalDataset(n, str(write_dataset(tmp_path / n, k, seed=k)), str(tmp_path / n / "rgb"),
+                           str(tmp_path / n / "depth"), "nyuv2", "depth") for n, k in (("a", 3), ("b", 2))]
+  summary = runner.run(predictors.ConstantDepth(2.0), ds, tmp_path / "o", progress=False, workers=1)
+  assert summary["average"]["dense"]["images"] == 5 and summary["average"]["dense"]["datasets"] == 2
+  average_rows = [line.split() for line in summary["table"].splitlines() if line.startswith("average")]
+  assert average_rows and all("5" in row for row in average_rows)
+
+
+@pytest.mark.slow
+def test_workdir_of_unrelated_files_is_refused(tmp_path):
+  workdir = tmp_path / "photos"
+  workdir.mkdir()
+  (workdir / "holiday.jpg").write_bytes(b"x")
+  proc = train(workdir, tmp_path / "data")
+  error_line(proc.returncode, proc.stderr, f"--workdir={workdir}")
+  assert sorted(p.name for p in workdir.iterdir()) == ["holiday.jpg"]
