@@ -210,6 +210,7 @@ def test_a_run_prints_no_library_noise_by_default(run_copy):
 
   quiet = main_py()  # every step is done: restores step 2, writes the results
   assert not [n for n in noise if n in quiet.stderr], quiet.stderr[-3000:]
+  assert f"synthetic scenes in {data}" in quiet.stderr  # the run names the data it trains on
   assert str(workdir / "results.json") in quiet.stdout and "{" not in quiet.stdout
   loud = main_py("--verbosity=1")
   assert [n for n in noise if n in loud.stderr], loud.stderr[-3000:]
@@ -250,3 +251,29 @@ def test_workdir_of_unrelated_files_is_refused(tmp_path):
   proc = train(workdir, tmp_path / "data")
   error_line(proc.returncode, proc.stderr, f"--workdir={workdir}")
   assert sorted(p.name for p in workdir.iterdir()) == ["holiday.jpg"]
+
+
+@pytest.mark.slow
+def test_demo_removes_its_temporary_folder_on_sigterm(tmp_path):
+  pytest.importorskip("gradio")
+  import signal
+  from depthvlm_jax import demo
+  from tests.test_demo import _free_port, _wait_for_server
+  model, _ = demo.choose_model(None, tmp_path / "m", [str(tmp_path / "no_such_run")])  # the tiny random model
+  (tmp_path / "tmp").mkdir()
+  env = dict(cli_env(), TMPDIR=str(tmp_path / "tmp"), GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+  port = _free_port()
+  log = tmp_path / "server.log"
+  with open(log, "w") as f:
+    server = subprocess.Popen([sys.executable, "-m", "depthvlm_jax.demo", "--model", str(model), "--port", str(port)],
+                              cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+  try:
+    _wait_for_server(f"http://127.0.0.1:{port}", server, log)
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("depthvlm_demo_")]
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+  finally:
+    if server.poll() is None:
+      server.kill()
+  assert not [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("depthvlm_demo_")]
+  assert "share=True" not in log.read_text()  # Gradio's hint names an argument a CLI user cannot set
