@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pathlib
 import sys
+import tempfile
 import traceback
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -78,3 +80,89 @@ def user_errors(verbosity: int = 0, extra: tuple[type[BaseException], ...] = ())
     sys.stderr.write(f"error: {one_line(e)}\n")
     sys.stderr.flush()
     raise SystemExit(1) from None
+
+
+def parse_flags(flag_values, argv: Sequence[str] | None, prog: str, doc: str) -> list[str]:
+  """Parses `argv` (default: sys.argv[1:]) into `flag_values` after resetting every flag to its default.
+
+  `--help` / `-h` prints `doc` and the flags and exits 0; a bad or missing flag is one `error:` line
+  on stderr and exit status 1. Returns the positional arguments.
+  """
+  from absl import flags
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv):
+    print(f"{doc.strip()}\n\nflags:\n{flag_values.get_help()}")
+    raise SystemExit(0)
+  flag_values.unparse_flags()
+  try:
+    return flag_values([prog, *argv])[1:]
+  except flags.Error as e:
+    sys.stderr.write(f"error: {one_line(e)} ({prog} --help lists the flags)\n")
+    sys.stderr.flush()
+    raise SystemExit(1) from None
+
+
+def check_output_dir(path: str | pathlib.Path, flag: str) -> None:
+  """UserError unless `path` is a directory this process can write in, or can be created as one.
+
+  Checked by creating (and removing) a file in `path` or in its nearest existing parent, so a
+  read-only file system or folder is refused before a model is loaded; nothing is left behind.
+  """
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag}={path}: exists and is not a directory")
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise UserError(f"{flag}={path}: {existing} is a file, so the directory cannot be created")
+  try:
+    with tempfile.TemporaryFile(dir=existing, prefix=".write_check"):
+      pass
+  except OSError as e:
+    where = "" if existing == path else f" (its nearest existing parent {existing} is not writable)"
+    raise UserError(f"{flag}={path}: cannot write there{where}: {e.strerror or type(e).__name__}") from None
+
+
+# Loggers of libraries that report routine work (checkpoint reads and writes, compiles) or
+# harmless notices (orbax's "Metadata file does not exist").
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorboardX", "urllib3", "filelock", "transformers")
+
+
+def quiet_libraries(argv: Sequence[str]) -> None:
+  """Keeps library start-up noise off the terminal unless `--verbosity` >= 1 is in `argv`.
+
+  Call before jax or transformers are imported: the settings are environment variables read then.
+  XLA's C++ logging drops to errors; transformers' advisory notices ("PyTorch was not found") are
+  off; on a host without TPU chips, and without a GPU plugin, JAX is pointed at the CPU so that an
+  installed libtpu does not start (and print its hostname errors). Settings already in the
+  environment are kept.
+  """
+  if verbosity_from_argv(list(argv)) >= 1:
+    return
+  import os
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  if "JAX_PLATFORMS" not in os.environ and not _tpu_chips_present() and not _gpu_plugin_installed():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  quiet_library_loggers()
+
+
+def quiet_library_loggers() -> None:
+  """Library loggers at ERROR (our own loggers keep their levels)."""
+  import logging
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _tpu_chips_present() -> bool:
+  """Whether the host shows TPU devices (the device files JAX itself looks for)."""
+  import glob
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _gpu_plugin_installed() -> bool:
+  from importlib import metadata
+  names = {d.metadata["Name"].lower() for d in metadata.distributions() if d.metadata["Name"]}
+  return any(n.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")) for n in names)

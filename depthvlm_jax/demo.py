@@ -20,8 +20,9 @@ padded prompt length) compiles once and later requests of that bucket reuse the 
 line says which happened. Requests are queued and run one at a time. Uploads are checked before any
 work (empty file, not an image, more than `MAX_IMAGE_PIXELS`, a focal length that makes the
 canonical image larger than `MAX_CANONICAL_PIXELS`); the page shows a one-line message and the
-server carries on. Gradio's analytics are off and no share link is made: the page only talks to
-this server.
+server carries on. Gradio's analytics are off and no share link is made unless `--share` asks for
+one: the page only talks to this server. Without `--out` the request files go to a temporary
+folder that is deleted when the demo stops (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -341,8 +343,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
   ap.add_argument("--port", type=int, default=7860)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--out", default=None, help="folder for the request files (default: a new temporary folder)")
+  ap.add_argument("--out", default=None, help="folder for the request files (default: a new temporary folder, "
+                  "deleted when the demo stops)")
+  ap.add_argument("--share", action="store_true", help="also serve on a public gradio.live link (Gradio's share)")
   args = ap.parse_args(argv)
+  from depthvlm_jax import cli
+  if args.out:
+    cli.check_output_dir(args.out, "--out")
   try:
     import gradio  # noqa: F401
     import trimesh  # noqa: F401
@@ -352,19 +359,28 @@ def main(argv: Sequence[str] | None = None) -> None:
   from depthvlm_jax.evaluation.loading import load_model
   out_root = pathlib.Path(args.out or tempfile.mkdtemp(prefix="depthvlm_demo_")).absolute()
   out_root.mkdir(parents=True, exist_ok=True)
-  model_path, note = choose_model(args.model, out_root)
-  print(f"loading {model_path}", flush=True)
-  predictor = Predictor(load_model(model_path, dtype=getattr(jnp, args.dtype)), out_root)
-  app = build_app(predictor, note, write_examples(out_root / "examples"))
-  app.queue(default_concurrency_limit=1, max_size=32)
-  app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, inbrowser=False,
-             allowed_paths=[str(out_root)], max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False)
+  # SIGTERM (a service stop, `kill`) ends the demo like Ctrl-C, so the temporary folder goes too.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+  try:
+    model_path, note = choose_model(args.model, out_root)
+    print(f"loading {model_path}", flush=True)
+    predictor = Predictor(load_model(model_path, dtype=getattr(jnp, args.dtype)), out_root)
+    app = build_app(predictor, note, write_examples(out_root / "examples"))
+    app.queue(default_concurrency_limit=1, max_size=32)
+    print(f"serving on http://{args.host}:{args.port}" + ("" if args.share else " (--share also makes a public "
+          "link)"), flush=True)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, inbrowser=False,
+               allowed_paths=[str(out_root)], max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, quiet=not args.share)
+  finally:
+    if not args.out:
+      shutil.rmtree(out_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
+  from depthvlm_jax import cli
   from depthvlm_jax.evaluation.loading import ModelLoadError
   from depthvlm_jax.model.hf_checkpoint import CheckpointError
   try:
     main()
-  except (predict.PredictError, ModelLoadError, CheckpointError, DemoError) as e:
+  except (predict.PredictError, ModelLoadError, CheckpointError, DemoError, cli.UserError) as e:
     sys.exit(f"error: {e}")

@@ -42,54 +42,75 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-from depthvlm_jax.evaluation import protocol
+from absl import flags
+
+from depthvlm_jax import cli
+
+if __name__ == "__main__":
+  cli.quiet_libraries(sys.argv[1:])  # environment settings, read when jax and transformers are imported
+
+from depthvlm_jax.evaluation import protocol  # noqa: E402
 from depthvlm_jax.evaluation.predictors import ModelPredictor, make_baseline
 from depthvlm_jax.evaluation.runner import SUMMARY_FILE, EvalConfigError, parse_dataset, run
 from depthvlm_jax.processing.image_processor import PREPROCESSING
 
+PROG = "python -m depthvlm_jax.evaluate"
+# The command's own flags (not absl's global FLAGS): `main(argv)` runs in-process too, beside other CLIs.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory or a training workdir", flag_values=FLAGS)
+flags.DEFINE_string("baseline", None, "ground_truth | constant:METRES | constant:train_median:JSONL|IMG|DEPTH|KIND",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("data", None, "NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND] (repeat for more datasets)",
+                          flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory (reused to resume)", flag_values=FLAGS)
+flags.DEFINE_string("modes", "sparse,dense", "comma list of sparse,dense", flag_values=FLAGS)
+flags.DEFINE_enum("protocol", None, protocol.PROTOCOLS, "official: the authors' evaluator (paper numbers); "
+                  "correct: aligned conventions (default)", flag_values=FLAGS)
+flags.DEFINE_enum("coords", None, protocol.PROTOCOLS, "former name of --protocol", flag_values=FLAGS)
+flags.DEFINE_enum("preprocess", None, PREPROCESSING, "image preprocessing (default: the protocol's; official = "
+                  "28-then-32 resize)", flag_values=FLAGS)
+flags.DEFINE_multi_string("coord_frame", [], "NAME=rgb|depth (correct protocol)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "images per model call (rounded up to the mesh's batch shards)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("per_device_batch", None, "images per device of the mesh's batch axes (sets the batch; "
+                     "overrides --batch_size)", flag_values=FLAGS)
+flags.DEFINE_integer("limit", None, "first N records of each file", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 4, "threads that read images", flag_values=FLAGS)
+flags.DEFINE_string("mesh", "data=-1", "mesh axes, e.g. data=-1 or data=2,fsdp=4", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_integer("verbosity", 0, "1: print the traceback of an error too, and library logs", flag_values=FLAGS)
+flags.mark_flags_as_required(["data", "out"], flag_values=FLAGS)
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  import argparse
-  ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.evaluate", description=__doc__.split("\n")[0])
-  ap.add_argument("--model", help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir")
-  ap.add_argument("--baseline", help="ground_truth | constant:METRES | constant:train_median:JSONL|IMG|DEPTH|KIND")
-  ap.add_argument("--data", action="append", required=True, help="NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND]")
-  ap.add_argument("--out", required=True, help="output directory (reused to resume)")
-  ap.add_argument("--modes", default="sparse,dense", help="comma list of sparse,dense")
-  ap.add_argument("--protocol", default=None, choices=protocol.PROTOCOLS,
-                  help="official: the authors' evaluator (paper numbers); correct: aligned conventions (default)")
-  ap.add_argument("--coords", default=None, choices=protocol.PROTOCOLS, help="former name of --protocol")
-  ap.add_argument("--preprocess", default=None, choices=PREPROCESSING,
-                  help="image preprocessing (default: the protocol's; official = 28-then-32 resize)")
-  ap.add_argument("--coord_frame", action="append", default=[], help="NAME=rgb|depth (correct protocol)")
-  ap.add_argument("--batch_size", type=int, default=8, help="images per model call (rounded up to the mesh's "
-                  "batch shards)")
-  ap.add_argument("--per_device_batch", type=int, default=None,
-                  help="images per device of the mesh's batch axes (sets the batch; overrides --batch_size)")
-  ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
-  ap.add_argument("--workers", type=int, default=4)
-  ap.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=-1 or data=2,fsdp=4")
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--verbosity", type=int, default=0, help="1: print the traceback of an error too")
-  args = ap.parse_args(argv)
+  """Runs the evaluation for the command-line flags `argv` (default: sys.argv[1:]); returns the summary."""
+  cli.parse_flags(FLAGS, argv, PROG, __doc__)
+  with cli.user_errors(FLAGS.verbosity, extra=(EvalConfigError,)):
+    return _evaluate(FLAGS)
+
+
+def _evaluate(args) -> dict[str, Any]:
   if bool(args.model) == bool(args.baseline):
-    ap.error("give exactly one of --model or --baseline")
+    raise EvalConfigError("give exactly one of --model or --baseline")
   for name in ("batch_size", "per_device_batch"):
     if getattr(args, name) is not None and getattr(args, name) <= 0:
-      ap.error(f"--{name}={getattr(args, name)}: expected a positive integer")
+      raise EvalConfigError(f"--{name}={getattr(args, name)}: expected a positive integer")
   if args.protocol and args.coords and args.protocol != args.coords:
-    ap.error(f"--coords {args.coords} contradicts --protocol {args.protocol} (--coords is its former name)")
+    raise EvalConfigError(f"--coords {args.coords} contradicts --protocol {args.protocol} (--coords is its former "
+                          "name)")
   protocol_name = args.protocol or args.coords or "correct"
   frames = {}
   for v in args.coord_frame:
     name, _, frame = v.partition("=")
     if frame not in protocol.FRAMES:
-      ap.error(f"--coord_frame {v!r}: expected NAME=rgb|depth")
+      raise EvalConfigError(f"--coord_frame {v!r}: expected NAME=rgb|depth")
     frames[name] = frame
   datasets = [parse_dataset(v, frames) for v in args.data]
   unknown = set(frames) - {d.name for d in datasets}
   if unknown:
-    ap.error(f"--coord_frame names {sorted(unknown)} are not --data names")
+    raise EvalConfigError(f"--coord_frame names {sorted(unknown)} are not --data names")
+  out = pathlib.Path(args.out)
+  cli.check_output_dir(out, "--out")
   if args.model:
     import jax.numpy as jnp
     from depthvlm_jax import sharding
@@ -107,10 +128,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 protocol_name, batch_size, args.limit, args.workers, preprocessing=args.preprocess)
   print(summary["table"])
   print(f"wrote {pathlib.Path(args.out) / SUMMARY_FILE}")
+  for name, d in summary["datasets"].items():
+    if d["images"] == 0:  # an empty row is no result: say so with a failing exit status
+      why = ", ".join(f"{k} {v}" for k, v in d["skipped"].items()) or "the file has no records"
+      raise EvalConfigError(f"--data {name}: no image could be scored ({why}); the skipped records are listed "
+                            f"above and in {pathlib.Path(args.out) / SUMMARY_FILE}")
   return summary
 
 
 if __name__ == "__main__":
-  from depthvlm_jax import cli
-  with cli.user_errors(cli.verbosity_from_argv(sys.argv[1:]), extra=(EvalConfigError,)):
-    main()
+  main()

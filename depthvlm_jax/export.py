@@ -28,9 +28,15 @@ import os
 import pathlib
 import shutil
 import tempfile
+import sys
 from typing import Any, Iterable, Iterator
 
-import numpy as np
+from depthvlm_jax import cli
+
+if __name__ == "__main__":
+  cli.quiet_libraries(sys.argv[1:])  # environment settings, read when jax and transformers are imported
+
+import numpy as np  # noqa: E402
 import safetensors.numpy
 from absl import app, flags
 
@@ -199,6 +205,8 @@ def write_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: Qwen3VLC
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    for f in tmp.iterdir():  # the safetensors writer makes its files private too
+      os.chmod(f, 0o666 & ~umask)
     (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "depthvlm_jax.export", "dtype": dtype}))
     old = None
     if out.exists():  # the previous contents move aside and go only once the new export is in place
@@ -232,11 +240,13 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out th
 
 def main(argv):
   del argv
-  from depthvlm_jax import cli
+  if flags.FLAGS.verbosity < 1:
+    cli.quiet_library_loggers()  # absl's app.run set its logger from --verbosity
   with cli.user_errors(flags.FLAGS.verbosity, extra=(ExportError,)):
     if not _MAX_SHARD_GB.value > 0:
       raise ExportError(f"--max_shard_gb={_MAX_SHARD_GB.value}: expected a positive size in GB")
     check_out_dir(_OUT.value, _OVERWRITE.value, (_CHECKPOINT.value,))  # before the (slow) model load
+    cli.check_output_dir(_OUT.value, "--out")
     import jax.numpy as jnp
     from depthvlm_jax.evaluation.loading import load_model
     # A HF directory is read straight in the stored dtype (a bfloat16 export never holds float32 weights).

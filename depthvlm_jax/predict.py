@@ -31,7 +31,6 @@ KV cache that same pass filled.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -40,8 +39,14 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-import jax
+from depthvlm_jax import cli
+
+if __name__ == "__main__":
+  cli.quiet_libraries(sys.argv[1:])  # environment settings, read when jax and transformers are imported
+
+import jax  # noqa: E402
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from data_pipelines import rgbd
@@ -291,24 +296,30 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   return summaries
 
 
+PROG = "python -m depthvlm_jax.predict"
+# The command's own flags (not absl's global FLAGS): `main(argv)` runs in-process too, beside other CLIs.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory or a training workdir", flag_values=FLAGS)
+flags.DEFINE_string("image", None, "image, folder of images, or list file (.txt/.lst)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_float("fx", None, "focal length in pixels (default: 60° horizontal FoV)", flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "user prompt (default: the DepthVLM depth prompt)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "length of the greedy answer", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_enum("preprocess", "direct", PREPROCESSING, "official: resize as the authors' evaluation does "
+                  "(28-then-32 multiples)", flag_values=FLAGS)
+flags.DEFINE_float("max_megapixels", MAX_MEGAPIXELS, f"refuse larger images (default {MAX_MEGAPIXELS:g}; host memory "
+                   "is about 20 bytes per pixel)", flag_values=FLAGS)
+flags.DEFINE_integer("min_side", MIN_SIDE, f"refuse images with a side shorter than this many pixels (default "
+                     f"{MIN_SIDE})", flag_values=FLAGS)
+flags.DEFINE_integer("verbosity", 0, "1: print the traceback of an error too, and library logs", flag_values=FLAGS)
+flags.mark_flags_as_required(["model", "image", "out"], flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.predict", description=__doc__.split("\n")[0])
-  ap.add_argument("--model", required=True, help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir")
-  ap.add_argument("--image", required=True, help="image, folder of images, or list file (.txt/.lst)")
-  ap.add_argument("--out", required=True, help="output directory")
-  ap.add_argument("--fx", type=float, default=None, help="focal length in pixels (default: 60° horizontal FoV)")
-  ap.add_argument("--prompt", default=None, help="user prompt (default: the DepthVLM depth prompt)")
-  ap.add_argument("--max_new_tokens", type=int, default=64)
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--preprocess", default="direct", choices=PREPROCESSING,
-                  help="official: resize as the authors' evaluation does (28-then-32 multiples)")
-  ap.add_argument("--max_megapixels", type=float, default=MAX_MEGAPIXELS,
-                  help=f"refuse larger images (default {MAX_MEGAPIXELS:g}; host memory is about 20 bytes per pixel)")
-  ap.add_argument("--min_side", type=int, default=MIN_SIDE,
-                  help=f"refuse images with a side shorter than this many pixels (default {MIN_SIDE})")
-  ap.add_argument("--verbosity", type=int, default=0, help="1: print the traceback of an error too")
-  args = ap.parse_args(argv)
-  from depthvlm_jax import cli
+  """Predicts for the command-line flags `argv` (default: sys.argv[1:]); returns the per-image rows."""
+  cli.parse_flags(FLAGS, argv, PROG, __doc__)
+  args = FLAGS
   with cli.user_errors(args.verbosity, extra=(PredictError,)):
     check_fx(args.fx)
     if not args.max_megapixels > 0:
@@ -320,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     import jax.numpy as jnp
     from depthvlm_jax.evaluation.loading import load_model
     images = list_images(args.image, args.fx)
+    cli.check_output_dir(args.out, "--out")
     loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
     rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens, preprocessing=args.preprocess,
                         max_megapixels=args.max_megapixels, min_side=args.min_side)

@@ -62,6 +62,7 @@ def summarize(rows: Sequence[dict], datasets: Sequence[Any], modes: Sequence[str
                             if have else None)
     if have:
       out["average"][mode]["datasets"] = len(have)
+      out["average"][mode]["images"] = int(sum(e["images"] for e in have))
   return out
 
 
@@ -88,7 +89,8 @@ def format_skips(summary: dict[str, Any]) -> str:
     lines.append(f"  {name}: {total} skipped ({reasons})")
     lines += [f"    {m}" for m in e["skip_messages"]]
     if total > len(e["skip_messages"]):
-      lines.append(f"    ... {total - len(e['skip_messages'])} more ({RESULTS_FILE} has a line for each skipped record)")
+      lines.append(f"    ... {total - len(e['skip_messages'])} more ({RESULTS_FILE} has a line for each skipped record; "
+                   "lines of the annotation file that are not records are listed under bad_lines in results.json)")
   return "\n".join(["skipped records:"] + lines) if lines else "skipped records: none"
 
 
@@ -110,6 +112,6 @@ def format_table(summary: dict[str, Any], modes: Sequence[str]) -> str:
   lines.append("-" * len(head))
   for mode in modes:
     a = summary["average"][mode]
-    lines.append(row("average", mode, summary["protocol"] if mode == "sparse" else "-",
-                     a["datasets"] if a else 0, a))
+    lines.append(row(f"average of {a['datasets'] if a else 0}", mode, summary["protocol"] if mode == "sparse" else "-",
+                     a["images"] if a else 0, a))
   return "\n".join(lines + [format_skips(summary)])

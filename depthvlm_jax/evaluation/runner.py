@@ -58,6 +58,12 @@ def parse_dataset(value: str, coord_frames: dict[str, str] | None = None) -> Eva
   if not 2 <= len(parts) <= 4 or not name:
     raise EvalConfigError(f"--data {value!r}: expected NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND]")
   jsonl, image_root, depth_root, kind = (parts + ["", ""])[:4]
+  if (kind or name) not in rgbd.DATASET_DEPTH_RANGES:
+    known = ", ".join(sorted(rgbd.DATASET_DEPTH_RANGES))
+    what = f"KIND {kind!r} is not a known dataset" if kind else (
+        f"{name!r} is not a known dataset name and no KIND is given (the name is the kind by default)")
+    raise EvalConfigError(f"--data {value!r}: {what}; append |KIND with one of: {known} (it sets the depth range "
+                          "and crop)")
   return EvalDataset(name, jsonl, image_root, depth_root or image_root, kind,
                      (coord_frames or {}).get(name))
 
@@ -153,6 +159,27 @@ def _with_source(record: rgbd.RGBDRecord, message: str) -> str:
   return message if message.startswith(record.source) else f"{record.source}: {message}"
 
 
+def _check_depth_size(record: rgbd.RGBDRecord, ds: EvalDataset) -> None:
+  """SampleError when a PNG depth map's size differs from the record's `original_depth_size`: its pixels
+  then cannot be matched to the image (resizing it anyway would score a different scene geometry)."""
+  if record.original_depth_size is None or record.depth_path is None or record.depth_format != "png":
+    return
+  path = rgbd.resolve_path(ds.depth_root, record.depth_path)
+  if not path.exists():
+    return  # reported as missing_depth by the loader
+  w, h = _png_size(path)
+  want_w, want_h = record.original_depth_size
+  if (w, h) != (want_w, want_h):
+    raise rgbd.SampleError("corrupt_depth", f"{record.source}: depth map {path} is {w}x{h} pixels but the record "
+                           f"declares original_depth_size {want_w}x{want_h}")
+
+
+def _png_size(path: pathlib.Path) -> tuple[int, int]:
+  from PIL import Image
+  with Image.open(path) as im:
+    return im.size
+
+
 def _load(item: Item, conv: protocol.Conventions) -> Item | rgbd.SampleError:
   """Reads one item under the protocol; every fault of the record becomes a `SampleError`."""
   ds, r = item.dataset, item.record
@@ -165,6 +192,7 @@ def _load(item: Item, conv: protocol.Conventions) -> Item | rgbd.SampleError:
     if item.frame is not None and conv.coords == "official" and r.original_rgb_size is None:
       raise rgbd.SampleError("bad_record", f"{r.source}: the official protocol needs original_rgb_size to scale "
                              "pixel_coords")
+    _check_depth_size(r, ds)
     load = functools.partial(rgbd.load_sample, r, ds.image_root, ds.depth_root, ds.dataset_kind,
                              nearest_rule=conv.nearest_rule, default_depth_scale=conv.default_depth_scale,
                              exif_transpose=conv.exif_transpose)
@@ -291,6 +319,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
   summary["predictor"] = predictor.description
   summary["preprocessing"] = conv.preprocessing
   summary["bad_records"] = {k: len(v) for k, v in bad_lines.items() if v}
+  summary["bad_lines"] = {k: v for k, v in bad_lines.items() if v}  # every rejected line, with its file:line
   summary["table"] = format_table(summary, modes)
   (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
   return summary

@@ -42,6 +42,10 @@ class NoIntactCheckpointError(RuntimeError):
   """Every checkpoint step in a directory failed to restore (message lists each step's error)."""
 
 
+class FrozenParamsError(NoIntactCheckpointError):
+  """The run's `frozen_params` folder, which every step restores with, cannot be read."""
+
+
 class ParamTreeMismatchError(ValueError):
   """A checkpoint's parameter paths differ from the target's (message names the first differences)."""
 
@@ -145,12 +149,13 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
       raise
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file: any failure means skip
       errors.append((step, _first_line(e)))
-      log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous step",
-                  step, mgr.directory, errors[-1][1])
+      log.debug("checkpoint step %d in %s cannot be restored (%s); trying the previous step",
+                step, mgr.directory, errors[-1][1])
       continue
-    if errors:
-      log.warning("restored step %d from %s; skipped damaged step(s) %s", step, mgr.directory,
-                  ", ".join(str(s) for s, _ in errors))
+    if errors:  # one line: which step is used and why
+      log.warning("checkpoint step%s %s in %s cannot be restored (%s); using step %d, the newest intact one",
+                  "s" if len(errors) > 1 else "", ", ".join(str(s) for s, _ in errors), mgr.directory,
+                  "; ".join(f"step {s}: {m}" for s, m in errors), step)
     return step, out, [s for s, _ in errors]
   detail = "; ".join(f"step {s}: {m}" for s, m in errors) or "no checkpoint steps"
   raise NoIntactCheckpointError(f"{mgr.directory}: no checkpoint could be restored ({detail})")
@@ -247,6 +252,17 @@ def _restore_subtree(path: pathlib.Path, like: Any, key: str | None = None) -> A
   return out[key] if key else out
 
 
+@contextlib.contextmanager
+def _reading_frozen(path: pathlib.Path):
+  """Turns a failure to read the run's shared `frozen_params` folder into FrozenParamsError naming it
+  (every step restores with that folder, so falling back to an older step cannot help)."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 -- any failure to read it means the folder is damaged
+    raise FrozenParamsError(f"{path}: the run's frozen parameters cannot be read ({_first_line(e)}); every "
+                            f"checkpoint step restores with this folder: restore it from a copy of the run") from None
+
+
 def _stored_paths(path: pathlib.Path, key: str | None = None) -> set[tuple[str, ...]]:
   meta = ocp.PyTreeCheckpointer().metadata(path)
   meta = getattr(meta, "item_metadata", meta)  # a directory written by a Checkpointer carries step metadata
@@ -278,26 +294,32 @@ def restore_params(workdir: str | pathlib.Path, like: Any | None = None) -> tupl
                                                         frozen=ocp.args.StandardRestore()))
         return out["state"]["params"], out["frozen"]
       state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-      with ocp.StandardCheckpointer() as checkpointer:
+      with _reading_frozen(frozen_path(directory)), ocp.StandardCheckpointer() as checkpointer:
         return state["params"], checkpointer.restore(frozen_path(directory))
-    _, out, _ = _newest_intact(mgr, read)
+    _, out, _ = _newest_intact(mgr, read, reraise=(FrozenParamsError,))
     return out
 
   want = flatten(like)
 
   def read_step(step):
     step_dir = directory / str(step)
-    frozen_dir = step_dir / "frozen" if _frozen_in_step(step_dir) else frozen_path(directory)
-    trainable_paths, frozen_paths = _stored_paths(step_dir / "state", "params"), _stored_paths(frozen_dir)
+    in_step = _frozen_in_step(step_dir)
+    frozen_dir = step_dir / "frozen" if in_step else frozen_path(directory)
+    shared = contextlib.nullcontext() if in_step else _reading_frozen(frozen_dir)
+    with shared:
+      frozen_paths = _stored_paths(frozen_dir)
+    trainable_paths = _stored_paths(step_dir / "state", "params")
     stored = trainable_paths | frozen_paths
     if stored != set(want):
       diff = sorted("/".join(p) + (" (only in the checkpoint)" if p in stored else " (only in this model)")
                     for p in stored ^ set(want))
       raise ParamTreeMismatchError(f"parameters differ at {len(diff)} paths, e.g. {diff[:5]}")
     trainable = _restore_subtree(step_dir / "state", unflatten({p: want[p] for p in trainable_paths}), "params")
-    frozen = _restore_subtree(frozen_dir, unflatten({p: want[p] for p in frozen_paths})) if frozen_paths else {}
+    with contextlib.nullcontext() if in_step else _reading_frozen(frozen_dir):
+      frozen = _restore_subtree(frozen_dir, unflatten({p: want[p] for p in frozen_paths})) if frozen_paths else {}
     return trainable, frozen
 
-  # a tree that does not fit is the config's problem, not a damaged step: no fallback for it
-  _, out, _ = _newest_intact(mgr, read_step, reraise=(ParamTreeMismatchError,))
+  # a tree that does not fit is the config's problem, and a damaged frozen_params folder the whole
+  # run's, not a damaged step: no fallback for either
+  _, out, _ = _newest_intact(mgr, read_step, reraise=(ParamTreeMismatchError, FrozenParamsError))
   return out

@@ -84,6 +84,11 @@ def validate_config(config) -> None:
       errors.append(f"{name}={config[name]!r}: no checkpoints/ there (expected the workdir of an earlier run)")
   if config.data.kind not in ("synthetic", "jsonl"):
     errors.append(f"data.kind={config.data.kind!r}: expected 'synthetic' or 'jsonl'")
+  if config.data.kind == "synthetic":
+    named = [f"data.{g}" for g in ("train_files", "eval_files", "qa_files") if config.data[g]]
+    if named:
+      errors.append(f"{', '.join(named)} given but data.kind='synthetic' trains on generated scenes and ignores "
+                    "them; set data.kind='jsonl' to train on those files (or remove them)")
   if config.data.kind == "jsonl":
     if not config.data.train_files:
       errors.append("data.kind='jsonl' needs data.train_files")

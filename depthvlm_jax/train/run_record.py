@@ -87,3 +87,39 @@ def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(safe, indent=2, allow_nan=False))
   os.replace(tmp, path)
+
+
+DATA_COUNTS_FILE = "data_counts.json"
+
+
+def write_data_counts(workdir: pathlib.Path, step: int, sources: list[str], skipped: Any, drawn: Any,
+                      keep_steps: set[int]) -> None:
+  """Records the run's cumulative sample counts (drawn and skipped per source) at checkpoint `step`.
+
+  They are not part of the train state, so a resumed run reads them back from here
+  (`read_data_counts`); entries of steps not in `keep_steps` (checkpoints already deleted) are dropped.
+  """
+  path = pathlib.Path(workdir) / DATA_COUNTS_FILE
+  try:
+    steps = json.loads(path.read_text())["steps"] if path.exists() else {}
+  except (ValueError, KeyError, TypeError):
+    steps = {}
+  steps = {k: v for k, v in steps.items() if int(k) in keep_steps}
+  steps[str(step)] = {"sources": list(sources), "skipped": [[int(x) for x in row] for row in skipped],
+                      "drawn": [int(x) for x in drawn]}
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps({"steps": steps}))
+  os.replace(tmp, path)
+
+
+def read_data_counts(workdir: pathlib.Path, step: int, sources: list[str]) -> tuple[Any, Any] | None:
+  """(skipped (S, R), drawn (S,)) recorded at checkpoint `step` for these sources, or None."""
+  import numpy as np
+  path = pathlib.Path(workdir) / DATA_COUNTS_FILE
+  try:
+    entry = json.loads(path.read_text())["steps"][str(step)]
+    if entry["sources"] != list(sources):
+      return None
+    return np.asarray(entry["skipped"], np.int64), np.asarray(entry["drawn"], np.int64)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None

@@ -34,7 +34,8 @@ from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root,
 from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
 from depthvlm_jax.train.model_state import jit_train_step, restore_or_initialise
-from depthvlm_jax.train.run_record import check_resume_config, read_workdir_config, write_results
+from depthvlm_jax.train.run_record import (DATA_COUNTS_FILE, check_resume_config, read_data_counts, read_workdir_config,
+                                           write_data_counts, write_results)
 from depthvlm_jax.train.step import max_supervised_tokens
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   # One epoch = every record of every source once (in expectation, with the default weights).
   num_train = sum(ds.records)
   total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
-  log.info("data: %d records in %d sources (%s); buckets: %s", num_train, len(ds.sources),
+  what = (f"synthetic scenes in {synthetic_root(config, workdir)} (data.kind='synthetic')"
+          if config.data.kind == "synthetic" else "data.train_files (data.kind='jsonl')")
+  log.info("training data: %s: %d records in %d sources (%s); buckets: %s", what, num_train, len(ds.sources),
            ", ".join(f"{n} {c}" for n, c in zip(ds.sources, ds.records)),
            ", ".join(f"{k} {v:.1%}" for k, v in ds.fractions().items()))
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
@@ -115,6 +118,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   eval_step = jit_delta1(model, mesh, param_sh)
   skip_totals = np.zeros((len(ds.sources), len(SKIP_REASONS)), np.int64)
   drawn_totals = np.zeros(len(ds.sources), np.int64)
+  if start is not None and distributed.is_main():  # the counts so far (process 0 holds them; sums stay right)
+    counted = read_data_counts(workdir, start, list(ds.sources))
+    if counted is None:
+      log.warning("%s has no sample counts for step %d: drawn/skipped counts in results.json start from this "
+                  "resume", workdir / DATA_COUNTS_FILE, start)
+    elif counted[0].shape == skip_totals.shape:
+      skip_totals, drawn_totals = counted
   first = int(state["step"])
   metrics = MetricsLog(workdir, start, enabled=distributed.is_main())
   results: dict[str, Any] = {}
@@ -144,6 +154,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     bucket = batch["depth"].shape[1:]
     if bucket not in train_steps:
+      bar.write(f"compiling the train step for bucket {bucket[0]}x{bucket[1]} (once per bucket; the first step of "
+                "each bucket waits for it)")
       train_steps[bucket] = jit_train_step(config, model, optimizer, mesh, state_sh, (bucket[0] // px, bucket[1] // px))
     state, m = train_steps[bucket](state, frozen, to_global(batch, mesh, shard))
     done = step + 1
@@ -181,6 +193,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
         metrics.write(done, results[name], prefix=f"eval/{name}")
     # Only good states are checkpointed: during a streak of refused updates the last good checkpoint stays the latest.
     if ckpt_now and int(state["nonfinite"]) == 0:
+      skips, drawn = distributed.process_sum(skip_totals), distributed.process_sum(drawn_totals)
+      if distributed.is_main():
+        write_data_counts(workdir, done, list(ds.sources), skips, drawn, set(mgr.all_steps()) | {done})
       checkpoints.save(mgr, done, state, None, data_iter)  # frozen params: written once, at the start
   bar.close()
   mgr.wait_until_finished()
@@ -205,6 +220,28 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   if distributed.is_main():
     write_results(workdir / "results.json", results)
   return results
+
+
+def summary(results: dict[str, Any], workdir: str | pathlib.Path) -> str:
+  """What a person reads when a run ends: held-out δ1 against the best constant, distance QA, skipped
+  samples, and where the results, checkpoints and TensorBoard logs are."""
+  workdir = pathlib.Path(workdir).absolute()
+  lines = ["training finished"]
+  for name, r in results.items():
+    if isinstance(r, dict) and "delta1" in r:
+      lines.append(f"  {name}: delta1 {r['delta1']:.4f} on {r.get('images', '?')} images (share of pixels whose "
+                   f"predicted depth is within a factor 1.25 of the true depth; a constant {r['best_constant_m']:.2f} "
+                   f"m everywhere scores {r['best_constant_delta1']:.4f})")
+  qa = results.get("distance_qa")
+  if qa:
+    mae = "none parsed" if qa["mae_m"] is None else f"{qa['mae_m']:.3f} m"
+    lines.append(f"  distance QA: {qa['n']} held-out questions, answers parsed {qa['parse_rate']:.0%}, mean error "
+                 f"{mae} (the median distance as the answer: {qa['constant_mae_m']:.3f} m)")
+  skipped = sum((results.get("skipped_samples") or {}).values())
+  lines.append(f"  skipped samples: {skipped}; skipped updates (non-finite): {results.get('skipped_updates', 0)}")
+  lines += [f"results:     {workdir / 'results.json'}", f"checkpoints: {workdir / 'checkpoints'}",
+            f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"]
+  return "\n".join(lines)
 
 
 def check_label_budget(labels: np.ndarray, lm_positions: int, step: int) -> None:

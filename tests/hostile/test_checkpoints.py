@@ -27,7 +27,7 @@ def test_restore_params_falls_back_and_names_the_skipped_step(run_copy, caplog):
   with caplog.at_level(logging.WARNING):
     trainable, frozen = checkpoints.restore_params(workdir)  # what predict, evaluate and export call
   assert trainable and frozen
-  assert "checkpoint step 2" in caplog.text and "skipped damaged step(s) 2" in caplog.text
+  assert "checkpoint step 2" in caplog.text and "using step 1" in caplog.text
 
 
 def test_no_intact_checkpoint_is_one_error_naming_the_directory(run_copy):
