@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from depthvlm_jax.presets import default_workdir
 from depthvlm_jax import cli
-from depthvlm_jax.train import distributed, trainer
+from depthvlm_jax.train import distributed, sizing, trainer
 
 
 def _override_error(argv: list[str], e: Exception) -> str:
@@ -79,6 +79,7 @@ def main(argv):
   with cli.user_errors(verbosity, extra=(trainer.NonFiniteError,)):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     workdir = _WORKDIR.value or default_workdir(config.stage, config.preset)
+    sizing.enable_compile_cache(config.compile_cache_dir)
     if distributed.is_main():
       print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     results = trainer.train_and_evaluate(config, workdir)
