@@ -29,6 +29,7 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from depthvlm_jax import presets, sharding
 from depthvlm_jax.runs import freeze
@@ -125,25 +126,31 @@ def rows_options(global_batch: int, shards: int) -> list[tuple[int, int]]:
 
 def derive(global_batch: int, rows: int, devices: int, *, slices: int = 1, tensor: int = 0,
            memory_bytes: float | None = None, memory_fraction: float = 0.85, state_bytes: float | None = None,
-           device_kind: str = "", how: str = "rows") -> Plan:
+           row_bytes: float = 0, device_kind: str = "", how: str = "rows") -> Plan:
   """The plan for `devices` taking at most `rows` rows each per micro-batch (a pure function).
 
+  row_bytes: bytes of one row of the train batch (the largest bucket). The step takes the whole
+  global batch as its argument, so each device holds its share of every micro-batch at once.
   Raises SizingError naming the nearest global batches that split when this one does not, and when
-  the train state alone exceeds `memory_fraction` of the memory of every device even fully sharded.
+  the train state fully sharded plus the device's share of the batch exceed `memory_fraction` of
+  its memory, whatever the rows per micro-batch.
   """
   if global_batch <= 0 or devices <= 0 or devices % slices:
     raise SizingError(f"train.global_batch={global_batch} over {devices} devices in {slices} slices: "
                       "expected positive numbers, devices a multiple of slices")
   shards, tensor = batch_shards(global_batch, devices, slices, tensor)
   data_parallel = False
+  batch_share = row_bytes * global_batch / shards
   if memory_bytes and state_bytes is not None:
     budget = memory_fraction * memory_bytes
-    if state_bytes / devices > budget:
+    if state_bytes / devices + batch_share > budget:
+      need = math.ceil((state_bytes + row_bytes * global_batch) / budget)
       raise SizingError(
           f"the train state needs {state_bytes / GiB:.1f} GiB, {state_bytes / devices / GiB:.1f} GiB per device "
-          f"over {devices} devices, more than {memory_fraction:.0%} of the {memory_bytes / GiB:.1f} GiB each has, "
-          f"at any row count: it needs at least {math.ceil(state_bytes / budget)} such devices")
-    data_parallel = state_bytes <= DP_SHARE * budget
+          f"over {devices} devices, and the device's share of the batch {batch_share / GiB:.1f} GiB: more than "
+          f"{memory_fraction:.0%} of the {memory_bytes / GiB:.1f} GiB each has, at any row count: it needs at "
+          f"least {need} such devices")
+    data_parallel = state_bytes + batch_share <= DP_SHARE * budget
   per_device, k = next((r, k) for r, k in rows_options(global_batch, shards) if r <= max(rows, 1))
   mesh = ({"data": shards, "fsdp": 1, "tensor": tensor} if data_parallel
           else {"data": slices, "fsdp": shards // slices, "tensor": tensor})
@@ -207,11 +214,15 @@ def plan_for(config, devices: Sequence[Any], model=None, memory_bytes: float | N
                 t.micro_batches, slices, kind, memory, None,
                 "config" if rows == 0 else "config: no device memory figure for 'auto', set train.memory_budget_gib")
   from depthvlm_jax.runs.model_from_config import build_model
-  state = state_bytes(config, model or build_model(config), devices)
+  model = model or build_model(config)
+  state = state_bytes(config, model, devices)
+  largest = max(example_specs(config, model.config), key=lambda sp: sp.image_size[0] * sp.image_size[1])
+  row = sum(math.prod(shape) * np.dtype(dtype).itemsize
+            for shape, dtype in largest.batch_shapes(model.config, 1).values())
   hint = rows if rows != "auto" else presets.ROWS_PER_DEVICE.get((config.model.size, config.stage), {}).get(
       chip_name(kind), t.global_batch)
   return derive(t.global_batch, hint, len(devices), slices=slices, tensor=int(config.mesh.tensor),
-                memory_bytes=memory, memory_fraction=t.memory_fraction, state_bytes=state, device_kind=kind,
+                memory_bytes=memory, memory_fraction=t.memory_fraction, state_bytes=state, row_bytes=row, device_kind=kind,
                 how="auto" if rows == "auto" else "rows")
 
 

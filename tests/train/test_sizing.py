@@ -63,6 +63,10 @@ def test_batch_that_cannot_split_names_the_nearest_that_can():
 def test_state_that_fits_no_row_count_is_refused_before_work():
   with pytest.raises(sizing.SizingError, match=r"needs 111.8 GiB.*at any row count: it needs at least 9 such devices"):
     sizing.derive(640, 1, 8, memory_bytes=16 * GiB, state_bytes=120e9)
+  # the step holds the whole global batch: 320 rows of 45 MB per device do not fit next to the state
+  with pytest.raises(sizing.SizingError, match=r"share of the batch 13.4 GiB.*at least 9 such devices"):
+    sizing.derive(2560, 1, 8, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=45e6)
+  assert sizing.derive(2560, 1, 64, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=45e6).mesh["fsdp"] == 64
 
 
 def test_search_rows_bisects_to_the_largest_that_fits():
