@@ -1,11 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop of both stages.
 
 Order of work: validate the config (fail before any work) → the plan (mesh, rows per device,
-micro-batches: `sizing`; with "auto" searched by compiling, before any data) → data → abstract params with
-their shardings and dtypes → params from (own workdir checkpoint | `resume` | `model_init` |
-`model.hf_dir` + fresh head | random init), each restored or loaded straight onto its shards →
-frozen params written once → every bucket's jitted, donated train step compiled, the plan logged → loop with logging, periodic δ1
-evaluation and asynchronous checkpoints (train state + grain iterator).
+micro-batches: `sizing`; with "auto" searched by compiling, before any data) → data → abstract
+params with their shardings and dtypes → params from (own workdir checkpoint | `resume` |
+`model_init` | `model.hf_dir` + fresh head | random init), each restored or loaded straight onto its
+shards → frozen params written once → every bucket's jitted, donated train step compiled, the plan
+logged → loop with logging, periodic δ1 evaluation and asynchronous checkpoints (train state +
+grain iterator).
 """
 
 from __future__ import annotations
