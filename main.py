@@ -24,7 +24,7 @@ if __name__ == "__main__":
   cli.quiet_libraries(sys.argv[1:])  # environment settings, read when jax and transformers are imported
 
 from depthvlm_jax.presets import default_workdir  # noqa: E402
-from depthvlm_jax.train import distributed, trainer  # noqa: E402
+from depthvlm_jax.train import distributed, sizing, trainer  # noqa: E402
 
 
 def _config_file_arg(argv: list[str]) -> str:
@@ -147,6 +147,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     workdir = _WORKDIR.value or default_workdir(config.stage, config.preset)
     check_workdir(workdir)
+    sizing.enable_compile_cache(config.compile_cache_dir)
     if distributed.is_main():
       print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     results = trainer.train_and_evaluate(config, workdir)

@@ -39,8 +39,19 @@ PRESETS = {
         "mesh.data": -1,
         "mesh.fsdp": 1,
     },
-    "paper_4b": {"model.size": "4b"},
-    "paper_8b": {"model.size": "8b"},
+    # batch, micro-batches and mesh from the devices and the compiler (`train.per_device_rows`)
+    "paper_4b": {"model.size": "4b", "train.per_device_rows": "auto"},
+    "paper_8b": {"model.size": "8b", "train.per_device_rows": "auto"},
+}
+
+# {(model.size, stage): {chip: rows}}: rows per device per micro-batch a paper preset starts from on
+# each accelerator. The `auto` search probes this first (a restart reads its cached choice instead), and
+# the AOT report, which compiles for a slice it does not have, compiles these.
+ROWS_PER_DEVICE = {
+    ("4b", 1): {"v4": 16, "v5e": 8, "v5p": 40, "v6e": 16, "h100": 32},
+    ("4b", 2): {"v4": 8, "v5e": 4, "v5p": 10, "v6e": 8, "h100": 20},
+    ("8b", 1): {"v4": 8, "v5e": 4, "v5p": 40, "v6e": 8, "h100": 20},
+    ("8b", 2): {"v4": 4, "v5e": 1, "v5p": 8, "v6e": 4, "h100": 8},
 }
 
 
@@ -192,6 +203,14 @@ def base_config(preset):
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 8
   c.train.micro_batches = 1  # gradient accumulation steps per update
+  # Rows one device takes per micro-batch: "0" = train.micro_batches and `mesh` as given; a number N
+  # = at most N rows, the micro-batch count and the mesh derived from the devices at start-up; "auto"
+  # = the largest rows whose compiled step stays within train.memory_fraction of the device memory
+  # (searched by compiling ahead of time, cached in <workdir>/sizing.json). The global batch is kept.
+  c.train.per_device_rows = "0"
+  c.train.memory_fraction = 0.85  # of each device's memory the `auto` search may plan for
+  # Per-device memory the sizing plans with, GiB; 0 = the device's own (the CPU reports none: set it there)
+  c.train.memory_budget_gib = 0.0
   c.train.epochs = 1.0
   c.train.total_steps = 0  # 0 = from epochs
   c.train.lr = 1e-3
@@ -221,5 +240,7 @@ def base_config(preset):
   c.keep_ckpts = 2
 
   # ---- devices
+  # Persistent XLA compilation cache of `main.py` runs ("" = off): a restart loads its programs.
+  c.compile_cache_dir = "~/.cache/depthvlm_jax/xla"
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   return c

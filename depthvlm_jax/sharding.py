@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -74,7 +75,35 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"{len(devices)} available")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  return Mesh(device_grid(sizes, devices), MESH_AXES)
+
+
+def slice_count(devices: Sequence[Any]) -> int:
+  """How many slices (ICI domains joined over the data-centre network) `devices` span."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """`devices` laid out as an array of shape `sizes` (data, fsdp, tensor) along the physical topology.
+
+  One slice: `mesh_utils.create_device_mesh` (neighbouring chips of the ICI torus on the inner
+  axes). Several slices: `create_hybrid_device_mesh` with the `data` axis split over the slices
+  (DCN) and everything else inside each slice, so only the data-parallel gradient reduction crosses
+  the slower network. A topology the helpers cannot map keeps the plain device order.
+  """
+  slices = slice_count(devices)
+  sizes = [int(s) for s in sizes]
+  if slices > 1:
+    if sizes[0] % slices:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the data axis ({sizes[0]}) must be a multiple of "
+                       f"the {slices} slices the devices span (it runs over the data-centre network)")
+    ici = [sizes[0] // slices] + sizes[1:]
+    return mesh_utils.create_hybrid_device_mesh(ici, [slices] + [1] * (len(sizes) - 1), devices,
+                                                allow_split_physical_axes=True)
+  try:
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    return np.asarray(devices).reshape(sizes)
 
 
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh) -> PartitionSpec:

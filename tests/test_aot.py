@@ -211,13 +211,25 @@ def test_unknown_program_is_a_clear_error():
     aot.report(_config(stage1), TOPOLOGY, programs=("train", "prefil"))
 
 
-def test_sweep_rows_split_their_batches():
-  """Every sweep row's mesh and micro-batches split the preset's global batch over the slice."""
-  for stage, batch in ((1, stage1.get_config("paper_4b").train.global_batch),
-                       (2, stage2.get_config("paper_4b").train.global_batch)):
-    for topology, chips in (("v5p:4x4x4", 64), ("v5e:16x16", 256), ("v6e:8x8", 64), ("v5p:4x4x8", 128), ("h100:8", 8)):
-      args = dict(a.removeprefix("--config.").split("=") for a in aot.slice_overrides(stage, batch, topology, chips))
-      shards, tensor, k = int(args["mesh.fsdp"]), int(args["mesh.tensor"]), int(args["train.micro_batches"])
-      assert shards * tensor == chips
-      assert batch % (shards * k) == 0, (stage, topology, args)
-      assert batch // (shards * k) <= aot.SWEEP_MICRO_BATCH[stage][topology.split(":")[0]]
+def test_sweep_rows_are_sized_like_the_trainer():
+  """A sweep row is the preset alone: the report sizes it for the slice with the trainer's
+  derivation (`train.sizing.plan_for`, the chip's HBM), and every plan keeps the preset's global batch."""
+  from depthvlm_jax.train import sizing
+  from depthvlm_jax.presets import ROWS_PER_DEVICE
+  for module in (stage1, stage2):
+    for topology in ("v5e:2x4", "v5e:16x16", "v5p:4x4x4"):
+      preset = module.get_config("paper_4b")
+      config, plan = aot.report_sized(preset, topology)
+      devices = len(aot.topology_devices(topology))
+      assert plan.how == "auto" and plan.devices == devices and math.prod(plan.mesh.values()) == devices
+      shards = devices // plan.mesh["tensor"]
+      assert plan.per_device_rows * plan.micro_batches * shards == preset.train.global_batch
+      assert plan.per_device_rows <= ROWS_PER_DEVICE[("4b", preset.stage)][topology.split(":")[0]]
+      assert config.train.micro_batches == plan.micro_batches and config.mesh.to_dict() == plan.mesh
+      assert plan.memory_bytes == aot.chip_of(topology).hbm_gib * 2**30
+  # v5e 16x16: 640 rows do not split over 256 chips, 2-way tensor parallelism does
+  _, plan = aot.report_sized(stage2.get_config("paper_4b"), "v5e:16x16")
+  assert plan.mesh["tensor"] == 2
+  # a slice too small for the state at any row count is refused before any compile
+  with pytest.raises(sizing.SizingError, match="at any row count"):
+    aot.report_sized(stage2.get_config("paper_8b"), "v5e:2x2")

@@ -26,10 +26,11 @@ from depthvlm_jax.aot.hlo_stats import COLLECTIVES, collective_stats
 from depthvlm_jax.aot.programs import (Setup, TrainInputs, inference_programs, make_setup, train_inputs,
                                        train_model_flops, train_program)
 from depthvlm_jax.aot.report import PROGRAMS, report, table
-from depthvlm_jax.aot.sweep import SWEEP_MICRO_BATCH, slice_overrides, sweep
+from depthvlm_jax.aot.report import sized as report_sized
+from depthvlm_jax.aot.sweep import sweep
 
 __all__ = [
-    "CHIPS", "COLLECTIVES", "PROGRAMS", "SWEEP_MICRO_BATCH", "Chip", "Setup", "TrainInputs", "chip_of",
-    "collective_stats", "compile_stats", "inference_programs", "make_setup", "report", "shard_bytes",
-    "slice_overrides", "sweep", "table", "topology_devices", "train_inputs", "train_model_flops", "train_program",
+    "CHIPS", "COLLECTIVES", "PROGRAMS", "Chip", "Setup", "TrainInputs", "chip_of",
+    "collective_stats", "compile_stats", "inference_programs", "make_setup", "report", "report_sized", "shard_bytes",
+    "sweep", "table", "topology_devices", "train_inputs", "train_model_flops", "train_program",
 ]

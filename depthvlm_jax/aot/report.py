@@ -33,7 +33,7 @@ import resource
 import time
 from typing import Any
 
-from depthvlm_jax.aot.chips import Chip
+from depthvlm_jax.aot.chips import Chip, chip_of
 from depthvlm_jax.aot.compiling import GiB
 from depthvlm_jax.aot.programs import inference_programs, make_setup, train_program
 
@@ -44,6 +44,7 @@ PROGRAMS = ("train", "prefill", "decode")
 def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   """Adds the chip's HBM, MFU and throughput figures."""
   row["hbm_gib"] = chip.hbm_gib if chip else None
+  row["hbm_fraction"] = row["peak_gib"] / chip.hbm_gib if chip and row.get("peak_gib") else None
   if row.get("fits") and not row.get("flops"):  # no cost model at all: count the model's own FLOPs
     row["flops"] = row["model_flops"]
   if chip is not None and row.get("fits") and row["peak_gib"] > chip.hbm_gib:
@@ -82,6 +83,19 @@ def _finish(row: dict[str, Any], chip: Chip | None) -> dict[str, Any]:
   return row
 
 
+def sized(config, topology: str | None, devices=None):
+  """(config with the mesh and micro-batches of its plan on the slice, the plan), as the trainer sizes
+  a run (`train.sizing.plan_for`), with the chip's public HBM as the device memory. For
+  `train.per_device_rows="auto"` the rows are the preset's for the chip (`presets.ROWS_PER_DEVICE`):
+  the report compiles them instead of searching."""
+  from depthvlm_jax.aot.chips import topology_devices
+  from depthvlm_jax.train import sizing
+  devices = topology_devices(topology) if devices is None else devices
+  chip = chip_of(topology) if topology else None
+  plan = sizing.plan_for(config, devices, memory_bytes=chip.hbm_gib * GiB if chip else None)
+  return sizing.with_plan(config, plan), plan
+
+
 def report(config, topology: str, programs=PROGRAMS, devices=None,
            buckets: tuple[str, ...] = (), memory_only: bool = False) -> dict[str, Any]:
   """{"topology", "chips", "mesh", "config", "buckets", "programs": {"NAME@HxW": figures}} for one config
@@ -91,6 +105,10 @@ def report(config, topology: str, programs=PROGRAMS, devices=None,
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown or not programs:
     raise ValueError(f"--programs={','.join(programs)}: expected one or more of {', '.join(PROGRAMS)}")
+  if devices is None:
+    from depthvlm_jax.aot.chips import topology_devices
+    devices = topology_devices(topology)
+  config, plan = sized(config, topology, devices)
   s = make_setup(config, topology, devices)
   specs = [sp for sp in s.specs if not buckets or sp.name in buckets]
   if not specs:
@@ -100,7 +118,7 @@ def report(config, topology: str, programs=PROGRAMS, devices=None,
                          "preset": config.preset, "stage": config.stage,
                          "buckets": [{"image_size": list(sp.image_size), "seq_len": sp.seq_len} for sp in specs],
                          "global_batch": config.train.global_batch, "micro_batches": config.train.micro_batches,
-                         "programs": {}}
+                         "per_device_rows": plan.per_device_rows, "plan": plan.line(), "programs": {}}
   for spec in specs:
     sb = s.for_bucket(spec)
     if "train" in programs:

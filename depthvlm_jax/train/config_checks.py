@@ -11,6 +11,7 @@ from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError
 from depthvlm_jax.model.depthvlm import DepthHeadConfig
 from depthvlm_jax.model.layers import checkpoint_policy, resolve_attention_impl
 from depthvlm_jax.runs.model_from_config import DTYPES
+from depthvlm_jax.train import sizing
 from depthvlm_jax.train.data import depth_source_names
 
 
@@ -50,6 +51,14 @@ def validate_config(config) -> None:
       errors.append(f"{name}={value}: expected a positive integer")
   if t.global_batch > 0 and t.micro_batches > 0 and t.global_batch % t.micro_batches:
     errors.append(f"train.global_batch={t.global_batch} not divisible by train.micro_batches={t.micro_batches}")
+  try:
+    sizing.parse_rows(t.per_device_rows)
+  except sizing.SizingError as e:
+    errors.append(str(e))
+  if not 0 < t.memory_fraction <= 1:
+    errors.append(f"train.memory_fraction={t.memory_fraction}: expected 0 < f <= 1")
+  if t.memory_budget_gib < 0:
+    errors.append(f"train.memory_budget_gib={t.memory_budget_gib}: expected >= 0 (0 = the device's own memory)")
   if t.total_steps < 0:
     errors.append(f"train.total_steps={t.total_steps}: expected >= 0 (0 = from train.epochs)")
   if t.total_steps == 0 and not t.epochs > 0:
@@ -128,6 +137,21 @@ def make_mesh(config) -> jax.sharding.Mesh:
     raise ConfigError(f"invalid config: {e}") from None
   check_attention_impl(config, mesh)
   return mesh
+
+
+def plan_run(config, devices=None, model=None):
+  """(config with the plan's mesh and micro-batches, mesh, `sizing.Plan`) of `config` on `devices`
+  (default: all), nothing compiled; ConfigError naming the setting when the batch or the state cannot
+  be split over them."""
+  devices = list(jax.devices() if devices is None else devices)
+  try:
+    plan = sizing.plan_for(config, devices, model)
+    config = sizing.with_plan(config, plan)
+    mesh = sharding.make_mesh(plan.mesh, devices)
+  except ValueError as e:
+    raise ConfigError(f"invalid config: {e}") from None
+  check_attention_impl(config, mesh)
+  return config, mesh, plan
 
 
 def check_attention_impl(config, mesh) -> None:

@@ -1,14 +1,17 @@
 """`train_and_evaluate(config, workdir)`: the training loop of both stages.
 
-Order of work: validate the config (fail before any work) → data → mesh → abstract params with
-their shardings and dtypes → params from (own workdir checkpoint | `resume` | `model_init` |
-`model.hf_dir` + fresh head | random init), each restored or loaded straight onto its shards →
-frozen params written once → jitted, donated train step → loop with logging, periodic δ1
-evaluation and asynchronous checkpoints (train state + grain iterator).
+Order of work: validate the config (fail before any work) → the plan (mesh, rows per device,
+micro-batches: `sizing`; with "auto" searched by compiling, before any data) → data → abstract
+params with their shardings and dtypes → params from (own workdir checkpoint | `resume` |
+`model_init` | `model.hf_dir` + fresh head | random init), each restored or loaded straight onto its
+shards → frozen params written once → every bucket's jitted, donated train step compiled, the plan
+logged → loop with logging, periodic δ1 evaluation and asynchronous checkpoints (train state +
+grain iterator).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,12 +31,12 @@ from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.runs.model_from_config import build_model
-from depthvlm_jax.train import distributed, optim, qa_eval, workdir_lock
-from depthvlm_jax.train.config_checks import make_mesh, validate_config
+from depthvlm_jax.train import distributed, optim, qa_eval, sizing, workdir_lock
+from depthvlm_jax.train.config_checks import plan_run, validate_config
 from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root, to_global
 from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
-from depthvlm_jax.train.model_state import jit_train_step, restore_or_initialise
+from depthvlm_jax.train.model_state import restore_or_initialise
 from depthvlm_jax.train.run_record import (DATA_COUNTS_FILE, check_resume_config, read_data_counts, read_workdir_config,
                                            write_data_counts, write_results)
 from depthvlm_jax.train.step import max_supervised_tokens
@@ -63,24 +66,29 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from the run recorded there is refused with the differences.
   """
   validate_config(config)
-  mesh = make_mesh(config)
+  config, mesh, plan = plan_run(config)
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir, enabled=distributed.is_main()):
-    return _train_and_evaluate(config, workdir, mesh)
+    return _train_and_evaluate(config, workdir, mesh, plan)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: pathlib.Path, mesh, plan: sizing.Plan) -> dict[str, Any]:
   has_checkpoint = (workdir / "checkpoints").is_dir() and any(
       p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
   model = build_model(config)
+  if plan.how == "auto":  # rows per device from compiling the step, before any data is read
+    try:
+      plan, _ = sizing.settle_auto(config, plan, model, mesh, workdir)
+    except sizing.SizingError as e:
+      raise ConfigError(str(e)) from None
+    config = sizing.with_plan(config, plan)
   tokenizer = load_tokenizer(config.model.hf_dir or None)
   processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
   specs = example_specs(config, model.config)
-  px = model.config.vision.image_token_pixels
   train_sources, weights, eval_sources = data_sources(config, workdir)
   ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
                              seed=config.data.shuffle_seed)
@@ -107,8 +115,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
     tmp.write_text(config.to_json_best_effort(indent=2))
     os.replace(tmp, workdir / "config.json")
 
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  train_steps: dict[tuple[int, int], Any] = {}  # one jitted (and compiled) step per bucket (H, W)
+  # Every bucket's step compiled now (ahead of time; a warm persistent cache loads them).
+  train_steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
+  plan = dataclasses.replace(plan, peak_bytes=max(sizing.peak_bytes(c) for c in train_steps.values()))
+  log.info("%s", plan.line())
   # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params'
   # shardings. Every held-out record is resized (aspect kept) into the first bucket.
   eval_specs = example_specs(config, model.config, with_answer=False)
@@ -153,10 +163,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
     if config.stage == 2 and config.train.lm_positions:
       check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     bucket = batch["depth"].shape[1:]
-    if bucket not in train_steps:
-      bar.write(f"compiling the train step for bucket {bucket[0]}x{bucket[1]} (once per bucket; the first step of "
-                "each bucket waits for it)")
-      train_steps[bucket] = jit_train_step(config, model, optimizer, mesh, state_sh, (bucket[0] // px, bucket[1] // px))
     state, m = train_steps[bucket](state, frozen, to_global(batch, mesh, shard))
     done = step + 1
     if unchecked is not None:
