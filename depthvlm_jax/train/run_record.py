@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 from typing import Any
 
+from etils import epath
 from flax.traverse_util import flatten_dict
 
 from depthvlm_jax.model.config import ConfigError
@@ -34,7 +34,7 @@ def _show(v: Any) -> str:
 
 def read_workdir_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The recorded config of the run in `workdir` (None if absent); ConfigError naming the file if invalid."""
-  path = workdir / "config.json"
+  path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return None
   try:
@@ -84,6 +84,7 @@ def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
   if flagged:
     safe["nonfinite"] = flagged
     log.warning("results.json: non-finite values written as null: %s", ", ".join(flagged))
+  path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(safe, indent=2, allow_nan=False))
-  os.replace(tmp, path)
+  tmp.replace(path)  # a rename locally; a copy and delete on an object store, whose writes are whole objects anyway

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import pathlib
 import time
 from typing import Any
 
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from data_pipelines import pipeline
 from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
@@ -63,7 +62,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   validate_config(config)
   mesh = make_mesh(config)
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local directory or an object-store prefix (gs://bucket/run)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return _train_and_evaluate(config, workdir, mesh)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, Any]:
   has_checkpoint = (workdir / "checkpoints").is_dir() and any(
       p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
@@ -102,7 +101,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   if distributed.is_main():  # the run's record changes only now that its parameters are in place
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config.to_json_best_effort(indent=2))
-    os.replace(tmp, workdir / "config.json")
+    tmp.replace(workdir / "config.json")
 
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   train_steps: dict[tuple[int, int], Any] = {}  # one jitted (and compiled) step per bucket (H, W)
