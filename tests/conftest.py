@@ -48,6 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: compiles a model, runs a training loop or starts subprocesses")
   if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order above
     config.option.loadscopereorder = False
 

@@ -15,7 +15,9 @@ another, and a float32 array restores as bfloat16 when the target asks for it.
 
 A damaged step (a truncated or missing array file, e.g. a disk that filled up or a copy cut short)
 does not stop a run: restoring falls back to the newest step that restores completely and logs which
-steps it skipped and why.
+steps it skipped and why. With several processes the choice is made once for all of them: the
+candidate steps are process 0's listing, broadcast, and a step counts as restored only when it
+restored on every process, so a read error on one host makes all fall back to the same step.
 
 Every path may be local or an object-store prefix (`gs://bucket/run/checkpoints`): paths are
 `etils.epath` paths, which orbax and TensorStore read and write either way.
@@ -32,10 +34,12 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 FROZEN_DIR = "frozen_params"  # in the workdir, next to checkpoints/
@@ -137,6 +141,24 @@ def _quiet_failed_reads():
     gc.collect()  # report (and drop) the failed reads' tasks now where possible
 
 
+def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
+  """The manager's steps, newest first, as process 0 lists them (broadcast to every process)."""
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if jax.process_count() == 1:
+    return steps
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.zeros(n, np.int32)
+  mine[:min(n, len(steps))] = steps[:n]
+  return [int(s) for s in np.asarray(multihost_utils.broadcast_one_to_all(mine)).reshape(-1)]
+
+
+def _restored_everywhere(ok: bool) -> bool:
+  """True if every process restored the step (a cross-process all-gather of the flags)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
 def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any],
                    reraise: tuple[type[BaseException], ...] = ()) -> tuple[int, Any, list[int]]:
   """(step, restore_step(step), damaged newer steps) for the newest step that restores.
@@ -144,16 +166,18 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
   Raises NoIntactCheckpointError naming the directory and each step's error when none restores;
   exceptions of the `reraise` types are not damage and propagate at once.
   """
-  steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
-  for step in steps:
+  for step in agreed_steps(mgr):
+    error = None
     try:
       with _quiet_failed_reads():
         out = restore_step(step)
     except reraise:
       raise
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file: any failure means skip
-      errors.append((step, _first_line(e)))
+      error = _first_line(e)
+    if not _restored_everywhere(error is None):
+      errors.append((step, error or f"failed on another process than {jax.process_index()}"))
       log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous step",
                   step, mgr.directory, errors[-1][1])
       continue

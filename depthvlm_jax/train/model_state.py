@@ -77,8 +77,7 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: epath.Path, op
   trainable_like, frozen_like = freeze.split_params(like, mask)
   state_like = abstract_state(optimizer, trainable_like, mesh)
   mgr = checkpoints.manager(workdir / "checkpoints", config.keep_ckpts)
-  start = mgr.latest_step()
-  if start is not None:
+  if checkpoints.agreed_steps(mgr):  # process 0's listing: every process takes the same branch
     start, state, frozen, damaged = checkpoints.restore_latest(mgr, state_like, frozen_like, data_iter)
     if damaged and distributed.is_main():
       moved = checkpoints.set_aside(mgr, damaged, workdir / "checkpoints_damaged")

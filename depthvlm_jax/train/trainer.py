@@ -20,7 +20,7 @@ import tqdm
 from etils import epath
 
 from data_pipelines import pipeline
-from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
+from data_pipelines.skips import SKIP_REASONS, SourceExhaustedError, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
@@ -49,7 +49,9 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """Too many consecutive non-finite steps. Decided on the step's replicated counter, which every
+  process reads with the same value, so all processes stop at the same step."""
+  on_every_process = True
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -136,11 +138,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, Any]:
                            f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
 
   for step in bar:
-    batch = next(data_iter)
+    batch = next_batch(data_iter, config, step + 1)
     skip_totals += batch["skip_counts"].sum(0)
     drawn_totals += batch["drawn_counts"].sum(0)
-    if config.stage == 2 and config.train.lm_positions:
-      check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     bucket = batch["depth"].shape[1:]
     if bucket not in train_steps:
       train_steps[bucket] = jit_train_step(config, model, optimizer, mesh, state_sh, (bucket[0] // px, bucket[1] // px))
@@ -204,6 +204,24 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh) -> dict[str, Any]:
   if distributed.is_main():
     write_results(workdir / "results.json", results)
   return results
+
+
+def next_batch(data_iter, config, step: int) -> dict[str, np.ndarray]:
+  """This process's rows of the next batch, checked; a failure any process finds stops every process.
+
+  A source that gives only unusable samples, or a reply over the LM position budget, is found by
+  the process that loads it; the processes agree on it before the step runs (none is left waiting
+  in the step's collectives), and all raise it, naming the process and host that found it.
+  """
+  batch, failure = None, None
+  try:
+    batch = next(data_iter)
+    if config.stage == 2 and config.train.lm_positions:
+      check_label_budget(batch["labels"], config.train.lm_positions, step)
+  except (SourceExhaustedError, ConfigError) as e:
+    failure = e
+  distributed.agree_on_failure(failure, (SourceExhaustedError, ConfigError))
+  return batch
 
 
 def check_label_budget(labels: np.ndarray, lm_positions: int, step: int) -> None:
