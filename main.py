@@ -4,8 +4,10 @@ Without --workdir the run writes to `runs/stage<N>_<preset>` (printed at start),
 default `model_init` finds stage 1.
 
 Multi-process (one process per host): add `--coordinator_address=HOST:PORT --num_processes=N
---process_id=I` on every process, or launch under SLURM / Open MPI / a Cloud TPU pod, where they are
-detected (`--distributed=on` forces `jax.distributed.initialize()` with JAX's own auto-detection).
+--process_id=I` on every process, or launch under SLURM / Open MPI, or on every worker of a Cloud
+TPU VM (pod slice), where `jax.distributed.initialize()` runs with JAX's own cluster detection
+(`--distributed=on` forces it elsewhere, `--distributed=off` prevents it). A failure decided on all
+processes together (e.g. a reply over the label budget on one host) is reported by process 0 only.
 """
 
 import os
@@ -149,8 +151,9 @@ def main(argv):
     check_workdir(workdir)
     sizing.enable_compile_cache(config.compile_cache_dir)
     if distributed.is_main():
-      print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-    results = trainer.train_and_evaluate(config, workdir)
+      print(f"workdir: {workdir if '://' in workdir else os.path.abspath(workdir)}", flush=True)
+    with distributed.reported_by_main():
+      results = trainer.train_and_evaluate(config, workdir)
   if distributed.is_main():
     print(trainer.summary(results, workdir))
 

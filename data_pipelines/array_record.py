@@ -10,11 +10,12 @@ import collections.abc
 import pathlib
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 
 def data_source(directory: str | pathlib.Path, split: str):
   """Random-access source (len, [i] -> example dict of NumPy arrays / str) of one converted split."""
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   if not (directory / "dataset_info.json").exists():
     raise FileNotFoundError(f"{directory}: no dataset_info.json; expected a directory written by "
                             f"data_pipelines.tfds_builder.convert")

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 from PIL import Image
 
 from data_pipelines import rgbd
@@ -173,7 +174,7 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
 
 def _header_size(path) -> tuple[int, int]:
   """(h, w) of an image as `rgbd.load_rgb` returns it (EXIF rotation applied), from its header."""
-  with Image.open(path) as im:
+  with epath.Path(path).open("rb") as f, Image.open(f) as im:
     w, h = im.size
     if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
       w, h = h, w

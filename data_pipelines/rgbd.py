@@ -25,9 +25,11 @@ import dataclasses
 import json
 import math
 import pathlib
+import posixpath
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from depthvlm_jax.processing.image_processor import to_rgb
@@ -130,8 +132,8 @@ def parse_record(obj: Any, where: str) -> RGBDRecord:
 
 
 def read_jsonl(path: str | pathlib.Path) -> tuple[list[RGBDRecord], list[RecordError]]:
-  """All valid records of a JSON Lines file, and an error per bad line (never raises for a line)."""
-  path = pathlib.Path(path)
+  """All valid records of a JSON Lines file (local or gs://), and an error per bad line (never raises for a line)."""
+  path = epath.Path(path)
   records, errors = [], []
   with path.open() as f:
     for n, line in enumerate(f, 1):
@@ -146,13 +148,30 @@ def read_jsonl(path: str | pathlib.Path) -> tuple[list[RGBDRecord], list[RecordE
   return records, errors
 
 
-def resolve_path(root: str | pathlib.Path, rel: str) -> pathlib.Path:
-  """`root / rel`, refusing absolute paths and paths that escape `root`."""
-  root_p = pathlib.Path(root).resolve()
+def is_local(path: str | pathlib.Path) -> bool:
+  """False for an object-store path (`gs://...` and other URI schemes that `etils.epath` reads)."""
+  return "://" not in str(path)
+
+
+def resolve_path(root: str | pathlib.Path, rel: str) -> epath.Path:
+  """`root / rel`, refusing absolute paths and paths that escape `root`.
+
+  Local roots resolve symbolic links; object-store roots (no links there) are normalised by name.
+  """
   if pathlib.PurePath(rel).is_absolute():
-    raise SampleError("bad_record", f"path {rel!r} is absolute; annotation paths must be relative to {root_p}")
-  p = (root_p / rel).resolve()
-  if root_p not in p.parents and p != root_p:
+    shown = pathlib.Path(root).resolve() if is_local(root) else epath.Path(root)
+    raise SampleError("bad_record", f"path {rel!r} is absolute; annotation paths must be relative to {shown}")
+  if is_local(root):  # pathlib: epath's resolve does not follow symbolic links
+    root_l = pathlib.Path(root).resolve()
+    resolved = (root_l / rel).resolve()
+    root_p, p = epath.Path(root_l), epath.Path(resolved)
+    inside = root_l in resolved.parents or resolved == root_l
+  else:
+    root_p = epath.Path(root)
+    norm = posixpath.normpath(rel)
+    p = root_p / norm
+    inside = norm != ".." and not norm.startswith("../")
+  if not inside:
     raise SampleError("bad_record", f"path {rel!r} escapes the data root {root_p}")
   return p
 
@@ -163,10 +182,11 @@ def _describe(e: BaseException) -> str:
   return str(e) if isinstance(e, (UnidentifiedImageError, OSError)) else f"{type(e).__name__}: {e}"
 
 
-def load_rgb(path: pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
+def load_rgb(path: str | pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
   """(H, W, 3) uint8 RGB; EXIF rotation applied (unless `exif_transpose=False`); grey/RGBA/16-bit converted."""
+  path = epath.Path(path)
   try:
-    with Image.open(path) as im:
+    with path.open("rb") as f, Image.open(f) as im:
       im.load()
       return np.asarray(to_rgb(im, exif_transpose))
   except FileNotFoundError:
@@ -175,21 +195,24 @@ def load_rgb(path: pathlib.Path, exif_transpose: bool = True) -> np.ndarray:
     raise SampleError("unreadable_image", f"{path}: cannot decode image ({_describe(e)})") from None
 
 
-def load_depth(path: pathlib.Path, scale: float, fmt: str = "png", size_wh: tuple[int, int] | None = None) -> np.ndarray:
+def load_depth(path: str | pathlib.Path, scale: float, fmt: str = "png",
+               size_wh: tuple[int, int] | None = None) -> np.ndarray:
   """(H, W) float32 metres; non-finite or negative values become 0 (invalid)."""
+  path = epath.Path(path)
   if not path.exists():
     raise SampleError("missing_depth", f"{path}: depth file not found")
   try:
     if fmt == "binary_float32":
       if size_wh is None:
         raise SampleError("bad_record", f"{path}: binary_float32 depth needs original_depth_size or original_rgb_size")
-      raw = np.fromfile(path, np.float32)
+      data = path.read_bytes()
+      raw = np.frombuffer(data, np.float32, count=len(data) // 4)  # a trailing partial value is dropped
       w, h = size_wh
       if raw.size != w * h:
         raise SampleError("corrupt_depth", f"{path}: {raw.size} float32 values, expected {w}x{h}={w * h}")
       depth = raw.reshape(h, w)
     else:
-      with Image.open(path) as im:
+      with path.open("rb") as f, Image.open(f) as im:
         im.load()
         depth = np.asarray(im)
       if depth.ndim != 2:
@@ -202,9 +225,10 @@ def load_depth(path: pathlib.Path, scale: float, fmt: str = "png", size_wh: tupl
   return np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
 
 
-def load_mask(path: pathlib.Path) -> np.ndarray:
+def load_mask(path: str | pathlib.Path) -> np.ndarray:
+  path = epath.Path(path)
   try:
-    with Image.open(path) as im:
+    with path.open("rb") as f, Image.open(f) as im:
       im.load()
       m = np.asarray(im)
   except Exception as e:  # any decoder failure, as in load_rgb

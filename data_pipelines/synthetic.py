@@ -16,6 +16,7 @@ import json
 import pathlib
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (220, 200, 40),
@@ -240,7 +241,7 @@ def grounded_text(scene: Scene, objs: list[VisibleObject], rng: np.random.Genera
 
 def write_synthetic_dataset(out_dir: str | pathlib.Path, num_train: int, num_test: int, seed: int = 0):
   """Writes rgb/, depth/ (uint16 mm), train.jsonl, test.jsonl, qa.jsonl, qa_test.jsonl. Returns paths."""
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   (out / "rgb").mkdir(parents=True, exist_ok=True)
   (out / "depth").mkdir(parents=True, exist_ok=True)
   files = {}
@@ -251,8 +252,10 @@ def write_synthetic_dataset(out_dir: str | pathlib.Path, num_train: int, num_tes
       scene = make_scene(s)
       rgb, depth, ids = render(scene)
       name = f"{split}_{k:05d}"
-      Image.fromarray(rgb).save(out / "rgb" / f"{name}.png")
-      Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(out / "depth" / f"{name}.png")
+      with (out / "rgb" / f"{name}.png").open("wb") as f:
+        Image.fromarray(rgb).save(f, format="PNG")
+      with (out / "depth" / f"{name}.png").open("wb") as f:
+        Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(f, format="PNG")
       size = [scene.width, scene.height]
       common = {"image": f"rgb/{name}.png", "original_rgb_size": size, "original_fx": scene.fx,
                 "original_fy": scene.fx, "original_cx": scene.width / 2, "original_cy": scene.height / 2,
@@ -272,7 +275,7 @@ def write_synthetic_dataset(out_dir: str | pathlib.Path, num_train: int, num_tes
 
 def ensure_synthetic_dataset(out_dir: str | pathlib.Path, num_train: int, num_test: int, seed: int = 0):
   """Writes the dataset unless a complete one with the same parameters is already there."""
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   manifest = out / "manifest.json"
   params = {"num_train": num_train, "num_test": num_test, "seed": seed, "version": 2}
   names = {"train": "train.jsonl", "test": "test.jsonl", "qa": "qa.jsonl", "qa_test": "qa_test.jsonl"}

@@ -37,6 +37,7 @@ if __name__ == "__main__":
   cli.quiet_libraries(sys.argv[1:])  # environment settings, read when jax and transformers are imported
 
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 import safetensors.numpy
 from absl import app, flags
 
@@ -52,7 +53,7 @@ class ExportError(ValueError):
   """A refused or failed export (message names --out and what was expected)."""
 
 
-def _is_training_workdir(p: pathlib.Path) -> bool:
+def _is_training_workdir(p: epath.Path) -> bool:
   return (p / "checkpoints").is_dir() or ((p / "config.json").is_file() and (p / "metrics.jsonl").is_file())
 
 
@@ -68,8 +69,17 @@ def check_out_dir(out_dir: str | pathlib.Path, overwrite: bool = False,
   `overwrite` any other folder, except one that is or holds a training workdir, holds one of
   `sources` (the model being exported), or is the current or home directory or one of their parents.
   """
-  out = pathlib.Path(out_dir).expanduser().resolve()
   flag = f"--out={out_dir}"
+  if "://" in str(out_dir):  # an object-store prefix: no folders to protect, only earlier contents
+    remote = epath.Path(out_dir)
+    if remote.exists() and any(remote.iterdir()) and not (remote / EXPORT_MARKER).exists() and not overwrite:
+      raise ExportError(f"{flag}: holds objects and is not an earlier export (no {EXPORT_MARKER}); give a new "
+                        "or empty prefix, or pass --overwrite to replace its contents")
+    if _is_training_workdir(remote):
+      raise ExportError(f"{flag}: is a training workdir (checkpoints/ or config.json + metrics.jsonl); "
+                        "exporting there would delete the run; give a new or empty prefix")
+    return remote
+  out = pathlib.Path(out_dir).expanduser().resolve()
   if out.exists() and not out.is_dir():
     raise ExportError(f"{flag}: exists and is not a directory; give a new or empty folder")
   if not out.exists() or not any(out.iterdir()):
@@ -148,6 +158,19 @@ def write_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: Qwen3VLC
   source of the tensors at most one shard (`max_shard_bytes`) is held.
   """
   out = check_out_dir(out_dir, overwrite, sources)
+  if "://" in str(out_dir):  # written locally, then uploaded file by file; the marker goes last
+    with tempfile.TemporaryDirectory() as d:
+      local = write_hf_tensors(tensors, config, head, pathlib.Path(d) / "export", tokenizer, processor, dtype,
+                               max_shard_bytes, processing_files)
+      files = sorted(local.iterdir(), key=lambda f: f.name == EXPORT_MARKER)
+      if out.exists():
+        for stale in out.iterdir():  # a previous export's files, e.g. shards of another count
+          if stale.name not in {f.name for f in files}:
+            stale.unlink()
+      for f in files:
+        with f.open("rb") as src, (out / f.name).open("wb") as dst:
+          shutil.copyfileobj(src, dst)
+    return out
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

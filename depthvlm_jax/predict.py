@@ -32,11 +32,13 @@ KV cache that same pass filled.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any, Sequence
 
 from depthvlm_jax import cli
@@ -47,6 +49,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np
 from absl import flags
+from etils import epath
 from PIL import Image
 
 from data_pipelines import rgbd
@@ -220,8 +223,18 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
 
 
 @contextlib.contextmanager
-def _atomic(path: pathlib.Path):
-  """Yields a temporary path beside `path` (same suffix) that replaces `path` when the body succeeds."""
+def _atomic(path: epath.Path):
+  """Yields a temporary local path (same suffix) that replaces `path` when the body succeeds.
+
+  Beside `path` for a local one (then renamed); for an object-store path a local temporary file,
+  uploaded as one object (an object appears whole or not at all).
+  """
+  if "://" in str(path):
+    with tempfile.TemporaryDirectory() as d:
+      tmp = pathlib.Path(d) / f"out{path.suffix}"
+      yield tmp
+      path.write_bytes(tmp.read_bytes())
+    return
   tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
   try:
     yield tmp
@@ -236,7 +249,7 @@ def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, resul
   The per-pixel outputs are produced in row chunks: beyond `rgb` and `depth`, memory stays near one
   RGB image of twice the width (the visualisation being encoded).
   """
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   depth = result["depth"]
   files = {"npy": out / f"{name}_depth.npy", "png": out / f"{name}_depth.png", "vis": out / f"{name}_vis.png",
@@ -260,6 +273,24 @@ def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, resul
   return {k: str(v) for k, v in files.items()}
 
 
+@contextlib.contextmanager
+def _appender(path: epath.Path):
+  """A text file opened for appending; on an object store (no appends) the object is rewritten whole
+  (earlier lines kept) at every flush."""
+  if "://" not in str(path):
+    with path.open("a") as f:
+      yield f
+    return
+  class Rewriter(io.StringIO):
+    def flush(self):
+      path.write_text(self.getvalue())
+
+  buf = Rewriter()
+  buf.write(path.read_text() if path.exists() else "")
+  yield buf
+  buf.flush()
+
+
 def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], out_dir: str | pathlib.Path,
                  prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True,
                  preprocessing: str = "direct", max_megapixels: float | None = MAX_MEGAPIXELS,
@@ -272,7 +303,7 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   import logging
 
   import tqdm
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   if out.exists() and not out.is_dir():
     raise PredictError(f"--out={out}: exists and is not a directory")
   out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +311,7 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   if len(set(names)) != len(names):  # same stem in different folders: keep files apart
     names = [f"{i:05d}_{n}" for i, n in enumerate(names)]
   summaries = []
-  with (out / "predictions.jsonl").open("a") as f:
+  with _appender(out / "predictions.jsonl") as f:
     for (path, fx), name in tqdm.tqdm(list(zip(images, names)), desc="predict", disable=not progress):
       try:
         r = predict_image(loaded, path, fx, prompt, out, name, max_new_tokens, preprocessing=preprocessing,

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model import hf_checkpoint
@@ -48,7 +49,7 @@ class LoadedModel:
   path: str
 
 
-def _is_workdir(p: pathlib.Path) -> bool:
+def _is_workdir(p: epath.Path) -> bool:
   return (p / "checkpoints").is_dir() and (p / "config.json").exists()
 
 
@@ -89,7 +90,7 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     mesh: optional `jax.sharding.Mesh`; parameters are placed with the logical sharding rules.
     seed: seed of the random depth head given to a plain Qwen3-VL directory.
   """
-  p = pathlib.Path(path)
+  p = epath.Path(path)  # a training workdir may be on an object store (gs://...); HF directories are local
   if not p.is_dir():
     raise ModelLoadError(f"{p}: not a directory (expected a Hugging Face model directory with config.json "
                          "and safetensors, or a training workdir with config.json and checkpoints/)")

@@ -15,7 +15,12 @@ another, and a float32 array restores as bfloat16 when the target asks for it.
 
 A damaged step (a truncated or missing array file, e.g. a disk that filled up or a copy cut short)
 does not stop a run: restoring falls back to the newest step that restores completely and logs which
-steps it skipped and why.
+steps it skipped and why. With several processes the choice is made once for all of them: the
+candidate steps are process 0's listing, broadcast, and a step counts as restored only when it
+restored on every process, so a read error on one host makes all fall back to the same step.
+
+Every path may be local or an object-store prefix (`gs://bucket/run/checkpoints`): paths are
+`etils.epath` paths, which orbax and TensorStore read and write either way.
 """
 
 from __future__ import annotations
@@ -24,18 +29,26 @@ import contextlib
 import gc
 import logging
 import pathlib
-import shutil
 import sys
 from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.traverse_util import flatten_dict as flatten, unflatten_dict as unflatten
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 FROZEN_DIR = "frozen_params"  # in the workdir, next to checkpoints/
+
+
+def absolute(path: str | pathlib.Path) -> epath.Path:
+  """`path` as an epath: a local one made absolute; an object-store one (gs://...) as given."""
+  p = epath.Path(path)
+  return p if "://" in str(path) else p.absolute()
 
 
 class NoIntactCheckpointError(RuntimeError):
@@ -56,7 +69,7 @@ def manager(directory: str | pathlib.Path, keep: int, async_save: bool = True) -
   # never a step directory; it is deleted when the next run opens the manager.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+  return ocp.CheckpointManager(absolute(directory), options=options,
                                item_names=("state", "frozen", "data"))
 
 
@@ -132,6 +145,24 @@ def _quiet_failed_reads():
     gc.collect()  # report (and drop) the failed reads' tasks now where possible
 
 
+def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
+  """The manager's steps, newest first, as process 0 lists them (broadcast to every process)."""
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if jax.process_count() == 1:
+    return steps
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.zeros(n, np.int32)
+  mine[:min(n, len(steps))] = steps[:n]
+  return [int(s) for s in np.asarray(multihost_utils.broadcast_one_to_all(mine)).reshape(-1)]
+
+
+def _restored_everywhere(ok: bool) -> bool:
+  """True if every process restored the step (a cross-process all-gather of the flags)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
 def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any],
                    reraise: tuple[type[BaseException], ...] = ()) -> tuple[int, Any, list[int]]:
   """(step, restore_step(step), damaged newer steps) for the newest step that restores.
@@ -139,16 +170,18 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
   Raises NoIntactCheckpointError naming the directory and each step's error when none restores;
   exceptions of the `reraise` types are not damage and propagate at once.
   """
-  steps = sorted(mgr.all_steps(), reverse=True)
   errors = []
-  for step in steps:
+  for step in agreed_steps(mgr):
+    error = None
     try:
       with _quiet_failed_reads():
         out = restore_step(step)
     except reraise:
       raise
     except Exception as e:  # orbax/TensorStore raise many types for a damaged file: any failure means skip
-      errors.append((step, _first_line(e)))
+      error = _first_line(e)
+    if not _restored_everywhere(error is None):
+      errors.append((step, error or f"failed on another process than {jax.process_index()}"))
       log.debug("checkpoint step %d in %s cannot be restored (%s); trying the previous step",
                 step, mgr.directory, errors[-1][1])
       continue
@@ -161,22 +194,22 @@ def _newest_intact(mgr: ocp.CheckpointManager, restore_step: Callable[[int], Any
   raise NoIntactCheckpointError(f"{mgr.directory}: no checkpoint could be restored ({detail})")
 
 
-def frozen_path(ckpt_directory: str | pathlib.Path) -> pathlib.Path:
+def frozen_path(ckpt_directory: str | pathlib.Path) -> epath.Path:
   """Where the run whose steps live in `ckpt_directory` (<workdir>/checkpoints) keeps its frozen parameters."""
-  return pathlib.Path(ckpt_directory).absolute().parent / FROZEN_DIR
+  return absolute(ckpt_directory).parent / FROZEN_DIR
 
 
 FROZEN_SAVE_CONCURRENT_GB = 1
 
 
-def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
+def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> epath.Path:
   """Writes the run's frozen parameters to `<workdir>/frozen_params` (replacing any), synchronously.
 
   Called once when a run starts (before its first step is saved). orbax writes a temporary
   directory and renames it when every process has finished, so a kill leaves no partial copy; a
   run killed before its first step starts afresh and writes them again.
   """
-  path = pathlib.Path(workdir).absolute() / FROZEN_DIR
+  path = absolute(workdir) / FROZEN_DIR
   # At most FROZEN_SAVE_CONCURRENT_GB of arrays in flight to host memory: orbax's default is large
   # enough to copy a whole 4B backbone to the host at once, on top of the model already there.
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=FROZEN_SAVE_CONCURRENT_GB)
@@ -185,7 +218,7 @@ def save_frozen(workdir: str | pathlib.Path, frozen: Any) -> pathlib.Path:
   return path
 
 
-def _frozen_in_step(step_dir: pathlib.Path) -> bool:
+def _frozen_in_step(step_dir: epath.Path) -> bool:
   return (step_dir / "frozen").is_dir()
 
 
@@ -203,7 +236,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, state_like: Any, frozen_like:
   """Restores (state, frozen) of `step` as the `*_like` trees ask (shapes, dtypes, shardings);
   restores `data_iter` in place. frozen comes from the run's `frozen_params` (or from a step of an
   earlier version that holds its own)."""
-  in_step = _frozen_in_step(pathlib.Path(mgr.directory) / str(step))
+  in_step = _frozen_in_step(epath.Path(mgr.directory) / str(step))
   items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
   if in_step:
     items["frozen"] = ocp.args.StandardRestore(_abstract(frozen_like))
@@ -220,14 +253,17 @@ def restore_latest(mgr: ocp.CheckpointManager, state_like: Any, frozen_like: Any
   return step, state, frozen, damaged
 
 
-def set_aside(mgr: ocp.CheckpointManager, steps: list[int], destination: pathlib.Path) -> list[pathlib.Path]:
+def set_aside(mgr: ocp.CheckpointManager, steps: list[int], destination: str | pathlib.Path) -> list[epath.Path]:
   """Moves damaged step directories out of the manager's directory (kept, never deleted).
 
-  A resumed run would otherwise meet them again when it reaches those steps. Returns the new paths.
+  A resumed run would otherwise meet them again when it reaches those steps. A local step is
+  renamed; on an object store, which has no directory rename, each of its objects is copied to
+  the destination and the step is then deleted. Returns the new paths.
   """
+  destination = epath.Path(destination)
   moved = []
   for step in steps:
-    src = pathlib.Path(mgr.directory) / str(step)
+    src = epath.Path(mgr.directory) / str(step)
     if not src.exists():
       continue
     destination.mkdir(parents=True, exist_ok=True)
@@ -235,13 +271,21 @@ def set_aside(mgr: ocp.CheckpointManager, steps: list[int], destination: pathlib
     n = 1
     while dst.exists():
       dst, n = destination / f"{step}.{n}", n + 1
-    shutil.move(str(src), str(dst))
+    if "://" in str(src):
+      for f in src.rglob("*"):
+        if not f.is_dir():
+          target = dst / f.relative_to(src)
+          target.parent.mkdir(parents=True, exist_ok=True)
+          f.copy(target)
+      src.rmtree()
+    else:
+      src.rename(dst)
     moved.append(dst)
   mgr.reload()
   return moved
 
 
-def _restore_subtree(path: pathlib.Path, like: Any, key: str | None = None) -> Any:
+def _restore_subtree(path: epath.Path, like: Any, key: str | None = None) -> Any:
   """The arrays of `like` (a nested dict of ShapeDtypeStructs with shardings) from the orbax tree at
   `path` (under its top-level `key` if given), each read straight into its target shards and cast
   to its target dtype; the checkpoint's other arrays are not read."""
@@ -253,7 +297,7 @@ def _restore_subtree(path: pathlib.Path, like: Any, key: str | None = None) -> A
 
 
 @contextlib.contextmanager
-def _reading_frozen(path: pathlib.Path):
+def _reading_frozen(path):
   """Turns a failure to read the run's shared `frozen_params` folder into FrozenParamsError naming it
   (every step restores with that folder, so falling back to an older step cannot help)."""
   try:
@@ -263,7 +307,7 @@ def _reading_frozen(path: pathlib.Path):
                             f"checkpoint step restores with this folder: restore it from a copy of the run") from None
 
 
-def _stored_paths(path: pathlib.Path, key: str | None = None) -> set[tuple[str, ...]]:
+def _stored_paths(path: epath.Path, key: str | None = None) -> set[tuple[str, ...]]:
   meta = ocp.PyTreeCheckpointer().metadata(path)
   meta = getattr(meta, "item_metadata", meta)  # a directory written by a Checkpointer carries step metadata
   tree = getattr(meta, "tree", meta)
@@ -280,7 +324,7 @@ def restore_params(workdir: str | pathlib.Path, like: Any | None = None) -> tupl
     parameter tree that differs from `like` raises ParamTreeMismatchError naming the paths. The split
     is the other run's: its trainable and frozen parameters.
   """
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  directory = absolute(workdir) / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory}: no checkpoint directory (expected the workdir of a finished run)")
   mgr = ocp.CheckpointManager(directory, item_names=("state", "frozen", "data"))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
+from etils import epath
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError
@@ -21,10 +20,10 @@ def _source_problems(field: str, value: str) -> list[str]:
   if len(parts) < 2 or not parts[0]:
     return [f"{field}={value!r}: expected 'ann.jsonl|image_root|depth_root[|kind]'"]
   out = []
-  if not pathlib.Path(parts[0]).is_file():
+  if not epath.Path(parts[0]).is_file():
     out.append(f"{field}: annotation file {parts[0]!r} not found")
   for name, root in zip(("image_root", "depth_root"), parts[1:3]):
-    if root and not pathlib.Path(root).is_dir():
+    if root and not epath.Path(root).is_dir():
       out.append(f"{field}: {name} {root!r} is not a directory")
   return out
 
@@ -86,10 +85,10 @@ def validate_config(config) -> None:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
   if config.model.size != "tiny" and not config.model.hf_dir and not config.model_init and not config.resume:
     errors.append(f"model.size={config.model.size!r} needs model.hf_dir (a local Qwen3-VL-Instruct directory)")
-  if config.model.hf_dir and not (pathlib.Path(config.model.hf_dir) / "config.json").exists():
+  if config.model.hf_dir and not (epath.Path(config.model.hf_dir) / "config.json").exists():
     errors.append(f"model.hf_dir={config.model.hf_dir!r}: no config.json there")
   for name in ("model_init", "resume"):
-    if config[name] and not (pathlib.Path(config[name]) / "checkpoints").is_dir():
+    if config[name] and not (epath.Path(config[name]) / "checkpoints").is_dir():
       errors.append(f"{name}={config[name]!r}: no checkpoints/ there (expected the workdir of an earlier run)")
   if config.data.kind not in ("synthetic", "jsonl"):
     errors.append(f"data.kind={config.data.kind!r}: expected 'synthetic' or 'jsonl'")

@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import numpy as np
+from etils import epath
 
 from data_pipelines import pipeline, synthetic
 from depthvlm_jax.model.config import Qwen3VLConfig
@@ -21,8 +22,8 @@ def example_specs(config, model_config: Qwen3VLConfig, with_answer: bool | None 
                                with_answer=with_answer) for h, w in config.data.buckets]
 
 
-def synthetic_root(config, workdir: pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(config.data.synthetic_dir or workdir / "synthetic_data")
+def synthetic_root(config, workdir: pathlib.Path) -> epath.Path:
+  return epath.Path(config.data.synthetic_dir or epath.Path(workdir) / "synthetic_data")
 
 
 def depth_source_names(config) -> list[str]:

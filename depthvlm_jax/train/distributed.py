@@ -12,10 +12,12 @@ With one process every helper here is a no-op, so the single-CPU default needs n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from typing import Sequence
+import socket
+from typing import Iterator, Sequence
 
 import grain
 import jax
@@ -35,11 +37,25 @@ def _positive_int(name: str) -> int:
     return 1
 
 
+def tpu_chips_here() -> int:
+  """Number of TPU chips attached to this machine, read from its PCI devices (no JAX backend started).
+
+  JAX's own hardware probe is used (the one its Cloud TPU start-up runs); 0 where it is unavailable.
+  """
+  try:
+    from jax._src import hardware_utils
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # noqa: BLE001 -- a private module that may move: no chips found
+    return 0
+
+
 def cluster_detected() -> str | None:
   """Name of a multi-process launcher found in the environment variables, or None.
 
-  Only launches with more than one process count: a 1-task SLURM job stays single-process. Cloud
-  TPU pods whose worker list lives in the VM metadata (not the environment) need `mode="on"`.
+  Only launches with more than one process count: a 1-task SLURM job stays single-process. A
+  machine with TPU chips is a Cloud TPU VM: there `jax.distributed.initialize()` runs with JAX's own
+  cluster detection, which reads the pod's worker list from the VM metadata (a single-host VM
+  starts as one process of one).
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return "JAX_COORDINATOR_ADDRESS"
@@ -50,6 +66,8 @@ def cluster_detected() -> str | None:
   hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
   if len([h for h in hosts.split(",") if h]) > 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "Cloud TPU"
+  if tpu_chips_here() > 0 and not os.environ.get("TPU_SKIP_MDS_QUERY"):
+    return "Cloud TPU VM"
   return None
 
 
@@ -74,7 +92,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process_id={process_id}: expected 0 <= process_id < num_processes={num_processes}")
   # CPU-to-CPU collectives across processes need an implementation; gloo ships with jaxlib.
-  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+  if launcher != "Cloud TPU VM" and jax.config.jax_cpu_collectives_implementation in (None, "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
@@ -100,6 +118,52 @@ def process_sum(x: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(np.asarray(x))).sum(0)
+
+
+MESSAGE_BYTES = 2048  # room for one failure message in `agree_on_failure`
+
+
+def agree_on_failure(error: BaseException | None, kinds: tuple[type[BaseException], ...]) -> None:
+  """Turns a failure found by some processes into the same failure on every process.
+
+  Each process passes the error it found (or None); `error` must be an instance of one of `kinds`.
+  The processes exchange a flag (one small all-gather, every call) and, only when some process
+  failed, the message of each. Every process then raises the failure of the lowest-numbered failing
+  process, as an instance of the same kind, its message naming that process and its host; the error
+  has `on_every_process = True` so that only process 0 reports it. With one process the error is
+  raised unchanged.
+  """
+  if error is not None and not isinstance(error, kinds):
+    raise TypeError(f"agree_on_failure: {type(error).__name__} is not one of {[k.__name__ for k in kinds]}")
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  kind = 0 if error is None else 1 + next(i for i, k in enumerate(kinds) if isinstance(error, k))
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(kind))).reshape(-1)
+  if not flags.any():
+    return
+  text = "" if error is None else f"{error} (process {jax.process_index()}, host {socket.gethostname()})"
+  buf = np.zeros(MESSAGE_BYTES, np.uint8)
+  raw = text.encode()[:MESSAGE_BYTES]
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  messages = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(flags), MESSAGE_BYTES)
+  first = int(np.flatnonzero(flags)[0])
+  agreed = kinds[int(flags[first]) - 1](bytes(messages[first]).rstrip(b"\0").decode(errors="replace"))
+  agreed.on_every_process = True
+  raise agreed from error
+
+
+@contextlib.contextmanager
+def reported_by_main() -> Iterator[None]:
+  """Inside a CLI's error reporting: a failure raised on every process (`on_every_process`) ends the
+  other processes with exit status 1 and no message, so that it is reported once, by process 0."""
+  try:
+    yield
+  except Exception as e:
+    if getattr(e, "on_every_process", False) and not is_main():
+      raise SystemExit(1) from None
+    raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,9 @@
 A resumed run first forgets what the killed run logged after the checkpoint it restarts from: rows
 of `metrics.jsonl` with a later step are dropped and TensorBoard is told to purge those steps, so
 the files show one curve, the same as an uninterrupted run's.
+
+The workdir may be an object-store prefix (`gs://bucket/run`). Objects cannot be appended to, so
+there `metrics.jsonl` is rewritten whole (rows kept in memory) at every row; a local file is appended to.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from typing import Any, Mapping
 
 import tensorboardX
+from etils import epath
 from tensorboardX.proto import event_pb2
 
 
@@ -33,9 +37,11 @@ class MetricsLog:
 
   def __init__(self, workdir: str | pathlib.Path, resumed_step: int | None, enabled: bool = True):
     self.enabled = enabled
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
-    self.tb_dir = pathlib.Path(workdir) / "tensorboard"
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.tb_dir = epath.Path(workdir) / "tensorboard"
     self.writer = None
+    self._append = "://" not in str(self.path)
+    self._rows: list[str] = []  # the whole file, where it is rewritten rather than appended to
     if not enabled:
       return
     if self.path.exists():
@@ -44,7 +50,8 @@ class MetricsLog:
       if len(keep) != len(rows):
         logging.getLogger(__name__).info("dropping %d metric rows logged after step %s", len(rows) - len(keep),
                                          resumed_step)
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+      self._rows = [json.dumps(r) + "\n" for r in keep]
+      self.path.write_text("".join(self._rows))
     purge = resumed_step + 1 if resumed_step is not None else None
     # The default file name has one-second resolution; a quick restart would overwrite the old file.
     self.writer = tensorboardX.SummaryWriter(str(self.tb_dir), purge_step=purge, flush_secs=5,
@@ -54,9 +61,13 @@ class MetricsLog:
     """One row (nested dicts allowed); numbers go to TensorBoard as `prefix/key[/subkey]`."""
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **({"eval": prefix.split("/", 1)[1]} if "/" in prefix else {}), **row})
-              + "\n")
+    line = json.dumps({"step": step, **({"eval": prefix.split("/", 1)[1]} if "/" in prefix else {}), **row}) + "\n"
+    if self._append:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._rows.append(line)
+      self.path.write_text("".join(self._rows))
     for tag, value in _scalars(row, prefix).items():
       self.writer.add_scalar(tag, value, step)
 
@@ -77,7 +88,10 @@ def read_event_scalars(logdir: str | pathlib.Path) -> dict[str, dict[int, float]
   TensorBoard does.
   """
   out: dict[str, dict[int, float]] = {}
-  for path in sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*")):  # names sort by creation time
+  # epath globs one level at a time (no `**` on object stores): walk the tree instead
+  found = [epath.Path(root) / f for root, _, files in epath.Path(logdir).walk() for f in files
+           if f.startswith("events.out.tfevents.")]
+  for path in sorted(found):  # names sort by creation time
     data = path.read_bytes()
     pos = 0
     while pos + 12 <= len(data):

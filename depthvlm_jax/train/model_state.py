@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import flax.linen as nn
 import jax
+from etils import epath
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ConfigError
@@ -65,7 +65,7 @@ def abstract_state(optimizer, trainable_like, mesh) -> dict[str, Any]:
           for k, v in dict(state, params=trainable_like, opt_state=opt_like).items()}
 
 
-def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, optimizer, data_iter):
+def restore_or_initialise(config, model: DepthVLM, mesh, workdir: epath.Path, optimizer, data_iter):
   """(start step or None, train state, frozen params, checkpoint manager) of a run in `workdir`.
 
   Its own newest intact checkpoint (damaged newer steps set aside), else `resume` (another run's
@@ -77,8 +77,7 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, 
   trainable_like, frozen_like = freeze.split_params(like, mask)
   state_like = abstract_state(optimizer, trainable_like, mesh)
   mgr = checkpoints.manager(workdir / "checkpoints", config.keep_ckpts)
-  start = mgr.latest_step()
-  if start is not None:
+  if checkpoints.agreed_steps(mgr):  # process 0's listing: every process takes the same branch
     start, state, frozen, damaged = checkpoints.restore_latest(mgr, state_like, frozen_like, data_iter)
     if damaged and distributed.is_main():
       moved = checkpoints.set_aside(mgr, damaged, workdir / "checkpoints_damaged")
@@ -91,7 +90,7 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: pathlib.Path, 
       checkpoints.save_frozen(workdir, frozen)
     return start, state, frozen, mgr
   if config.resume:
-    rmgr = checkpoints.manager(pathlib.Path(config.resume) / "checkpoints", config.keep_ckpts)
+    rmgr = checkpoints.manager(epath.Path(config.resume) / "checkpoints", config.keep_ckpts)
     _, state, frozen, _ = checkpoints.restore_latest(rmgr, state_like, frozen_like, data_iter)
   else:
     trainable, frozen = freeze.split_params(initial_params(config, model, like, jax.random.key(config.train.seed)), mask)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 from typing import Any
 
+from etils import epath
 from flax.traverse_util import flatten_dict
 
 from depthvlm_jax.model.config import ConfigError
@@ -34,7 +34,7 @@ def _show(v: Any) -> str:
 
 def read_workdir_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The recorded config of the run in `workdir` (None if absent); ConfigError naming the file if invalid."""
-  path = workdir / "config.json"
+  path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return None
   try:
@@ -84,9 +84,10 @@ def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
   if flagged:
     safe["nonfinite"] = flagged
     log.warning("results.json: non-finite values written as null: %s", ", ".join(flagged))
+  path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(safe, indent=2, allow_nan=False))
-  os.replace(tmp, path)
+  tmp.replace(path)  # a rename locally; a copy and delete on an object store, whose writes are whole objects anyway
 
 
 DATA_COUNTS_FILE = "data_counts.json"
@@ -99,7 +100,7 @@ def write_data_counts(workdir: pathlib.Path, step: int, sources: list[str], skip
   They are not part of the train state, so a resumed run reads them back from here
   (`read_data_counts`); entries of steps not in `keep_steps` (checkpoints already deleted) are dropped.
   """
-  path = pathlib.Path(workdir) / DATA_COUNTS_FILE
+  path = epath.Path(workdir) / DATA_COUNTS_FILE
   try:
     steps = json.loads(path.read_text())["steps"] if path.exists() else {}
   except (ValueError, KeyError, TypeError):
@@ -109,13 +110,13 @@ def write_data_counts(workdir: pathlib.Path, step: int, sources: list[str], skip
                       "drawn": [int(x) for x in drawn]}
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps({"steps": steps}))
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
 def read_data_counts(workdir: pathlib.Path, step: int, sources: list[str]) -> tuple[Any, Any] | None:
   """(skipped (S, R), drawn (S,)) recorded at checkpoint `step` for these sources, or None."""
   import numpy as np
-  path = pathlib.Path(workdir) / DATA_COUNTS_FILE
+  path = epath.Path(workdir) / DATA_COUNTS_FILE
   try:
     entry = json.loads(path.read_text())["steps"][str(step)]
     if entry["sources"] != list(sources):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import pathlib
 import time
 from typing import Any
@@ -22,9 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from data_pipelines import pipeline
-from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
+from data_pipelines.skips import SKIP_REASONS, SourceExhaustedError, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
@@ -54,7 +54,9 @@ def setup_logging(verbosity: int = 0) -> None:
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """Too many consecutive non-finite steps. Decided on the step's replicated counter, which every
+  process reads with the same value, so all processes stop at the same step."""
+  on_every_process = True
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   validate_config(config)
   config, mesh, plan = plan_run(config)
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)  # a local directory or an object-store prefix (gs://bucket/run)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return _train_and_evaluate(config, workdir, mesh, plan)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, mesh, plan: sizing.Plan) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) -> dict[str, Any]:
   has_checkpoint = (workdir / "checkpoints").is_dir() and any(
       p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
@@ -113,7 +115,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, plan: sizing.Plan) 
   if distributed.is_main():  # the run's record changes only now that its parameters are in place
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config.to_json_best_effort(indent=2))
-    os.replace(tmp, workdir / "config.json")
+    tmp.replace(workdir / "config.json")
 
   # Every bucket's step compiled now (ahead of time; a warm persistent cache loads them).
   train_steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
@@ -157,11 +159,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, plan: sizing.Plan) 
                            f"checkpoint: step {mgr.latest_step()} in {workdir / 'checkpoints'}")
 
   for step in bar:
-    batch = next(data_iter)
+    batch = next_batch(data_iter, config, step + 1)
     skip_totals += batch["skip_counts"].sum(0)
     drawn_totals += batch["drawn_counts"].sum(0)
-    if config.stage == 2 and config.train.lm_positions:
-      check_label_budget(batch["labels"], config.train.lm_positions, step + 1)
     bucket = batch["depth"].shape[1:]
     state, m = train_steps[bucket](state, frozen, to_global(batch, mesh, shard))
     done = step + 1
@@ -231,7 +231,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, plan: sizing.Plan) 
 def summary(results: dict[str, Any], workdir: str | pathlib.Path) -> str:
   """What a person reads when a run ends: held-out δ1 against the best constant, distance QA, skipped
   samples, and where the results, checkpoints and TensorBoard logs are."""
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = str(workdir) if "://" in str(workdir) else pathlib.Path(workdir).absolute()
   lines = ["training finished"]
   for name, r in results.items():
     if isinstance(r, dict) and "delta1" in r:
@@ -245,9 +245,27 @@ def summary(results: dict[str, Any], workdir: str | pathlib.Path) -> str:
                  f"{mae} (the median distance as the answer: {qa['constant_mae_m']:.3f} m)")
   skipped = sum((results.get("skipped_samples") or {}).values())
   lines.append(f"  skipped samples: {skipped}; skipped updates (non-finite): {results.get('skipped_updates', 0)}")
-  lines += [f"results:     {workdir / 'results.json'}", f"checkpoints: {workdir / 'checkpoints'}",
-            f"TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}"]
+  lines += [f"results:     {workdir}/results.json", f"checkpoints: {workdir}/checkpoints",
+            f"TensorBoard: tensorboard --logdir {workdir}/tensorboard"]
   return "\n".join(lines)
+
+
+def next_batch(data_iter, config, step: int) -> dict[str, np.ndarray]:
+  """This process's rows of the next batch, checked; a failure any process finds stops every process.
+
+  A source that gives only unusable samples, or a reply over the LM position budget, is found by
+  the process that loads it; the processes agree on it before the step runs (none is left waiting
+  in the step's collectives), and all raise it, naming the process and host that found it.
+  """
+  batch, failure = None, None
+  try:
+    batch = next(data_iter)
+    if config.stage == 2 and config.train.lm_positions:
+      check_label_budget(batch["labels"], config.train.lm_positions, step)
+  except (SourceExhaustedError, ConfigError) as e:
+    failure = e
+  distributed.agree_on_failure(failure, (SourceExhaustedError, ConfigError))
+  return batch
 
 
 def check_label_budget(labels: np.ndarray, lm_positions: int, step: int) -> None:

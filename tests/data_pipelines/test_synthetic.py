@@ -1,6 +1,7 @@
 """Synthetic RGB-D: deterministic, exact depth, grounded text consistent with the rendered depth."""
 
 import json
+import os
 
 import numpy as np
 
@@ -50,6 +51,6 @@ def test_written_dataset_reads_back(tmp_path):
   assert qa and all(r["prompt"] and r["solution"] for r in qa)
   test_records, _ = rgbd.read_jsonl(files["test"])
   assert {r.image for r in test_records}.isdisjoint({r.image for r in records})
-  mtime = files["train"].stat().st_mtime
+  mtime = os.stat(files["train"]).st_mtime
   synthetic.ensure_synthetic_dataset(tmp_path, 3, 2, seed=1)  # complete: not rewritten
-  assert files["train"].stat().st_mtime == mtime
+  assert os.stat(files["train"]).st_mtime == mtime

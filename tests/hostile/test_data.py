@@ -51,7 +51,7 @@ def test_any_decoder_failure_is_a_skip(good, monkeypatch):
     raise SyntaxError("broken PNG file")  # PIL raises odd types for some damaged files
   monkeypatch.setattr(Image, "open", broken_decoder)
   with pytest.raises(rgbd.SampleError, match="SyntaxError: broken PNG file"):
-    rgbd.load_rgb(root / "rgb" / "whatever.png")
+    rgbd.load_rgb(root / "rgb" / "train_00000.png")  # an existing file: it is opened, then decoding fails
 
 
 def test_all_bad_source_stops_instead_of_looping(good):

@@ -115,9 +115,9 @@ def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(run_copy):
   with workdir_lock.hold(workdir):  # this test process plays the running trainer
     proc = train(workdir, data, "--config.train.total_steps=3")
     error_line(proc.returncode, proc.stderr, f"pid {os.getpid()}", socket.gethostname(), "in use")
-    assert json.loads((workdir / workdir_lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert workdir_lock.read_lease(workdir)["pid"] == os.getpid()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
-  assert (workdir / workdir_lock.LOCK_NAME).read_text() == ""  # released
+  assert not (workdir / workdir_lock.LEASE_NAME).exists()  # released
 
 
 def test_lock_is_free_again_after_the_holder_ends(tmp_path):

@@ -170,3 +170,19 @@ def test_cluster_detection_and_modes(monkeypatch):
     distributed.initialize("localhost:1", 2, 0, mode="off")
   with pytest.raises(ValueError, match="process_id=2"):
     distributed.initialize("localhost:1", 2, 2)
+
+
+def test_cloud_tpu_vm_starts_with_jax_cluster_detection(monkeypatch):
+  """A machine with TPU chips (a Cloud TPU VM, one worker of a pod slice or a single host) calls
+  `jax.distributed.initialize()` with no arguments: JAX reads the workers from the VM metadata."""
+  for var in CLUSTER_VARS + ("TPU_SKIP_MDS_QUERY",):
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))  # JAX's, not ours
+  monkeypatch.setattr(distributed, "tpu_chips_here", lambda: 4)
+  assert distributed.cluster_detected() == "Cloud TPU VM"
+  assert distributed.initialize(mode="auto") is True
+  assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
+  assert distributed.initialize(mode="off") is False and len(calls) == 1
+  monkeypatch.setattr(distributed, "tpu_chips_here", lambda: 0)
+  assert distributed.cluster_detected() is None  # this CPU machine: single-process
