@@ -1,6 +1,6 @@
 """grain input pipeline: annotation records -> canonical RGB-D -> tokenised chat examples -> batches.
 
-  records of each source ─ split by bucket (from the records' canonical sizes) ─┐
+  records of each source ─ split by bucket (the size index, `sizes`: no image opened) ─┐
   per (source, bucket): MapDataset.source ─ shuffle ─ repeat ─ random_map(prepare: load,
     focal-unify, resize into the bucket with the aspect kept, pad, patchify, tokenise)
   per bucket: mix(sources) ─ to_iter_dataset ─ DropSkipped ─ batch
@@ -33,6 +33,7 @@ focal-unified.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -42,12 +43,14 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from data_pipelines import rgbd
+from data_pipelines import rgbd, sizes
 from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
+
+canonical_hw = sizes.canonical_hw
 
 PAD_PIXEL = 128  # grey: about 0 after the processor's (x / 255 - 0.5) / 0.5
 
@@ -171,41 +174,56 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
   return canvas, target, s
 
 
-def _header_size(path) -> tuple[int, int]:
-  """(h, w) of an image as `rgbd.load_rgb` returns it (EXIF rotation applied), from its header."""
-  with Image.open(path) as im:
-    w, h = im.size
-    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
-      w, h = h, w
-  return h, w
+class InBucket:
+  """Filter of the records sized lazily (`sizes.header_hw`, read when drawn): True for those whose
+  nearest of `sizes_hw` is `sizes_hw[bucket]`; a record that cannot be sized belongs to the first
+  (where it is skipped when prepared). Picklable, for grain worker processes."""
+
+  def __init__(self, source: SourceSpec, sizes_hw: Sequence[tuple[int, int]], bucket: int,
+               min_pixels: int, max_pixels: int):
+    self.source, self.sizes_hw, self.bucket = source, tuple(sizes_hw), bucket
+    self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+  def __call__(self, record: Any) -> bool:
+    hw = sizes.header_hw(record, self.source)
+    b = choose_bucket(hw, self.sizes_hw, self.min_pixels, self.max_pixels) if hw else 0
+    return b == self.bucket
 
 
-def canonical_hw(record: Any, source: SourceSpec) -> tuple[int, int] | None:
-  """(h, w) of a record's image as `load_canonical` will return it, from the annotation when it
-  gives `canonical_size` or the intrinsics (else the image header); None if unknown (the sample
-  will be skipped). A converted (array_record) example is read for it."""
-  if isinstance(record, Skipped):
-    return None
-  if isinstance(record, dict):
-    return tuple(record["image"].shape[:2])
-  try:
-    if record.canonical_size is not None:
-      w, h = record.canonical_size
-    elif record.original_fx is not None:
-      wh = record.original_rgb_size
-      if wh is None:
-        h0, w0 = _header_size(rgbd.resolve_path(source.image_root, record.image))
-        wh = (w0, h0)
-      w, h = rgbd.canonical_size(wh, record.original_fx, record.canonical_fx)
-    elif not source.with_depth:
-      h, w = _header_size(rgbd.resolve_path(source.image_root, record.image))
-    else:
-      return None
-  except Exception:  # unreadable header, bad path: the sample is skipped when prepared
-    return None
-  if source.dataset in rgbd.CENTRE_CROP_1024:
-    w, h = min(w, 1024), min(h, 1024)
-  return h, w
+LAZY_SAMPLE = 64  # records of a source sized at start-up to estimate where its unsized records go
+
+
+def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int):
+  """Expected fraction of a source's lazily sized records per bucket, from the headers of a random
+  sample of at most `LAZY_SAMPLE` of them (zeros when there are none). Only buckets that some
+  sampled record goes to get a stream of them, so no such stream is without records; a record
+  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`)."""
+  counts = np.zeros(len(bucket_hw))
+  if not len(lazy_rows):
+    return counts
+  pick = np.random.default_rng(seed).choice(lazy_rows, min(LAZY_SAMPLE, len(lazy_rows)), replace=False)
+  for i in pick:
+    hw = sizes.header_hw(records[int(i)], source)
+    counts[choose_bucket(hw, bucket_hw, processor.min_pixels, processor.max_pixels) if hw else 0] += 1
+  return counts / counts.sum()
+
+
+def _subset(records: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
+  """records[indices]: a list for parsed records, a view for a converted split (read when drawn)."""
+  return [records[i] for i in indices] if isinstance(records, list) else _Subset(records, indices)
+
+
+class _Subset(collections.abc.Sequence):
+  """A view of records[indices]."""
+
+  def __init__(self, records: Sequence[Any], indices: np.ndarray):
+    self.records, self.indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.records[int(self.indices[i])]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -352,18 +370,25 @@ class BucketedDataset:
 def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig, tokenizer,
                  processor: ImageProcessorConfig, seed: int, num_epochs: int | None = None,
-                 prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None) -> BucketedDataset:
+                 prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None,
+                 cache_dir: str | None = None) -> BucketedDataset:
   """Shuffled, repeated, weighted mix of prepared examples, split by bucket (module docstring).
 
   weights: one per source; None = the source's record count.
   prepare: (source, bucket) -> the record-to-example map of that source's records in that bucket;
     default `PrepareExample` (tagged with the source's label).
+  cache_dir: where the size index of every source is kept (`sizes.size_index`); None = not kept.
+
+  Records are bucketed by the sizes of the annotation (or a converted split's `canonical_hw`
+  feature), without opening their images. Records whose size only the image tells are sized when
+  drawn: every bucket that a start-up sample of them goes to (`_lazy_shares`) gets a stream of them
+  all that keeps those nearest to it (`InBucket`), weighted by the sample's share.
   """
   if prepare is None:
     def prepare(source, spec):
       return PrepareExample(source, spec, model_config, tokenizer, processor, tag_source=True)
   buckets = [buckets] if isinstance(buckets, ExampleSpec) else list(buckets)
-  sizes = [b.image_size for b in buckets]
+  bucket_hw = [b.image_size for b in buckets]
   cells: dict[int, list[tuple[grain.MapDataset, float]]] = {}
   counts = []
   for source, weight in zip(sources, weights):
@@ -373,15 +398,33 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
       raise ValueError(f"{source.jsonl}: no records")
     counts.append(n)
     weight = float(n if weight is None else weight)
-    by_bucket: dict[int, list[Any]] = {}
-    for item in list(bad) + [records[i] for i in range(len(records))]:
-      hw = canonical_hw(item, source)
-      b = choose_bucket(hw, sizes, processor.min_pixels, processor.max_pixels) if hw else 0
-      by_bucket.setdefault(b, []).append(item)
-    for b, items in sorted(by_bucket.items()):
-      ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs).random_map(
-          prepare(source, buckets[b]), seed=seed)
-      cells.setdefault(b, []).append((ds, weight * len(items) / n))
+    hw = sizes.size_index(source, records, cache_dir)
+    lazy = hw[:, 0] < 0
+    assigned = np.zeros(len(records), np.int64)  # bucket 0 for records of no knowable size
+    known = hw[:, 0] > 0
+    if known.any():
+      keys, inverse = np.unique(hw[known], axis=0, return_inverse=True)
+      nearest = [choose_bucket((int(h), int(w)), bucket_hw, processor.min_pixels, processor.max_pixels)
+                 for h, w in keys]
+      assigned[known] = np.asarray(nearest)[inverse.reshape(-1)]
+    lazy_rows = np.flatnonzero(lazy)
+    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed)
+    targets = tuple(int(b) for b in np.flatnonzero(lazy_share))
+    for b in range(len(buckets)):
+      items = _subset(records, np.flatnonzero(~lazy & (assigned == b)))
+      if b == 0 and bad:
+        items = list(bad) + list(items)
+      parts = []
+      if len(items):
+        parts.append((grain.MapDataset.source(items), len(items)))
+      if lazy_share[b] > 0:
+        in_bucket = InBucket(source, [bucket_hw[t] for t in targets], targets.index(b), processor.min_pixels,
+                             processor.max_pixels)
+        parts.append((grain.MapDataset.source(_subset(records, lazy_rows)).filter(in_bucket),
+                      len(lazy_rows) * lazy_share[b]))
+      for ds, expected in parts:
+        ds = ds.shuffle(seed=seed).repeat(num_epochs).random_map(prepare(source, buckets[b]), seed=seed)
+        cells.setdefault(b, []).append((ds, weight * expected / n))
   specs, datasets, bucket_weights = [], [], []
   for b in sorted(cells):
     parts = cells[b]

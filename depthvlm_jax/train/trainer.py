@@ -82,7 +82,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   px = model.config.vision.image_token_pixels
   train_sources, weights, eval_sources = data_sources(config, workdir)
   ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
-                             seed=config.data.shuffle_seed)
+                             seed=config.data.shuffle_seed, cache_dir=str(workdir / "size_index"))
   # One epoch = every record of every source once (in expectation, with the default weights).
   num_train = sum(ds.records)
   total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
