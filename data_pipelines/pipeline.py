@@ -48,7 +48,7 @@ from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
-from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 
 canonical_hw = sizes.canonical_hw
 
@@ -96,23 +96,27 @@ class ExampleSpec:
   def name(self) -> str:
     return f"{self.image_size[0]}x{self.image_size[1]}"
 
+  def example_bytes(self) -> int:
+    """Bytes of one example's arrays as `batched` delivers them (`batch_shapes`)."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.batch_shapes(None, 1).values())
+
   def token_grid(self, merge_px: int = 32) -> tuple[int, int]:
     return self.image_size[0] // merge_px, self.image_size[1] // merge_px
 
-  def batch_shapes(self, model_config: Qwen3VLConfig, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  def batch_shapes(self, model_config: Qwen3VLConfig | None, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{name: (shape, dtype)} of a batch of `batch` examples as `batched` delivers them (without
     `skip_counts`, `drawn_counts`): what ahead-of-time compilation feeds the train step.
 
-    input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixel_values (B, P, patch_dim),
-    image_grid_hw (B, 2), depth (B, H, W), has_depth (B,).
+    input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixels (B, H, W, 3) uint8 (the
+    image at the top left of the bucket; patches are made on the device,
+    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W),
+    has_depth (B,).
     """
     h, w = self.image_size
-    v = model_config.vision
-    patches = (h // v.patch_size) * (w // v.patch_size)
     seq = (batch, self.seq_len)
     return {"input_ids": (seq, np.int32), "attention_mask": (seq, np.int32), "labels": (seq, np.int32),
             "position_ids": ((batch, 3, self.seq_len), np.int32),
-            "pixel_values": ((batch, patches, v.patch_dim), np.float32), "image_grid_hw": ((batch, 2), np.int32),
+            "pixels": ((batch, h, w, 3), np.uint8), "image_grid_hw": ((batch, 2), np.int32),
             "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
 
 
@@ -296,8 +300,8 @@ class PrepareExample:
     image, depth, _ = fit_to_bucket(image, depth, (h, w), self.model_config.vision.image_token_pixels)
     if depth is not None and not np.any(depth > 0):
       return Skipped("no_valid_depth", f"{record.image}: no valid depth after resizing into bucket {spec.name}")
-    pixel_values, grid_thw = normalize_and_patchify(image, self.processor)
-    merge = self.model_config.vision.spatial_merge_size
+    patch, merge = self.model_config.vision.patch_size, self.model_config.vision.spatial_merge_size
+    grid_thw = np.array([1, image.shape[0] // patch, image.shape[1] // patch])
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
     prompt = record.prompt or chat.DEFAULT_PROMPT
     answer = (record.solution or chat.DEFAULT_REPLY) if spec.with_answer else None
@@ -310,11 +314,10 @@ class PrepareExample:
     ids = np.concatenate([ids, np.full(pad, self.tokenizer.pad_token_id, np.int32)])
     labels = np.concatenate([labels, np.full(pad, -100, np.int32)])
     positions, _ = get_rope_index(ids[None], mask[None], [grid_thw[1:]], self.model_config.image_token_id, merge)
-    patch = self.model_config.vision.patch_size
-    slots = (h // patch) * (w // patch)  # the bucket's patch slots; the image fills the first ones
-    pixel_values = np.pad(pixel_values.astype(np.float32), ((0, slots - len(pixel_values)), (0, 0)))
+    pixels = np.full((h, w, 3), PAD_PIXEL, np.uint8)  # the image's grid at the top left of the bucket
+    pixels[:image.shape[0], :image.shape[1]] = image
     return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
-                pixel_values=pixel_values, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
+                pixels=pixels, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
                 depth=(depth if depth is not None else np.zeros((h, w), np.float32)),
                 has_depth=np.asarray(depth is not None))
 
@@ -435,8 +438,43 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
   return BucketedDataset(specs, datasets, bucket_weights, [s.label for s in sources], counts)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefetchPlan:
+  """How far each bucket's stream reads ahead, and the host memory the loader's examples can take.
+
+  Per loading process (each of `num_workers` workers, or the main process without workers): every
+  bucket's stream holds at most `buffer` prepared examples (read ahead by `threads` threads), and
+  one batch is assembled at a time (its examples and the stacked batch: 2 x batch_size examples of
+  the largest bucket). With workers, each also has one finished batch queued for the main process,
+  which holds the batch it hands out. `bound_bytes` sums these; it excludes what a process holds
+  besides examples (the interpreter, the parsed annotation).
+  """
+
+  buffer: int
+  threads: int
+  bound_bytes: int
+
+
+def prefetch_plan(specs: Sequence[ExampleSpec], batch_size: int, num_workers: int,
+                  prefetch_bytes: int | None) -> PrefetchPlan:
+  """The largest read-ahead (at most one batch per stream) whose `bound_bytes` fits `prefetch_bytes`
+  (None: one batch per stream, unbounded). Raises ValueError when even one example per stream does not fit."""
+  sizes = [s.example_bytes() for s in specs]
+  procs = max(num_workers, 1)
+  fixed = procs * 2 * batch_size * max(sizes) + (num_workers + 1) * batch_size * max(sizes) * (num_workers > 0)
+  bound = lambda buffer: fixed + procs * buffer * sum(sizes)
+  buffer = batch_size
+  if prefetch_bytes is not None:
+    buffer = min(batch_size, (prefetch_bytes - fixed) // (procs * sum(sizes)))
+    if buffer < 1:
+      raise ValueError(f"data.prefetch_bytes={prefetch_bytes}: the loader needs at least {bound(1)} bytes "
+                       f"({procs} loading processes, local batch {batch_size}, {len(specs)} buckets of up to "
+                       f"{max(sizes)} bytes per example); raise it or lower data.num_workers")
+  return PrefetchPlan(int(buffer), int(min(16, buffer)), int(bound(buffer)))
+
+
 def batched(ds: BucketedDataset, batch_size: int, num_workers: int = 0,
-            give_up_after: int = GIVE_UP_AFTER) -> grain.IterDataset:
+            give_up_after: int = GIVE_UP_AFTER, prefetch_bytes: int | None = None) -> grain.IterDataset:
   """Drops/counts skipped samples, batches each bucket, mixes the buckets' batches by their weights,
   and optionally loads in worker processes.
 
@@ -444,16 +482,17 @@ def batched(ds: BucketedDataset, batch_size: int, num_workers: int = 0,
   source. A source whose first `give_up_after` samples in a bucket were all skipped stops iteration
   with `SourceExhaustedError` (see `skips`).
 
-  Each bucket's stream prepares ahead in min(16, batch_size) threads up to one batch of examples
-  (grain's default, 500 examples per stream, would hold GBs per bucket at the paper's sizes: an
-  example of the 768x1024 bucket is 19 MB of float32 patches).
+  Host memory: each bucket's stream reads ahead as far as `prefetch_plan` allows under
+  `prefetch_bytes` (grain's read options; one finished batch queued per worker), so the examples
+  the loader holds stay within `prefetch_plan(...).bound_bytes`.
   """
-  read = grain.ReadOptions(num_threads=min(16, batch_size), prefetch_buffer_size=batch_size)
+  plan = prefetch_plan(ds.specs, batch_size, num_workers, prefetch_bytes)
+  read = grain.ReadOptions(num_threads=plan.threads, prefetch_buffer_size=plan.buffer)
   parts = [DropSkipped(d.to_iter_dataset(read), give_up_after, ds.sources).batch(batch_size, drop_remainder=True)
            for d in ds.datasets]
   it = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights=ds.weights)
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use their defaults
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1))
   return it

@@ -33,7 +33,7 @@ from depthvlm_jax.train.config_checks import make_mesh, validate_config
 from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root, to_global
 from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
-from depthvlm_jax.train.model_state import jit_train_step, restore_or_initialise
+from depthvlm_jax.train.model_state import jit_train_step, restore_or_initialise, train_processor
 from depthvlm_jax.train.run_record import check_resume_config, read_workdir_config, write_results
 from depthvlm_jax.train.step import max_supervised_tokens
 
@@ -90,7 +90,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
            ", ".join(f"{n} {c}" for n, c in zip(ds.sources, ds.records)),
            ", ".join(f"{k} {v:.1%}" for k, v in ds.fractions().items()))
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
-  data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers))
+  data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers,
+                                    prefetch_bytes=config.data.prefetch_bytes))
 
   schedule = optim.learning_rate_schedule(config.train.lr, total_steps, config.train.warmup_fraction)
   optimizer = optim.make_optimizer(schedule, config.train.grad_clip, config.train.weight_decay)
@@ -112,7 +113,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
   param_sh = jax.tree.map(lambda x: x.sharding, freeze.merge_params(state["params"], frozen))
   eval_sets = [make_eval_set(name, src, eval_specs[0], model.config, tokenizer, processor, mesh,
                              config.eval_per_device_batch) for name, src in eval_sources.items()]
-  eval_step = jit_delta1(model, mesh, param_sh)
+  eval_step = jit_delta1(model, mesh, param_sh, train_processor(config, model))
   skip_totals = np.zeros((len(ds.sources), len(SKIP_REASONS)), np.int64)
   drawn_totals = np.zeros(len(ds.sources), np.int64)
   first = int(state["step"])
