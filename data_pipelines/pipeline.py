@@ -1,6 +1,6 @@
 """grain input pipeline: annotation records -> canonical RGB-D -> tokenised chat examples -> batches.
 
-  records of each source ─ split by bucket (from the records' canonical sizes) ─┐
+  records of each source ─ split by bucket (the size index, `sizes`: no image opened) ─┐
   per (source, bucket): MapDataset.source ─ shuffle ─ repeat ─ random_map(prepare: load,
     focal-unify, resize into the bucket with the aspect kept, pad, patchify, tokenise)
   per bucket: mix(sources) ─ to_iter_dataset ─ DropSkipped ─ batch
@@ -33,6 +33,7 @@ focal-unified.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -40,15 +41,16 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 from absl import flags
-from etils import epath
 from PIL import Image
 
-from data_pipelines import rgbd
+from data_pipelines import rgbd, sizes
 from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
 from depthvlm_jax.processing import chat
-from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
+
+canonical_hw = sizes.canonical_hw
 
 PAD_PIXEL = 128  # grey: about 0 after the processor's (x / 255 - 0.5) / 0.5
 
@@ -94,23 +96,27 @@ class ExampleSpec:
   def name(self) -> str:
     return f"{self.image_size[0]}x{self.image_size[1]}"
 
+  def example_bytes(self) -> int:
+    """Bytes of one example's arrays as `batched` delivers them (`batch_shapes`)."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.batch_shapes(None, 1).values())
+
   def token_grid(self, merge_px: int = 32) -> tuple[int, int]:
     return self.image_size[0] // merge_px, self.image_size[1] // merge_px
 
-  def batch_shapes(self, model_config: Qwen3VLConfig, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  def batch_shapes(self, model_config: Qwen3VLConfig | None, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{name: (shape, dtype)} of a batch of `batch` examples as `batched` delivers them (without
     `skip_counts`, `drawn_counts`): what ahead-of-time compilation feeds the train step.
 
-    input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixel_values (B, P, patch_dim),
-    image_grid_hw (B, 2), depth (B, H, W), has_depth (B,).
+    input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixels (B, H, W, 3) uint8 (the
+    image at the top left of the bucket; patches are made on the device,
+    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W),
+    has_depth (B,).
     """
     h, w = self.image_size
-    v = model_config.vision
-    patches = (h // v.patch_size) * (w // v.patch_size)
     seq = (batch, self.seq_len)
     return {"input_ids": (seq, np.int32), "attention_mask": (seq, np.int32), "labels": (seq, np.int32),
             "position_ids": ((batch, 3, self.seq_len), np.int32),
-            "pixel_values": ((batch, patches, v.patch_dim), np.float32), "image_grid_hw": ((batch, 2), np.int32),
+            "pixels": ((batch, h, w, 3), np.uint8), "image_grid_hw": ((batch, 2), np.int32),
             "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
 
 
@@ -172,41 +178,56 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
   return canvas, target, s
 
 
-def _header_size(path) -> tuple[int, int]:
-  """(h, w) of an image as `rgbd.load_rgb` returns it (EXIF rotation applied), from its header."""
-  with epath.Path(path).open("rb") as f, Image.open(f) as im:
-    w, h = im.size
-    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
-      w, h = h, w
-  return h, w
+class InBucket:
+  """Filter of the records sized lazily (`sizes.header_hw`, read when drawn): True for those whose
+  nearest of `sizes_hw` is `sizes_hw[bucket]`; a record that cannot be sized belongs to the first
+  (where it is skipped when prepared). Picklable, for grain worker processes."""
+
+  def __init__(self, source: SourceSpec, sizes_hw: Sequence[tuple[int, int]], bucket: int,
+               min_pixels: int, max_pixels: int):
+    self.source, self.sizes_hw, self.bucket = source, tuple(sizes_hw), bucket
+    self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+  def __call__(self, record: Any) -> bool:
+    hw = sizes.header_hw(record, self.source)
+    b = choose_bucket(hw, self.sizes_hw, self.min_pixels, self.max_pixels) if hw else 0
+    return b == self.bucket
 
 
-def canonical_hw(record: Any, source: SourceSpec) -> tuple[int, int] | None:
-  """(h, w) of a record's image as `load_canonical` will return it, from the annotation when it
-  gives `canonical_size` or the intrinsics (else the image header); None if unknown (the sample
-  will be skipped). A converted (array_record) example is read for it."""
-  if isinstance(record, Skipped):
-    return None
-  if isinstance(record, dict):
-    return tuple(record["image"].shape[:2])
-  try:
-    if record.canonical_size is not None:
-      w, h = record.canonical_size
-    elif record.original_fx is not None:
-      wh = record.original_rgb_size
-      if wh is None:
-        h0, w0 = _header_size(rgbd.resolve_path(source.image_root, record.image))
-        wh = (w0, h0)
-      w, h = rgbd.canonical_size(wh, record.original_fx, record.canonical_fx)
-    elif not source.with_depth:
-      h, w = _header_size(rgbd.resolve_path(source.image_root, record.image))
-    else:
-      return None
-  except Exception:  # unreadable header, bad path: the sample is skipped when prepared
-    return None
-  if source.dataset in rgbd.CENTRE_CROP_1024:
-    w, h = min(w, 1024), min(h, 1024)
-  return h, w
+LAZY_SAMPLE = 64  # records of a source sized at start-up to estimate where its unsized records go
+
+
+def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int):
+  """Expected fraction of a source's lazily sized records per bucket, from the headers of a random
+  sample of at most `LAZY_SAMPLE` of them (zeros when there are none). Only buckets that some
+  sampled record goes to get a stream of them, so no such stream is without records; a record
+  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`)."""
+  counts = np.zeros(len(bucket_hw))
+  if not len(lazy_rows):
+    return counts
+  pick = np.random.default_rng(seed).choice(lazy_rows, min(LAZY_SAMPLE, len(lazy_rows)), replace=False)
+  for i in pick:
+    hw = sizes.header_hw(records[int(i)], source)
+    counts[choose_bucket(hw, bucket_hw, processor.min_pixels, processor.max_pixels) if hw else 0] += 1
+  return counts / counts.sum()
+
+
+def _subset(records: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
+  """records[indices]: a list for parsed records, a view for a converted split (read when drawn)."""
+  return [records[i] for i in indices] if isinstance(records, list) else _Subset(records, indices)
+
+
+class _Subset(collections.abc.Sequence):
+  """A view of records[indices]."""
+
+  def __init__(self, records: Sequence[Any], indices: np.ndarray):
+    self.records, self.indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.records[int(self.indices[i])]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -279,8 +300,8 @@ class PrepareExample:
     image, depth, _ = fit_to_bucket(image, depth, (h, w), self.model_config.vision.image_token_pixels)
     if depth is not None and not np.any(depth > 0):
       return Skipped("no_valid_depth", f"{record.image}: no valid depth after resizing into bucket {spec.name}")
-    pixel_values, grid_thw = normalize_and_patchify(image, self.processor)
-    merge = self.model_config.vision.spatial_merge_size
+    patch, merge = self.model_config.vision.patch_size, self.model_config.vision.spatial_merge_size
+    grid_thw = np.array([1, image.shape[0] // patch, image.shape[1] // patch])
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
     prompt = record.prompt or chat.DEFAULT_PROMPT
     answer = (record.solution or chat.DEFAULT_REPLY) if spec.with_answer else None
@@ -293,11 +314,10 @@ class PrepareExample:
     ids = np.concatenate([ids, np.full(pad, self.tokenizer.pad_token_id, np.int32)])
     labels = np.concatenate([labels, np.full(pad, -100, np.int32)])
     positions, _ = get_rope_index(ids[None], mask[None], [grid_thw[1:]], self.model_config.image_token_id, merge)
-    patch = self.model_config.vision.patch_size
-    slots = (h // patch) * (w // patch)  # the bucket's patch slots; the image fills the first ones
-    pixel_values = np.pad(pixel_values.astype(np.float32), ((0, slots - len(pixel_values)), (0, 0)))
+    pixels = np.full((h, w, 3), PAD_PIXEL, np.uint8)  # the image's grid at the top left of the bucket
+    pixels[:image.shape[0], :image.shape[1]] = image
     return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
-                pixel_values=pixel_values, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
+                pixels=pixels, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
                 depth=(depth if depth is not None else np.zeros((h, w), np.float32)),
                 has_depth=np.asarray(depth is not None))
 
@@ -353,18 +373,25 @@ class BucketedDataset:
 def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig, tokenizer,
                  processor: ImageProcessorConfig, seed: int, num_epochs: int | None = None,
-                 prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None) -> BucketedDataset:
+                 prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None,
+                 cache_dir: str | None = None) -> BucketedDataset:
   """Shuffled, repeated, weighted mix of prepared examples, split by bucket (module docstring).
 
   weights: one per source; None = the source's record count.
   prepare: (source, bucket) -> the record-to-example map of that source's records in that bucket;
     default `PrepareExample` (tagged with the source's label).
+  cache_dir: where the size index of every source is kept (`sizes.size_index`); None = not kept.
+
+  Records are bucketed by the sizes of the annotation (or a converted split's `canonical_hw`
+  feature), without opening their images. Records whose size only the image tells are sized when
+  drawn: every bucket that a start-up sample of them goes to (`_lazy_shares`) gets a stream of them
+  all that keeps those nearest to it (`InBucket`), weighted by the sample's share.
   """
   if prepare is None:
     def prepare(source, spec):
       return PrepareExample(source, spec, model_config, tokenizer, processor, tag_source=True)
   buckets = [buckets] if isinstance(buckets, ExampleSpec) else list(buckets)
-  sizes = [b.image_size for b in buckets]
+  bucket_hw = [b.image_size for b in buckets]
   cells: dict[int, list[tuple[grain.MapDataset, float]]] = {}
   counts = []
   for source, weight in zip(sources, weights):
@@ -374,15 +401,33 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
       raise ValueError(f"{source.jsonl}: no records")
     counts.append(n)
     weight = float(n if weight is None else weight)
-    by_bucket: dict[int, list[Any]] = {}
-    for item in list(bad) + [records[i] for i in range(len(records))]:
-      hw = canonical_hw(item, source)
-      b = choose_bucket(hw, sizes, processor.min_pixels, processor.max_pixels) if hw else 0
-      by_bucket.setdefault(b, []).append(item)
-    for b, items in sorted(by_bucket.items()):
-      ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat(num_epochs).random_map(
-          prepare(source, buckets[b]), seed=seed)
-      cells.setdefault(b, []).append((ds, weight * len(items) / n))
+    hw = sizes.size_index(source, records, cache_dir)
+    lazy = hw[:, 0] < 0
+    assigned = np.zeros(len(records), np.int64)  # bucket 0 for records of no knowable size
+    known = hw[:, 0] > 0
+    if known.any():
+      keys, inverse = np.unique(hw[known], axis=0, return_inverse=True)
+      nearest = [choose_bucket((int(h), int(w)), bucket_hw, processor.min_pixels, processor.max_pixels)
+                 for h, w in keys]
+      assigned[known] = np.asarray(nearest)[inverse.reshape(-1)]
+    lazy_rows = np.flatnonzero(lazy)
+    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed)
+    targets = tuple(int(b) for b in np.flatnonzero(lazy_share))
+    for b in range(len(buckets)):
+      items = _subset(records, np.flatnonzero(~lazy & (assigned == b)))
+      if b == 0 and bad:
+        items = list(bad) + list(items)
+      parts = []
+      if len(items):
+        parts.append((grain.MapDataset.source(items), len(items)))
+      if lazy_share[b] > 0:
+        in_bucket = InBucket(source, [bucket_hw[t] for t in targets], targets.index(b), processor.min_pixels,
+                             processor.max_pixels)
+        parts.append((grain.MapDataset.source(_subset(records, lazy_rows)).filter(in_bucket),
+                      len(lazy_rows) * lazy_share[b]))
+      for ds, expected in parts:
+        ds = ds.shuffle(seed=seed).repeat(num_epochs).random_map(prepare(source, buckets[b]), seed=seed)
+        cells.setdefault(b, []).append((ds, weight * expected / n))
   specs, datasets, bucket_weights = [], [], []
   for b in sorted(cells):
     parts = cells[b]
@@ -393,8 +438,43 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
   return BucketedDataset(specs, datasets, bucket_weights, [s.label for s in sources], counts)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefetchPlan:
+  """How far each bucket's stream reads ahead, and the host memory the loader's examples can take.
+
+  Per loading process (each of `num_workers` workers, or the main process without workers): every
+  bucket's stream holds at most `buffer` prepared examples (read ahead by `threads` threads), and
+  one batch is assembled at a time (its examples and the stacked batch: 2 x batch_size examples of
+  the largest bucket). With workers, each also has one finished batch queued for the main process,
+  which holds the batch it hands out. `bound_bytes` sums these; it excludes what a process holds
+  besides examples (the interpreter, the parsed annotation).
+  """
+
+  buffer: int
+  threads: int
+  bound_bytes: int
+
+
+def prefetch_plan(specs: Sequence[ExampleSpec], batch_size: int, num_workers: int,
+                  prefetch_bytes: int | None) -> PrefetchPlan:
+  """The largest read-ahead (at most one batch per stream) whose `bound_bytes` fits `prefetch_bytes`
+  (None: one batch per stream, unbounded). Raises ValueError when even one example per stream does not fit."""
+  sizes = [s.example_bytes() for s in specs]
+  procs = max(num_workers, 1)
+  fixed = procs * 2 * batch_size * max(sizes) + (num_workers + 1) * batch_size * max(sizes) * (num_workers > 0)
+  bound = lambda buffer: fixed + procs * buffer * sum(sizes)
+  buffer = batch_size
+  if prefetch_bytes is not None:
+    buffer = min(batch_size, (prefetch_bytes - fixed) // (procs * sum(sizes)))
+    if buffer < 1:
+      raise ValueError(f"data.prefetch_bytes={prefetch_bytes}: the loader needs at least {bound(1)} bytes "
+                       f"({procs} loading processes, local batch {batch_size}, {len(specs)} buckets of up to "
+                       f"{max(sizes)} bytes per example); raise it or lower data.num_workers")
+  return PrefetchPlan(int(buffer), int(min(16, buffer)), int(bound(buffer)))
+
+
 def batched(ds: BucketedDataset, batch_size: int, num_workers: int = 0,
-            give_up_after: int = GIVE_UP_AFTER) -> grain.IterDataset:
+            give_up_after: int = GIVE_UP_AFTER, prefetch_bytes: int | None = None) -> grain.IterDataset:
   """Drops/counts skipped samples, batches each bucket, mixes the buckets' batches by their weights,
   and optionally loads in worker processes.
 
@@ -402,16 +482,17 @@ def batched(ds: BucketedDataset, batch_size: int, num_workers: int = 0,
   source. A source whose first `give_up_after` samples in a bucket were all skipped stops iteration
   with `SourceExhaustedError` (see `skips`).
 
-  Each bucket's stream prepares ahead in min(16, batch_size) threads up to one batch of examples
-  (grain's default, 500 examples per stream, would hold GBs per bucket at the paper's sizes: an
-  example of the 768x1024 bucket is 19 MB of float32 patches).
+  Host memory: each bucket's stream reads ahead as far as `prefetch_plan` allows under
+  `prefetch_bytes` (grain's read options; one finished batch queued per worker), so the examples
+  the loader holds stay within `prefetch_plan(...).bound_bytes`.
   """
-  read = grain.ReadOptions(num_threads=min(16, batch_size), prefetch_buffer_size=batch_size)
+  plan = prefetch_plan(ds.specs, batch_size, num_workers, prefetch_bytes)
+  read = grain.ReadOptions(num_threads=plan.threads, prefetch_buffer_size=plan.buffer)
   parts = [DropSkipped(d.to_iter_dataset(read), give_up_after, ds.sources).batch(batch_size, drop_remainder=True)
            for d in ds.datasets]
   it = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights=ds.weights)
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use their defaults
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1))
   return it

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import pipeline, rgbd
 from data_pipelines.skips import SKIP_REASONS
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 
 
 class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
@@ -42,6 +42,7 @@ class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
 
   Example features: image (H, W, 3) uint8; depth (H, W) float32 metres, 0 = invalid ((0, 0) when
   `has_depth` is False); prompt, solution, key ("file:line"), dataset (text); canonical_fx;
+  canonical_hw (2,) int32, the image's (h, w), for bucketing without decoding the image;
   crop_offset (2,) int32 (x0, y0) and size_before_crop (2,) int32 (W, H) of the centre crop;
   pixel_coords (N, 2) float32 and sparse_depth (N,) float32 (sparse evaluation points, N may be 0).
   """
@@ -70,6 +71,7 @@ class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
             "key": tfds.features.Text(),
             "dataset": tfds.features.Text(),
             "canonical_fx": tfds.features.Scalar(dtype=np.float32),
+            "canonical_hw": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "crop_offset": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "size_before_crop": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "pixel_coords": tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
@@ -117,6 +119,7 @@ def _example(record: rgbd.RGBDRecord, source: pipeline.SourceSpec) -> dict:
       "key": record.source,
       "dataset": source.dataset,
       "canonical_fx": record.canonical_fx,
+      "canonical_hw": np.asarray(image.shape[:2], np.int32),
       "crop_offset": np.asarray(sample.crop_offset, np.int32),
       "size_before_crop": np.asarray(sample.size_before_crop, np.int32),
       "pixel_coords": coords,

@@ -34,6 +34,7 @@ PRESETS = {
         "data.buckets": ((96, 128), (128, 96)),
         "data.seq_len": 128,
         "data.num_workers": 0,
+        "data.prefetch_bytes": 2**30,
         "train.lm_positions": 40,
         "eval_per_device_batch": 8,  # the 48 held-out scenes in 6 batches on one CPU device
         "mesh.data": -1,
@@ -197,6 +198,10 @@ def base_config(preset):
   c.data.max_skip_rate = 0.5
   c.data.skip_rate_min_samples = 1000
   c.data.num_workers = 16
+  # Host memory the loader's examples may take (`pipeline.prefetch_plan`): read-ahead shrinks to fit,
+  # and a run whose workers' batches alone exceed it stops at start-up. 16 workers assembling local
+  # batches of 160 examples of the largest paper bucket need about 76e9 bytes before any read-ahead.
+  c.data.prefetch_bytes = 96 * 2**30
   c.data.shuffle_seed = 0
 
   # ---- optimisation

@@ -238,7 +238,11 @@ def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = F
   # Compiled traced under the mesh (its platform picks the attention kernel, see `model_state.jit_train_step`);
   # model FLOPs are counted on the plain trace, whose attention is the XLA form.
   prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
-  args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], b["pixel_values"], b["image_grid_hw"])
+  # inference takes the host processor's rows (float32), not the train batch's uint8 pixels
+  v = s.model.config.vision
+  rows = (batch, (h // v.patch_size) * (w // v.patch_size), v.patch_dim)
+  pixel_values = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=sharding.activation_sharding(s.mesh, "batch", shape=rows))
+  args = (params, b["input_ids"], b["attention_mask"], b["position_ids"], pixel_values, b["image_grid_hw"])
   out = {}
   if "prefill" in programs:
     out["prefill"] = compile_stats(prefill, args)

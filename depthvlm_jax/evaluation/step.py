@@ -8,7 +8,8 @@ dataset; jax compiles one program per bucket (input shapes and the static depth 
     leave the devices and every process of a multi-host run can read the result (the trainer's
     held-out evaluation).
 Inputs: the row-major batch of `DepthVLM.__call__` (`position_ids` (3, B, L), every other array rows
-first), the global batch a multiple of the mesh's batch shards (pad, shard, unpad: callers pad the
+first; `jit_delta1` takes the images as uint8 `pixels`, patched on the device as in training,
+`processing.device_patches`), the global batch a multiple of the mesh's batch shards (pad, shard, unpad: callers pad the
 last batch and drop the padded rows' results).
 """
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation.metrics import delta1_per_image
+from depthvlm_jax.processing.device_patches import model_pixel_values, processor_for
 
 # Logical names of each input's leading dims; every other input is (B, ...).
 INPUT_NAMES = {"position_ids": (None, "batch")}
@@ -36,8 +38,10 @@ def batch_shardings(mesh, keys) -> dict[str, jax.sharding.NamedSharding]:
   return {k: input_sharding(mesh, k) for k in keys}
 
 
-def _depth(model, params, batch: dict[str, Any], depth_grid: tuple[int, int]) -> jax.Array:
-  out = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), compute_logits=False,
+def _depth(model, params, batch: dict[str, Any], depth_grid: tuple[int, int], processor=None) -> jax.Array:
+  pixel_values = model_pixel_values(batch, processor or processor_for(model.config.vision))
+  out = model.apply({"params": params}, batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                    pixel_values, batch["image_grid_hw"], compute_logits=False,
                     depth_grid=depth_grid, images_per_row=1)  # one image per prompt: placed row-locally
   return out.depth
 
@@ -58,13 +62,14 @@ def jit_depth_maps(model, mesh=None, param_shardings=None):
                  out_shardings=input_sharding(mesh, "depth"))
 
 
-DELTA1_INPUTS = MODEL_INPUTS + ("depth", "valid")
+DELTA1_INPUTS = ("input_ids", "position_ids", "attention_mask", "pixels", "image_grid_hw", "depth", "valid")
 
 
-def jit_delta1(model, mesh, param_shardings):
+def jit_delta1(model, mesh, param_shardings, processor=None):
   """`fn(params, batch) -> (delta1 (B,), count (B,))`, replicated on every device.
 
-  batch: the model inputs, `depth` (B, H, W) ground truth (0 = invalid pixel) of the bucket and
+  batch: the model inputs with uint8 `pixels` (normalised with `processor`, default: the default
+  processor at the model's patch geometry), `depth` (B, H, W) ground truth (0 = invalid pixel) of the bucket and
   `valid` (B,) bool, False for padded rows, whose count is returned as 0 (they never score). The
   depth grid is the ground truth's size over `image_token_pixels`, so one program per bucket.
   """
@@ -72,7 +77,7 @@ def jit_delta1(model, mesh, param_shardings):
 
   def delta1_step(params, batch):
     h, w = batch["depth"].shape[1:]
-    pred = _depth(model, params, batch, (h // px, w // px))
+    pred = _depth(model, params, batch, (h // px, w // px), processor)
     d1, count = delta1_per_image(pred, batch["depth"])
     return d1, jnp.where(batch["valid"], count, 0)
 

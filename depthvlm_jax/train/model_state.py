@@ -16,6 +16,8 @@ from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl
 from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.runs.model_from_config import DTYPES, params_like
 from depthvlm_jax.train import distributed
+from depthvlm_jax.processing.device_patches import processor_for
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.train.step import initial_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,13 @@ def restore_or_initialise(config, model: DepthVLM, mesh, workdir: epath.Path, op
   return None, state, frozen, mgr
 
 
+def train_processor(config, model: DepthVLM) -> ImageProcessorConfig:
+  """The processor whose normalisation the train step applies to uint8 pixels: the checkpoint's
+  (`model.hf_dir`), at the model's patch geometry."""
+  base = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
+  return processor_for(model.config.vision, base)
+
+
 def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int]):
   """The jitted, donated train step the trainer runs (and `depthvlm_jax.aot` compiles for a slice).
 
@@ -111,7 +120,8 @@ def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, de
   """
   step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
                             config.train.depth_loss_weight, with_lm=config.stage == 2,
-                            lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform)
+                            lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform,
+                            processor=train_processor(config, model))
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
   # Traced under the mesh: the model's activation constraints keep every row on its batch shard, the

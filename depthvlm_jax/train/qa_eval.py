@@ -26,6 +26,7 @@ import numpy as np
 from data_pipelines import pipeline, rgbd
 from depthvlm_jax import generate as gen
 from depthvlm_jax.model.inputs import make_model_inputs
+from depthvlm_jax.processing.device_patches import host_patches
 
 QUESTION = re.compile(r"^How far is the (?P<object>.+) from the camera, in meters\?$")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
@@ -98,7 +99,8 @@ def evaluate_distance_qa(model, params, qa_source: pipeline.SourceSpec, specs: S
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one program for every batch
     ids = [e["input_ids"][:int(e["attention_mask"].sum())] for e, _, _ in chunk]
     # each image's own patches (the bucket's padding slots dropped; the batch pads to its largest)
-    b = make_model_inputs(ids, model.config, [e["pixel_values"][:int(np.prod(e["image_grid_hw"]))] for e, _, _ in chunk],
+    b = make_model_inputs(ids, model.config, [host_patches(e["pixels"], e["image_grid_hw"], processor)
+                                              [:int(np.prod(e["image_grid_hw"]))] for e, _, _ in chunk],
                           [tuple(e["image_grid_hw"]) for e, _, _ in chunk], padding_side="left", seq_len=seq_len,
                           pad_id=tokenizer.pad_token_id)
     tokens, _ = gen.generate_tokens(model, params, b["input_ids"], b["attention_mask"], b["position_ids"],

@@ -22,6 +22,8 @@ import optax
 
 from depthvlm_jax.losses import lm_cross_entropy, silog_loss
 from depthvlm_jax.model.depthvlm import DepthVLM
+from depthvlm_jax.processing.device_patches import model_pixel_values, processor_for
+from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.runs.freeze import merge_params
 
 
@@ -57,15 +59,19 @@ def initial_state(trainable: Any, opt_state: Any) -> dict[str, Any]:
 
 
 def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid: tuple[int, int],
-               with_lm: bool, lm_positions: int = 0) -> dict[str, jax.Array]:
+               with_lm: bool, lm_positions: int = 0,
+               processor: ImageProcessorConfig | None = None) -> dict[str, jax.Array]:
   """Numerators and denominators of both losses for one (micro-)batch.
 
+  The images come as `pixel_values` rows or as uint8 `pixels`, patched here (`model_pixel_values`
+  with `processor`, default: the default processor at the model's patch geometry).
   lm_positions: 0 = LM head on every position; M > 0 = only on the first M supervised positions
   of each row (same loss, far fewer FLOPs when the vocabulary is large and replies are short).
   """
   gather = with_lm and lm_positions > 0
+  processor = processor or processor_for(model.config.vision)
   out = model.apply({"params": params}, batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-                    batch["pixel_values"], batch["image_grid_hw"], compute_logits=with_lm and not gather,
+                    model_pixel_values(batch, processor), batch["image_grid_hw"], compute_logits=with_lm and not gather,
                     depth_grid=depth_grid, images_per_row=1)
   depth_mask = (batch["has_depth"] & out.depth_valid)[:, None, None]
   depth_sum, depth_count = silog_loss(out.depth, batch["depth"], valid_mask=depth_mask & (batch["depth"] > 0))
@@ -121,8 +127,11 @@ def _split_micro(batch, k: int):
 
 def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
                     micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0,
-                    platform: str = "cpu", unroll_micro_batches: bool | None = None) -> Callable:
+                    platform: str = "cpu", unroll_micro_batches: bool | None = None,
+                    processor: ImageProcessorConfig | None = None) -> Callable:
   """The jittable `train_step(state, frozen, batch) -> (state, metrics)`.
+
+  processor: the normalisation of uint8 `pixels` batches (see `loss_terms`).
 
   platform: the compile target ("cpu", "tpu", "gpu"): the platform of the mesh's devices, not the
     host that traces (an ahead-of-time compile for a TPU slice runs on a CPU host).
@@ -143,7 +152,7 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     lm_den = jnp.maximum((batch["labels"][:, 1:] != -100).sum(), 1).astype(jnp.float32) if with_lm else 1.0
 
     def scaled_loss(tp, mb):
-      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm, lm_positions)
+      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm, lm_positions, processor)
       return depth_weight * terms["depth_sum"] / depth_den + terms["lm_sum"] / lm_den, terms
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)

@@ -36,7 +36,7 @@ from depthvlm_jax.train.config_checks import plan_run, validate_config
 from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root, to_global
 from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
-from depthvlm_jax.train.model_state import restore_or_initialise
+from depthvlm_jax.train.model_state import restore_or_initialise, train_processor
 from depthvlm_jax.train.run_record import (DATA_COUNTS_FILE, check_resume_config, read_data_counts, read_workdir_config,
                                            write_data_counts, write_results)
 from depthvlm_jax.train.step import max_supervised_tokens
@@ -93,7 +93,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
   specs = example_specs(config, model.config)
   train_sources, weights, eval_sources = data_sources(config, workdir)
   ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
-                             seed=config.data.shuffle_seed)
+                             seed=config.data.shuffle_seed, cache_dir=str(workdir / "size_index"))
   # One epoch = every record of every source once (in expectation, with the default weights).
   num_train = sum(ds.records)
   total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
@@ -103,7 +103,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
            ", ".join(f"{n} {c}" for n, c in zip(ds.sources, ds.records)),
            ", ".join(f"{k} {v:.1%}" for k, v in ds.fractions().items()))
   shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
-  data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers))
+  data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers,
+                                    prefetch_bytes=config.data.prefetch_bytes))
 
   schedule = optim.learning_rate_schedule(config.train.lr, total_steps, config.train.warmup_fraction)
   optimizer = optim.make_optimizer(schedule, config.train.grad_clip, config.train.weight_decay)
@@ -127,7 +128,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
   param_sh = jax.tree.map(lambda x: x.sharding, freeze.merge_params(state["params"], frozen))
   eval_sets = [make_eval_set(name, src, eval_specs[0], model.config, tokenizer, processor, mesh,
                              config.eval_per_device_batch) for name, src in eval_sources.items()]
-  eval_step = jit_delta1(model, mesh, param_sh)
+  eval_step = jit_delta1(model, mesh, param_sh, train_processor(config, model))
   skip_totals = np.zeros((len(ds.sources), len(SKIP_REASONS)), np.int64)
   drawn_totals = np.zeros(len(ds.sources), np.int64)
   if start is not None and distributed.is_main():  # the counts so far (process 0 holds them; sums stay right)

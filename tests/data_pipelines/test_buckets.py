@@ -80,13 +80,6 @@ def test_default_buckets_take_every_canonical_shape_unskipped(shapes, tokenizer)
                                                           for n in CANONICAL}
 
 
-def _unpatchify(pixel_values, grid_hw, p=16, m=2, t=2):
-  """Inverse of the processor's patch order: (N, 3*t*p*p) rows -> (gh*p, gw*p, 3) values in [-1, 1]."""
-  gh, gw = grid_hw
-  x = pixel_values[:gh * gw].reshape(gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
-  return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p).transpose(1, 2, 0)
-
-
 def test_depth_stays_aligned_with_the_image_and_scaled_by_the_focal_change(tmp_path, tokenizer):
   """A portrait frame with a white square at a known place and depth 7 m there (3 m elsewhere):
   after resizing into the portrait bucket, the white pixels and the 7 m pixels coincide, the depth
@@ -108,7 +101,8 @@ def test_depth_stays_aligned_with_the_image_and_scaled_by_the_focal_change(tmp_p
   assert ex["depth"].shape == (128, 96)
   s = min(128 / h, 96 / w)  # 0.4267: 128 x 85 pixels, 11 columns of padding
   rw = round(w * s)
-  image = _unpatchify(ex["pixel_values"], ex["image_grid_hw"])
+  gh, gw = ex["image_grid_hw"] * 16
+  image = ex["pixels"][:gh, :gw].astype(np.float32) / 127.5 - 1  # values in [-1, 1] as the processor's
   assert image.shape[:2] == (128, 96)
   white = image.mean(-1) > 0.5
   far = ex["depth"] > 5 / s

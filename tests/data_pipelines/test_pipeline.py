@@ -11,6 +11,7 @@ from PIL import Image
 from data_pipelines import pipeline
 from data_pipelines.skips import SKIP_REASONS, counts_to_dict
 from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.processing.device_patches import patches_from_pixels
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig, normalize_and_patchify
 
 NUM_GOOD = 6
@@ -76,8 +77,8 @@ def test_bad_samples_are_skipped_and_counted_in_the_full_pipeline(data, tok):
   assert len(batches) == NUM_GOOD
   prepare = pipeline.PrepareExample(_sources(root, files)[0], spec, cfg, tok, proc)
   records, _ = pipeline.load_records(pipeline.SourceSpec(str(files["train"]), str(root), str(root), "synthetic"))
-  ref = sorted(prepare(r)["pixel_values"].tobytes() for r in records)
-  assert sorted(b["pixel_values"][0].tobytes() for b in batches) == ref
+  ref = sorted(prepare(r)["pixels"].tobytes() for r in records)
+  assert sorted(b["pixels"][0].tobytes() for b in batches) == ref
   assert all(b["has_depth"].all() and (b["depth"] > 0).any() for b in batches)
 
 
@@ -149,8 +150,14 @@ def test_caption_qa_images_are_focal_unified_or_upscaled(data, tok, tmp_path):
     grid[:ref.height, :ref.width] = np.asarray(ref)
     want, thw = normalize_and_patchify(grid, proc)
     assert ex["image_grid_hw"].tolist() == thw[1:].tolist()
-    np.testing.assert_array_equal(ex["pixel_values"][:len(want)], want)
-    assert not ex["pixel_values"][len(want):].any()  # the bucket's unused patch slots
+    assert ex["pixels"].shape == (96, 128, 3) and ex["pixels"].dtype == np.uint8
+    np.testing.assert_array_equal(ex["pixels"][:grid.shape[0], :grid.shape[1]], grid)
+    assert (ex["pixels"][grid.shape[0]:] == pipeline.PAD_PIXEL).all()
+    assert (ex["pixels"][:, grid.shape[1]:] == pipeline.PAD_PIXEL).all()
+    # the device's patches of the bucket image are the processor's rows of the image's grid
+    rows = np.asarray(patches_from_pixels(ex["pixels"][None], ex["image_grid_hw"][None], proc))[0]
+    np.testing.assert_array_equal(rows[:len(want)], want)
+    assert not rows[len(want):].any()  # the bucket's unused patch slots
 
   Image.fromarray(np.full((60, 100, 3), 77, np.uint8)).save(tmp_path / "tiny.png")
   (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "tiny.png", "prompt": "What?", "solution": "Grey."}))
