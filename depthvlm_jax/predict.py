@@ -293,7 +293,8 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.predict", description=__doc__.split("\n")[0])
-  ap.add_argument("--model", required=True, help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir")
+  ap.add_argument("--model", required=True,
+                  help="HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a training workdir")
   ap.add_argument("--image", required=True, help="image, folder of images, or list file (.txt/.lst)")
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--fx", type=float, default=None, help="focal length in pixels (default: 60° horizontal FoV)")

@@ -128,7 +128,8 @@ def base_config(preset):
   # ---- model
   c.model = ml_collections.ConfigDict()
   c.model.size = "4b"  # tiny | 4b | 8b
-  c.model.hf_dir = ""  # Qwen3-VL(-Instruct) or DepthVLM HF directory; "" = random init (tiny only)
+  # Qwen3-VL(-Instruct) or DepthVLM HF directory, or a hub id org/name[@revision]; "" = random init (tiny only)
+  c.model.hf_dir = ""
   c.model.head_type = "dpt"  # dpt | mlp
   c.model.mlp_feature_mode = "llm_last"  # llm_last | concat | sum (mlp head only)
   # DPT widths: the official (256, (256, 512, 1024, 1024), 32); narrow for the CPU default.

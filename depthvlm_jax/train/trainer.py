@@ -24,6 +24,7 @@ from data_pipelines import pipeline
 from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError
+from depthvlm_jax.model.hub import resolve_model_dir
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.runs import checkpoints, freeze
@@ -76,8 +77,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh) -> dict[str, Any]:
       p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
   model = build_model(config)
-  tokenizer = load_tokenizer(config.model.hf_dir or None)
-  processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
+  hf_dir = resolve_model_dir(config.model.hf_dir) or None  # a hub id -> its snapshot folder
+  tokenizer = load_tokenizer(hf_dir)
+  processor = ImageProcessorConfig.from_hf_dir(hf_dir) if hf_dir else ImageProcessorConfig()
   specs = example_specs(config, model.config)
   px = model.config.vision.image_token_pixels
   train_sources, weights, eval_sources = data_sources(config, workdir)
