@@ -15,6 +15,10 @@
   --coord_frame NAME=rgb|depth                     frame of pixel_coords (correct protocol)
   --preprocess official|direct                     override the protocol's image preprocessing
   --coords official|correct                        former name of --protocol (kept as an alias)
+  --datasets_conf FILE [--datasets "A B"] [--root DIR]
+                                                   the authors' eval_datasets.conf (besides or instead
+                                                   of --data): NAME_JSONL/_IMAGE/_DEPTH/_SAMPLES, paths
+                                                   from --root; default names: its EVAL_DATASETS
 
 Outputs in --out: `per_image.jsonl` (one line per image, appended after every batch; a rerun with the
 same settings skips what is there, so an interrupted run resumes), `results.json` (the summary
@@ -44,7 +48,7 @@ from typing import Any, Sequence
 
 from depthvlm_jax.evaluation import protocol
 from depthvlm_jax.evaluation.predictors import ModelPredictor, make_baseline
-from depthvlm_jax.evaluation.runner import SUMMARY_FILE, EvalConfigError, parse_dataset, run
+from depthvlm_jax.evaluation.runner import SUMMARY_FILE, EvalConfigError, datasets_from_conf, parse_dataset, run
 from depthvlm_jax.processing.image_processor import PREPROCESSING
 
 
@@ -53,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.evaluate", description=__doc__.split("\n")[0])
   ap.add_argument("--model", help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir")
   ap.add_argument("--baseline", help="ground_truth | constant:METRES | constant:train_median:JSONL|IMG|DEPTH|KIND")
-  ap.add_argument("--data", action="append", required=True, help="NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND]")
+  ap.add_argument("--data", action="append", default=[], help="NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND]")
+  ap.add_argument("--datasets_conf", default=None, help="the authors' eval_datasets.conf (NAME_JSONL, NAME_IMAGE, "
+                  "NAME_DEPTH, NAME_SAMPLES shell variables; read, not run)")
+  ap.add_argument("--datasets", default=None, help='names in --datasets_conf, e.g. "NYUV2 ETH3D" (default: '
+                  "its EVAL_DATASETS)")
+  ap.add_argument("--root", default=".", help="directory that relative paths of --datasets_conf start from")
   ap.add_argument("--out", required=True, help="output directory (reused to resume)")
   ap.add_argument("--modes", default="sparse,dense", help="comma list of sparse,dense")
   ap.add_argument("--protocol", default=None, choices=protocol.PROTOCOLS,
@@ -87,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       ap.error(f"--coord_frame {v!r}: expected NAME=rgb|depth")
     frames[name] = frame
   datasets = [parse_dataset(v, frames) for v in args.data]
+  if args.datasets_conf:
+    datasets += datasets_from_conf(args.datasets_conf, args.datasets, args.root, frames)
+  elif args.datasets:
+    ap.error("--datasets names datasets of --datasets_conf, which is not given")
+  if not datasets:
+    ap.error("give --data NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT (repeatable) or --datasets_conf FILE")
   unknown = set(frames) - {d.name for d in datasets}
   if unknown:
     ap.error(f"--coord_frame names {sorted(unknown)} are not --data names")

@@ -166,6 +166,12 @@ def base_config(preset):
   c.data.synthetic_seed = 0
   c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
   c.data.eval_files = ml_collections.ConfigDict()
+  # The authors' train_datasets.conf (NAME_JSONL/_IMAGE/_DEPTH variables, read, not run): the names in
+  # `datasets` ("" = its TRAIN_DATASETS) become train_files entries, relative paths from `datasets_root`
+  # ("" = the current directory). Needs data.kind = "jsonl".
+  c.data.datasets_conf = ""
+  c.data.datasets = ""
+  c.data.datasets_root = ""
   # Image buckets (H, W), multiples of 32: each sample is resized into the nearest in aspect ratio
   # and pixel count with its aspect kept, and padded (data_pipelines/pipeline.py). These cover the
   # canonical (fx = 1000) shapes of the training sets with little resizing: 4:3 landscape,

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import tqdm
 
-from data_pipelines import pipeline
+from data_pipelines import dataset_conf, pipeline
 from data_pipelines.skips import SKIP_REASONS, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError
@@ -62,6 +62,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   parameters are restored or initialised, and a config whose model, stage or freeze rules differ
   from the run recorded there is refused with the differences.
   """
+  dataset_conf.apply_to_train_config(config)  # data.datasets_conf -> data.train_files entries
   validate_config(config)
   mesh = make_mesh(config)
   workdir = pathlib.Path(workdir)
