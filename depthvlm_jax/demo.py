@@ -338,7 +338,8 @@ def build_app(predictor: Predictor, model_note: str, examples: list[list[Any]]):
 def main(argv: Sequence[str] | None = None) -> None:
   ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.demo", description=__doc__.split("\n")[0])
   ap.add_argument("--model", default=None,
-                  help="HF-layout DepthVLM/Qwen3-VL directory or a training workdir (default: the trained "
+                  help="HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a training workdir "
+                       "(default: the trained "
                        f"default run in {' or '.join(DEFAULT_WORKDIRS)}, else a tiny random model)")
   ap.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
   ap.add_argument("--port", type=int, default=7860)

@@ -15,6 +15,10 @@
   --coord_frame NAME=rgb|depth                     frame of pixel_coords (correct protocol)
   --preprocess official|direct                     override the protocol's image preprocessing
   --coords official|correct                        former name of --protocol (kept as an alias)
+  --datasets_conf FILE [--datasets "A B"] [--root DIR]
+                                                   the authors' eval_datasets.conf (besides or instead
+                                                   of --data): NAME_JSONL/_IMAGE/_DEPTH/_SAMPLES, paths
+                                                   from --root; default names: its EVAL_DATASETS
 
 Outputs in --out: `per_image.jsonl` (one line per image, appended after every batch; a rerun with the
 same settings skips what is there, so an interrupted run resumes), `results.json` (the summary
@@ -51,13 +55,14 @@ if __name__ == "__main__":
 
 from depthvlm_jax.evaluation import protocol  # noqa: E402
 from depthvlm_jax.evaluation.predictors import ModelPredictor, make_baseline
-from depthvlm_jax.evaluation.runner import SUMMARY_FILE, EvalConfigError, parse_dataset, run
+from depthvlm_jax.evaluation.runner import SUMMARY_FILE, EvalConfigError, datasets_from_conf, parse_dataset, run
 from depthvlm_jax.processing.image_processor import PREPROCESSING
 
 PROG = "python -m depthvlm_jax.evaluate"
 # The command's own flags (not absl's global FLAGS): `main(argv)` runs in-process too, beside other CLIs.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory or a training workdir", flag_values=FLAGS)
+flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a "
+                    "training workdir", flag_values=FLAGS)
 flags.DEFINE_string("baseline", None, "ground_truth | constant:METRES | constant:train_median:JSONL|IMG|DEPTH|KIND",
                     flag_values=FLAGS)
 flags.DEFINE_multi_string("data", None, "NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND] (repeat for more datasets)",
@@ -79,7 +84,12 @@ flags.DEFINE_integer("workers", 4, "threads that read images", flag_values=FLAGS
 flags.DEFINE_string("mesh", "data=-1", "mesh axes, e.g. data=-1 or data=2,fsdp=4", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
 flags.DEFINE_integer("verbosity", 0, "1: print the traceback of an error too, and library logs", flag_values=FLAGS)
-flags.mark_flags_as_required(["data", "out"], flag_values=FLAGS)
+flags.DEFINE_string("datasets_conf", None, "the authors' eval_datasets.conf (NAME_JSONL, NAME_IMAGE, NAME_DEPTH, "
+                    "NAME_SAMPLES shell variables; read, not run)", flag_values=FLAGS)
+flags.DEFINE_string("datasets", None, 'names in --datasets_conf, e.g. "NYUV2 ETH3D" (default: its EVAL_DATASETS)',
+                    flag_values=FLAGS)
+flags.DEFINE_string("root", ".", "directory that relative paths of --datasets_conf start from", flag_values=FLAGS)
+flags.mark_flags_as_required(["out"], flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -105,7 +115,13 @@ def _evaluate(args) -> dict[str, Any]:
     if frame not in protocol.FRAMES:
       raise EvalConfigError(f"--coord_frame {v!r}: expected NAME=rgb|depth")
     frames[name] = frame
-  datasets = [parse_dataset(v, frames) for v in args.data]
+  datasets = [parse_dataset(v, frames) for v in args.data or []]
+  if args.datasets_conf:
+    datasets += datasets_from_conf(args.datasets_conf, args.datasets, args.root, frames)
+  elif args.datasets:
+    raise EvalConfigError("--datasets names datasets of --datasets_conf, which is not given")
+  if not datasets:
+    raise EvalConfigError("give --data NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT (repeatable) or --datasets_conf FILE")
   unknown = set(frames) - {d.name for d in datasets}
   if unknown:
     raise EvalConfigError(f"--coord_frame names {sorted(unknown)} are not --data names")

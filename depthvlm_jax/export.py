@@ -253,7 +253,8 @@ def write_hf_tensors(tensors: Iterable[tuple[str, np.ndarray]], config: Qwen3VLC
 
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (orbax checkpoints + config.json) or a "
-                                   "Hugging Face-layout DepthVLM directory (to re-shard or cast it).")
+                                   "Hugging Face-layout DepthVLM directory or hub id org/name[@revision] "
+                                   "(to re-shard or cast it).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (Hugging Face layout).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Shard safetensors above this size.")

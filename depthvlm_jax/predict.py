@@ -330,7 +330,8 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
 PROG = "python -m depthvlm_jax.predict"
 # The command's own flags (not absl's global FLAGS): `main(argv)` runs in-process too, beside other CLIs.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory or a training workdir", flag_values=FLAGS)
+flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a "
+                    "training workdir", flag_values=FLAGS)
 flags.DEFINE_string("image", None, "image, folder of images, or list file (.txt/.lst)", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
 flags.DEFINE_float("fx", None, "focal length in pixels (default: 60° horizontal FoV)", flag_values=FLAGS)

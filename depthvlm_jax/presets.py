@@ -140,7 +140,8 @@ def base_config(preset):
   # ---- model
   c.model = ml_collections.ConfigDict()
   c.model.size = "4b"  # tiny | 4b | 8b
-  c.model.hf_dir = ""  # Qwen3-VL(-Instruct) or DepthVLM HF directory; "" = random init (tiny only)
+  # Qwen3-VL(-Instruct) or DepthVLM HF directory, or a hub id org/name[@revision]; "" = random init (tiny only)
+  c.model.hf_dir = ""
   c.model.head_type = "dpt"  # dpt | mlp
   c.model.mlp_feature_mode = "llm_last"  # llm_last | concat | sum (mlp head only)
   # DPT widths: the official (256, (256, 512, 1024, 1024), 32); narrow for the CPU default.
@@ -177,6 +178,12 @@ def base_config(preset):
   c.data.synthetic_seed = 0
   c.data.train_files = ml_collections.ConfigDict()  # {name: "ann.jsonl|image_root|depth_root"}
   c.data.eval_files = ml_collections.ConfigDict()
+  # The authors' train_datasets.conf (NAME_JSONL/_IMAGE/_DEPTH variables, read, not run): the names in
+  # `datasets` ("" = its TRAIN_DATASETS) become train_files entries, relative paths from `datasets_root`
+  # ("" = the current directory). Needs data.kind = "jsonl".
+  c.data.datasets_conf = ""
+  c.data.datasets = ""
+  c.data.datasets_root = ""
   # Image buckets (H, W), multiples of 32: each sample is resized into the nearest in aspect ratio
   # and pixel count with its aspect kept, and padded (data_pipelines/pipeline.py). These cover the
   # canonical (fx = 1000) shapes of the training sets with little resizing: 4:3 landscape,

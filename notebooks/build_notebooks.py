@@ -17,19 +17,55 @@ import nbformat
 HERE = pathlib.Path(__file__).resolve().parent
 
 SETUP = '''\
-# Install (Colab only; skipped elsewhere): clone the project, add JAX for TPU when the runtime has one.
-import os, pathlib, subprocess, sys
+# Install (Colab only; skipped elsewhere): clone the project and add what the runtime lacks.
+import importlib.metadata, importlib.util, os, pathlib, re, subprocess, sys
 
 IN_COLAB = "google.colab" in sys.modules
-REPO_URL = "https://github.com/YOUR_ORG/depthvlm-jax"  # <- the repository this notebook came from
+REPO_URL = ""  # <- set to your fork's git URL (the cell stops here while it is empty)
+REPO_BRANCH = ""  # branch or tag to clone ("" = the repository's default branch)
+# Installed at the versions this project pins (the JAX stack it is tested with); every other
+# requirement keeps the version the runtime already has and is installed at ours only when missing.
+EXACT = {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"}
+
+
+class SetupStopped(Exception):
+    """Stops "Run all" at this cell with one line instead of a traceback."""
+
+    def _render_traceback_(self):
+        return [f"setup stopped: {self}"]
+
+
+def pip_requirements(path, tpu=False):
+    """The pip arguments for a requirements file under the rule above (jax -> jax[tpu] on a TPU)."""
+    out = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        req = line.split("#")[0].strip()
+        if not req:
+            continue
+        name = re.split(r"[=<>!~;\\[ ]", req)[0]
+        if name.lower() in EXACT:
+            out.append("jax[tpu]" + req[len(name):] if tpu and name == "jax" else req)
+            continue
+        try:
+            importlib.metadata.version(name)  # preinstalled: left as it is
+        except importlib.metadata.PackageNotFoundError:
+            out.append(req)
+    return out
+
+
 if IN_COLAB:
     repo = pathlib.Path("/content/depthvlm-jax")
     if not repo.exists():
-        subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(repo)], check=True)
-    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_ADDR") or pathlib.Path("/dev/accel0").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jax[tpu]==0.10.2"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(repo / "requirements.txt"),
-                    "plotly"], check=True)
+        if not REPO_URL.strip():
+            raise SetupStopped("set REPO_URL in this cell to the git URL of your copy of depthvlm-jax, then run it again")
+        branch = ["--branch", REPO_BRANCH] if REPO_BRANCH else []
+        subprocess.run(["git", "clone", "--depth=1", *branch, REPO_URL.strip(), str(repo)], check=True)
+    tpu = bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_ADDR") or pathlib.Path("/dev/accel0").exists())
+    wanted = pip_requirements(repo / "requirements.txt", tpu)
+    if importlib.util.find_spec("plotly") is None:
+        wanted.append("plotly")
+    print("pip install", " ".join(wanted))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *wanted], check=True)
     os.chdir(repo)
 else:
     print("not on Colab: using the installed project (no pip install)")
@@ -81,6 +117,8 @@ def code(text, tags=()):
 
 def notebook(cells):
   nb = nbformat.v4.new_notebook()
+  for i, cell in enumerate(cells):
+    cell["id"] = f"cell-{i:02d}"  # stable ids: regenerating changes only the cells that changed
   nb.cells = cells
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   nb.metadata["language_info"] = {"name": "python"}
@@ -95,14 +133,15 @@ QUICKSTART = notebook([
        "One forward pass of DepthVLM (Qwen3-VL + a DPT head) gives a **metric depth map** and the "
        "language model's **answer**. This notebook loads a model, predicts depth and a reply for an image, "
        "shows the colourised depth and an interactive 3-D point cloud.\n\n"
-       "Model: a DepthVLM Hugging Face directory (e.g. one written by `python -m depthvlm_jax.export`, or "
-       "the official `DepthVLM-4B` downloaded to local disk) or a training workdir of this project. Without "
+       "Model: a DepthVLM Hugging Face directory (e.g. one written by `python -m depthvlm_jax.export`), a "
+       "hub id such as `JonnyYu828/DepthVLM-4B` (downloaded into the Hugging Face cache on first use) or a "
+       "training workdir of this project. Without "
        "one, an embedded **tiny random model** is used: the pipeline runs, the depth is meaningless."),
     code(SETUP),
     code(DEVICES),
     code('''\
 # Parameters
-CHECKPOINT = ""  # DepthVLM HF directory or training workdir; "" = embedded tiny random model
+CHECKPOINT = ""  # DepthVLM HF directory, hub id org/name[@revision] or training workdir; "" = tiny random model
 IMAGE = ""  # an RGB image; "" = a rendered synthetic street/room scene
 FX = None  # focal length of IMAGE in pixels (None: a 60-degree horizontal field of view is assumed)
 PROMPT = None  # None = the DepthVLM depth prompt; ask anything about the image instead
@@ -200,8 +239,8 @@ FINETUNE = notebook([
        "(raw / scale = metres), `original_rgb_size` [W, H], `original_fx`, `canonical_fx` (1000), "
        "optionally `prompt` / `solution` for stage 2. Images are resized to focal length 1000 px and "
        "resized into the `IMAGE_SIZE` bucket with their aspect kept (padded, not cropped).\n\n"
-       "On a TPU runtime set `PRESET = \"paper_4b\"` and `HF_DIR` to a local Qwen3-VL-4B-Instruct "
-       "directory; the mesh then shards parameters FSDP over all chips (see the printed mesh and the "
+       "On a TPU runtime set `PRESET = \"paper_4b\"` and `HF_DIR` to a Qwen3-VL-4B-Instruct "
+       "directory or its hub id `Qwen/Qwen3-VL-4B-Instruct`; the mesh then shards parameters FSDP over all chips (see the printed mesh and the "
        "per-device memory). On CPU (CI) the tiny preset trains a few steps on a synthetic folder."),
     code(SETUP),
     code(DEVICES),
@@ -209,7 +248,7 @@ FINETUNE = notebook([
 # Parameters
 STAGE = 1  # 1: depth head only; 2: LLM + LM head + depth head (set INIT_FROM to the stage-1 workdir)
 PRESET = "paper_4b" if PLATFORM == "tpu" else "default"  # "default" = tiny random model for CPU
-HF_DIR = ""  # local Qwen3-VL-Instruct directory (needed by paper_4b / paper_8b)
+HF_DIR = ""  # Qwen3-VL-Instruct: local directory or hub id, e.g. "Qwen/Qwen3-VL-4B-Instruct" (paper presets)
 INIT_FROM = ""  # stage 2: the stage-1 workdir
 DATA_DIR = ""  # your RGB-D folder (train.jsonl [+ test.jsonl]); "" = write a small synthetic folder
 DATASET_KIND = "synthetic"  # depth range / crop rules of your data, e.g. "scannetpp", "nyuv2" (data_pipelines.rgbd)
@@ -238,7 +277,7 @@ print(f"{data}: {len(records)} training records ({len(bad)} unreadable lines)"
 from configs import stage1, stage2
 
 if PRESET != "default" and not (HF_DIR or INIT_FROM):
-    raise ValueError(f"PRESET={PRESET!r} starts from Qwen3-VL-Instruct: set HF_DIR to its local directory "
+    raise ValueError(f"PRESET={PRESET!r} starts from Qwen3-VL-Instruct: set HF_DIR to its directory or hub id "
                      "(or INIT_FROM to a previous run), or use PRESET='default' for the tiny model")
 config = (stage1 if STAGE == 1 else stage2).get_config(PRESET)
 with config.unlocked():
@@ -319,12 +358,13 @@ EVALUATE = notebook([
        "2. Export to a Hugging Face directory (`depthvlm_jax.export`) and load it in PyTorch "
        "(`depthvlm_jax.torch_export.DepthVLMForConditionalGeneration`, plain `transformers` for the "
        "backbone); the two frameworks' depth maps are compared on one image.\n\n"
-       "`CHECKPOINT` is a training workdir (e.g. from the fine-tune notebook) or a DepthVLM HF directory."),
+       "`CHECKPOINT` is a training workdir (e.g. from the fine-tune notebook), a DepthVLM HF directory or a "
+       "hub id (`org/name[@revision]`)."),
     code(SETUP),
     code(DEVICES),
     code('''\
 # Parameters
-CHECKPOINT = "/tmp/depthvlm_finetune"  # training workdir or DepthVLM HF directory
+CHECKPOINT = "/tmp/depthvlm_finetune"  # training workdir, DepthVLM HF directory or hub id org/name
 # NAME=JSONL|IMAGE_ROOT|DEPTH_ROOT[|KIND] per test set; [] = a small synthetic test set
 DATA = []
 MODES = ("dense",)  # add "sparse" for annotation files with pixel_coords (DepthVLM-Bench)
@@ -340,10 +380,11 @@ from data_pipelines import synthetic
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation import predictors, runner
 from depthvlm_jax.evaluation.loading import load_model
+from depthvlm_jax.model.hub import parse_hub_id
 
-if not pathlib.Path(CHECKPOINT).exists():
+if not pathlib.Path(CHECKPOINT).exists() and parse_hub_id(CHECKPOINT) is None:
     raise FileNotFoundError(f"CHECKPOINT={CHECKPOINT!r} does not exist: run the fine-tune notebook first, "
-                            "or point it at a DepthVLM HF directory")
+                            "or point it at a DepthVLM HF directory or hub id")
 if not DATA:
     root = synthetic.ensure_synthetic_dataset(f"{EVAL_DIR}_data", num_train=0, num_test=4, seed=1)["test"].parent
     DATA = [f"synthetic_test={root}/test.jsonl|{root}|{root}|synthetic"]

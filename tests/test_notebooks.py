@@ -89,3 +89,64 @@ def test_quickstart_notebook(finetuned, tmp_path, monkeypatch):
   assert list(outputs(nb, "application/vnd.plotly.v1+json")), "no interactive point cloud"
   assert (tmp_path / "qs" / "scene.ply").exists() and (tmp_path / "qs" / "scene_vis.png").exists()
   assert "answer:" in text(nb)
+
+
+def _notebook_text(name: str) -> str:
+  return "\n".join(c.source for c in nbformat.read(NB_DIR / name, as_version=4).cells)
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune.ipynb", "evaluate_export.ipynb"])
+def test_notebooks_are_built_and_name_no_placeholder_url(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
+  build = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(build)
+  committed = nbformat.read(NB_DIR / name, as_version=4)
+  assert [c.source for c in committed.cells] == [c.source for c in build.NOTEBOOKS[name].cells], \
+      "the .ipynb differs from notebooks/build_notebooks.py: run it"
+  text = _notebook_text(name)
+  assert "YOUR_ORG" not in text
+  urls = re.findall(r"https?://[^\s\"')]+", text)
+  assert not [u for u in urls if re.search(r"your|<|>|\bORG\b|USER|example\.(com|org)", u, re.I)], urls
+  assert re.search(r'^REPO_URL = ""  # <- set to your fork\'s git URL', text, re.M)
+
+
+def _setup_kernel_run(cells: list[str], monkeypatch) -> nbformat.NotebookNode:
+  """The notebooks' first code cell (the install cell) run in a fresh kernel between `cells[0]` and the rest."""
+  setup = next(c for c in nbformat.read(NB_DIR / "quickstart.ipynb", as_version=4).cells if c.cell_type == "code")
+  nb = nbformat.v4.new_notebook()
+  nb.cells = [nbformat.v4.new_code_cell(cells[0]), nbformat.v4.new_code_cell(setup.source)] + \
+      [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                   resources={"metadata": {"path": str(NB_DIR)}})
+  try:
+    client.execute()
+  except nbclient.exceptions.CellExecutionError:
+    pass
+  return nb
+
+
+@pytest.mark.slow
+def test_install_cell_stops_with_one_line_while_repo_url_is_unset(monkeypatch):
+  assert not pathlib.Path("/content/depthvlm-jax").exists()
+  nb = _setup_kernel_run(["import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')",
+                          "print('after setup')"], monkeypatch)
+  errors = [o for o in nb.cells[1].outputs if o.output_type == "error"]
+  assert len(errors) == 1 and errors[0].ename == "SetupStopped"
+  assert errors[0].traceback == ["setup stopped: set REPO_URL in this cell to the git URL of your copy of "
+                                 "depthvlm-jax, then run it again"]
+  assert not nb.cells[2].outputs  # "Run all" stops at the install cell
+  assert not [o for o in nb.cells[1].outputs if "git" in o.get("text", "")]
+
+
+@pytest.mark.slow
+def test_install_cell_pins_the_jax_stack_and_keeps_preinstalled_packages(tmp_path, monkeypatch):
+  reqs = tmp_path / "requirements.txt"
+  reqs.write_text("# comment\njax==0.10.2\nflax==0.12.8  # pinned\nnumpy==1.0.0\npillow==1.0\n"
+                  "surely-not-installed-pkg==1.2.3\n")
+  nb = _setup_kernel_run(["", f"print(pip_requirements({str(reqs)!r}))",
+                          f"print(pip_requirements({str(reqs)!r}, tpu=True))"], monkeypatch)
+  printed = [o.text.strip() for c in nb.cells[2:] for o in c.outputs if o.output_type == "stream"]
+  assert printed == ["['jax==0.10.2', 'flax==0.12.8', 'surely-not-installed-pkg==1.2.3']",
+                     "['jax[tpu]==0.10.2', 'flax==0.12.8', 'surely-not-installed-pkg==1.2.3']"]

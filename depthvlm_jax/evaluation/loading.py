@@ -1,6 +1,7 @@
 """One loader for the evaluation and prediction CLIs: a model directory or a training run -> model.
 
 `load_model(DIR_OR_CKPT)` accepts
+  * a hub id `org/name[@revision]` -> its snapshot folder (`model.hub.resolve_model_dir`), then as below;
   * a Hugging Face-layout DepthVLM directory (config.json + safetensors with `depth_head.*` keys,
     e.g. written by `depthvlm_jax.export`) -> `hf_checkpoint.load_depthvlm`;
   * a Hugging Face Qwen3-VL directory without a depth head -> `hf_checkpoint.load_qwen3_vl` plus a
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from depthvlm_jax import sharding
-from depthvlm_jax.model import hf_checkpoint
+from depthvlm_jax.model import hf_checkpoint, hub
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.layers import abstract_params
@@ -68,7 +69,7 @@ def _has_depth_head(model_dir: pathlib.Path, cfg: dict[str, Any]) -> bool:
 
 
 def _tokenizer_and_processor(hf_dir: str | pathlib.Path | None):
-  d = pathlib.Path(hf_dir) if hf_dir else None
+  d = pathlib.Path(hub.resolve_model_dir(hf_dir)) if hf_dir else None
   has_tok = d is not None and ((d / "tokenizer.json").exists() or (d / "vocab.json").exists())
   tokenizer = load_tokenizer(d if has_tok else None)
   processor = ImageProcessorConfig.from_hf_dir(d) if d is not None else ImageProcessorConfig()
@@ -90,10 +91,12 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     mesh: optional `jax.sharding.Mesh`; parameters are placed with the logical sharding rules.
     seed: seed of the random depth head given to a plain Qwen3-VL directory.
   """
-  p = epath.Path(path)  # a training workdir may be on an object store (gs://...); HF directories are local
+  # a training workdir may be on an object store (gs://...); a hub id resolves to its snapshot folder
+  p = epath.Path(path if "://" in str(path) else hub.resolve_model_dir(path))
   if not p.is_dir():
     raise ModelLoadError(f"{p}: not a directory (expected a Hugging Face model directory with config.json "
-                         "and safetensors, or a training workdir with config.json and checkpoints/)")
+                         "and safetensors, a hub id org/name[@revision], or a training workdir with config.json "
+                         "and checkpoints/)")
   if _is_workdir(p):
     import ml_collections
     from depthvlm_jax.runs import checkpoints, freeze, model_from_config

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tqdm
 
-from data_pipelines import rgbd
+from data_pipelines import dataset_conf, rgbd
 from depthvlm_jax.evaluation import protocol
 from depthvlm_jax.evaluation.report import RESULTS_FILE, format_table, line_of, summarize
 from depthvlm_jax.processing.image_processor import PREPROCESSING
@@ -43,6 +43,7 @@ class EvalDataset:
   depth_root: str = ""
   kind: str = ""
   coord_frame: str | None = None  # frame of pixel_coords for "correct" mode (None: see protocol.py)
+  samples: int = 0  # evaluate only the first `samples` records (0: all)
 
   @property
   def dataset_kind(self) -> str:
@@ -66,6 +67,18 @@ def parse_dataset(value: str, coord_frames: dict[str, str] | None = None) -> Eva
                           "and crop)")
   return EvalDataset(name, jsonl, image_root, depth_root or image_root, kind,
                      (coord_frames or {}).get(name))
+
+
+def datasets_from_conf(path: str, names: str | None, root: str = ".",
+                       coord_frames: dict[str, str] | None = None) -> list[EvalDataset]:
+  """The datasets `names` of the authors' `eval_datasets.conf` (`data_pipelines.dataset_conf`);
+  None or "" = its EVAL_DATASETS. Named by the lower-case variable prefix (NYUV2 -> nyuv2)."""
+  try:
+    found = dataset_conf.conf_datasets(path, names, root, "EVAL_DATASETS")
+  except dataset_conf.DatasetConfError as e:
+    raise EvalConfigError(f"--datasets_conf: {e}") from None
+  return [EvalDataset(d.name, d.jsonl, d.image_root, d.depth_root, d.kind, (coord_frames or {}).get(d.name),
+                      d.samples) for d in found]
 
 
 @dataclasses.dataclass
@@ -142,7 +155,8 @@ def plan(datasets: Sequence[EvalDataset], modes: Sequence[str], protocol_name: s
     records, errors = rgbd.read_jsonl(ds.jsonl)
     bad[ds.name] = [str(e) for e in errors]
     frames = _raw_frames(ds.jsonl)
-    for r in records[:limit]:
+    n = min(x for x in (limit, ds.samples or None, len(records)) if x is not None)
+    for r in records[:n]:
       line = line_of(r.source)
       item = Item(f"{ds.name}:{line}:{r.image}", ds, r)
       if "sparse" in modes and protocol.has_sparse(r, conv):
@@ -234,6 +248,14 @@ def _batches(items: Sequence[Item], predictor, batch_size: int, conv: protocol.C
       yield group[s:s + batch_size]
 
 
+def _signature(ds: EvalDataset) -> dict[str, Any]:
+  """The dataset's settings as `run.json` records them (`samples` only when it limits the records)."""
+  out = dataclasses.asdict(ds)
+  if not ds.samples:
+    del out["samples"]
+  return out
+
+
 def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
         modes: Sequence[str] = protocol.MODES, protocol_name: str = "correct", batch_size: int = 8,
         limit: int | None = None, workers: int = 4, progress: bool = True,
@@ -247,7 +269,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
     modes: subset of ("sparse", "dense").
     protocol_name: "official" | "correct" (`evaluation.protocol.CONVENTIONS`).
     batch_size: images per predictor call (a model rounds it up to the mesh's data-parallel size).
-    limit: evaluate only the first `limit` records of each file.
+    limit: evaluate only the first `limit` records of each file (and of a dataset's `samples`).
     workers: threads that read and focal-unify images.
     after_batch: called with the number of finished images after each batch (progress hooks, tests).
     preprocessing: override the protocol's image preprocessing ("official" | "direct").
@@ -272,7 +294,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   signature = {"predictor": predictor.description, "modes": list(modes), "protocol": protocol_name,
-               "preprocessing": conv.preprocessing, "datasets": [dataclasses.asdict(d) for d in datasets],
+               "preprocessing": conv.preprocessing, "datasets": [_signature(d) for d in datasets],
                "limit": limit}
   run_file = out / RUN_FILE
   if run_file.exists() and json.loads(run_file.read_text()) != signature:

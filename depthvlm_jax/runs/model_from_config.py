@@ -16,6 +16,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import read_config_dict
+from depthvlm_jax.model.hub import resolve_model_dir
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.runs import freeze
 
@@ -24,7 +25,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def build_model(config) -> DepthVLM:
   if config.model.hf_dir:
-    d = read_config_dict(config.model.hf_dir)
+    d = read_config_dict(resolve_model_dir(config.model.hf_dir))
     backbone = Qwen3VLConfig.from_hf_dict(d)
   else:
     backbone = {"tiny": Qwen3VLConfig.tiny, "4b": Qwen3VLConfig.qwen3_vl_4b,

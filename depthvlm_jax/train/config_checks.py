@@ -8,6 +8,7 @@ from etils import epath
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError
 from depthvlm_jax.model.depthvlm import DepthHeadConfig
+from depthvlm_jax.model.hub import HubError, resolve_model_dir
 from depthvlm_jax.model.layers import checkpoint_policy, resolve_attention_impl
 from depthvlm_jax.runs.model_from_config import DTYPES
 from depthvlm_jax.train import sizing
@@ -84,9 +85,16 @@ def validate_config(config) -> None:
     if config.model[name] not in DTYPES:
       errors.append(f"model.{name}={config.model[name]!r}: expected one of {sorted(DTYPES)}")
   if config.model.size != "tiny" and not config.model.hf_dir and not config.model_init and not config.resume:
-    errors.append(f"model.size={config.model.size!r} needs model.hf_dir (a local Qwen3-VL-Instruct directory)")
-  if config.model.hf_dir and not (epath.Path(config.model.hf_dir) / "config.json").exists():
-    errors.append(f"model.hf_dir={config.model.hf_dir!r}: no config.json there")
+    errors.append(f"model.size={config.model.size!r} needs model.hf_dir (a Qwen3-VL-Instruct directory or hub id)")
+  if config.model.hf_dir:
+    try:
+      hf_dir = resolve_model_dir(config.model.hf_dir)  # a hub id -> its snapshot folder
+    except HubError as e:
+      errors.append(f"model.hf_dir={e}")
+    else:
+      if not (epath.Path(hf_dir) / "config.json").exists():
+        errors.append(f"model.hf_dir={config.model.hf_dir!r}: no config.json there (expected a local Qwen3-VL "
+                      "directory or a hub id org/name[@revision])")
   for name in ("model_init", "resume"):
     if config[name] and not (epath.Path(config[name]) / "checkpoints").is_dir():
       errors.append(f"{name}={config[name]!r}: no checkpoints/ there (expected the workdir of an earlier run)")

@@ -13,6 +13,7 @@ from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ConfigError
 from depthvlm_jax.model.depthvlm import DepthVLM, depth_head_init, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl
+from depthvlm_jax.model.hub import resolve_model_dir
 from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.runs.model_from_config import DTYPES, params_like
 from depthvlm_jax.train import distributed
@@ -48,7 +49,7 @@ def initial_params(config, model: DepthVLM, like, rng):
     head = jax.jit(lambda r: _cast_like(depth_head_init(model, r), {"depth_head": like["depth_head"]}),
                    out_shardings={"depth_head": shardings["depth_head"]})(rng)
     backbone_like = {k: v for k, v in like.items() if k != "depth_head"}
-    _, backbone = load_qwen3_vl(config.model.hf_dir, DTYPES[config.model.param_dtype],
+    _, backbone = load_qwen3_vl(resolve_model_dir(config.model.hf_dir), DTYPES[config.model.param_dtype],
                                 jax.tree.map(lambda x: x.sharding, backbone_like), other_prefixes=("depth_head.",),
                                 dtypes=jax.tree.map(lambda x: x.dtype, backbone_like))
     return dict(backbone, **head)

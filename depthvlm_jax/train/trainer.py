@@ -23,10 +23,11 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_pipelines import pipeline
+from data_pipelines import dataset_conf, pipeline
 from data_pipelines.skips import SKIP_REASONS, SourceExhaustedError, check_skip_rates, counts_to_dict, skip_report
 from depthvlm_jax.evaluation.step import jit_delta1
 from depthvlm_jax.model.config import ConfigError
+from depthvlm_jax.model.hub import resolve_model_dir
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.runs import checkpoints, freeze
@@ -67,6 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   parameters are restored or initialised, and a config whose model, stage or freeze rules differ
   from the run recorded there is refused with the differences.
   """
+  dataset_conf.apply_to_train_config(config)  # data.datasets_conf -> data.train_files entries
   validate_config(config)
   config, mesh, plan = plan_run(config)
   workdir = epath.Path(workdir)  # a local directory or an object-store prefix (gs://bucket/run)
@@ -88,8 +90,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
     except sizing.SizingError as e:
       raise ConfigError(str(e)) from None
     config = sizing.with_plan(config, plan)
-  tokenizer = load_tokenizer(config.model.hf_dir or None)
-  processor = ImageProcessorConfig.from_hf_dir(config.model.hf_dir) if config.model.hf_dir else ImageProcessorConfig()
+  hf_dir = resolve_model_dir(config.model.hf_dir) or None  # a hub id -> its snapshot folder
+  tokenizer = load_tokenizer(hf_dir)
+  processor = ImageProcessorConfig.from_hf_dir(hf_dir) if hf_dir else ImageProcessorConfig()
   specs = example_specs(config, model.config)
   train_sources, weights, eval_sources = data_sources(config, workdir)
   ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
