@@ -27,7 +27,6 @@ folder that is deleted when the demo stops (Ctrl-C or SIGTERM).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Any, Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from depthvlm_jax.presets import default_workdir
@@ -335,20 +335,24 @@ def build_app(predictor: Predictor, model_note: str, examples: list[list[Any]]):
   return app
 
 
+PROG = "python -m depthvlm_jax.demo"
+# Flags of their own (not absl's global set): predict, imported here, defines flags of the same names.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a training "
+                    f"workdir (default: the trained default run in {' or '.join(DEFAULT_WORKDIRS)}, else a tiny "
+                    "random model)", flag_values=FLAGS)
+flags.DEFINE_string("host", "127.0.0.1", "address to serve on (0.0.0.0: every interface)", flag_values=FLAGS)
+flags.DEFINE_integer("port", 7860, "port to serve on", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "folder for the request files (default: a new temporary folder, deleted when the "
+                    "demo stops)", flag_values=FLAGS)
+flags.DEFINE_bool("share", False, "also serve on a public gradio.live link (Gradio's share)", flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  ap = argparse.ArgumentParser(prog="python -m depthvlm_jax.demo", description=__doc__.split("\n")[0])
-  ap.add_argument("--model", default=None,
-                  help="HF-layout DepthVLM/Qwen3-VL directory, hub id org/name[@revision], or a training workdir "
-                       "(default: the trained "
-                       f"default run in {' or '.join(DEFAULT_WORKDIRS)}, else a tiny random model)")
-  ap.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-  ap.add_argument("--port", type=int, default=7860)
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--out", default=None, help="folder for the request files (default: a new temporary folder, "
-                  "deleted when the demo stops)")
-  ap.add_argument("--share", action="store_true", help="also serve on a public gradio.live link (Gradio's share)")
-  args = ap.parse_args(argv)
   from depthvlm_jax import cli
+  cli.parse_flags(FLAGS, argv, PROG, __doc__)
+  args = FLAGS
   if args.out:
     cli.check_output_dir(args.out, "--out")
   try:
