@@ -63,6 +63,8 @@ CANONICAL_FX = 1000.0
 DEFAULT_FX_FRACTION = 0.5 / math.tan(math.radians(30.0))  # fx / width for a 60° horizontal FoV
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_SIDE = 32  # pixels: the model's patch-merge unit; smaller images carry no usable depth
+# Point clouds above this many points keep every s-th row and column (about 30 MB of PLY at most).
+MAX_PLY_POINTS = 2_000_000
 MAX_MEGAPIXELS = 100.0  # default input cap (about 2 GB of host memory at 20 bytes per pixel)
 
 
@@ -243,8 +245,12 @@ def _atomic(path: epath.Path):
     tmp.unlink(missing_ok=True)
 
 
-def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, result: dict[str, Any]) -> dict[str, str]:
+def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, result: dict[str, Any],
+                  max_ply_points: int = MAX_PLY_POINTS) -> dict[str, str]:
   """Writes NAME_depth.npy/.png, NAME_vis.png, NAME.ply, NAME.json (each atomically); returns {kind: path}.
+
+  The point cloud keeps every pixel up to `max_ply_points` points; a larger image keeps every s-th
+  row and column (`outputs.point_stride`; the depth files keep every pixel).
 
   The per-pixel outputs are produced in row chunks: beyond `rgb` and `depth`, memory stays near one
   RGB image of twice the width (the visualisation being encoded).
@@ -262,7 +268,7 @@ def write_outputs(out_dir: str | pathlib.Path, name: str, rgb: np.ndarray, resul
   with _atomic(files["vis"]) as tmp:
     outputs.save_side_by_side(tmp, rgb, depth, (lo, hi))
   with _atomic(files["ply"]) as tmp:
-    n_points = outputs.write_ply_from_depth(tmp, depth, result["intrinsics"], rgb)
+    n_points = outputs.write_ply_from_depth(tmp, depth, result["intrinsics"], rgb, max_ply_points)
   info = {"name": name, "text": result["text"], "fx": result["fx"], "intrinsics": result["intrinsics"].tolist(),
           "original_size": list(result["original_size"]), "canonical_size": list(result["canonical_size"]),
           "processed_size": list(result["processed_size"]), "points": int(n_points),

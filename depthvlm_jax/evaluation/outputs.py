@@ -12,6 +12,7 @@ plotting library is needed.
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -147,11 +148,32 @@ def write_ply(path: str | pathlib.Path, points: np.ndarray, colours: np.ndarray)
     f.write(_ply_records(points, colours).tobytes())
 
 
-def write_ply_from_depth(path: str | pathlib.Path, depth: np.ndarray, k: np.ndarray, rgb: np.ndarray | None = None) -> int:
+def point_stride(shape: tuple[int, int], max_points: int) -> int:
+  """The pixel stride (every s-th row and column) that keeps an (H, W) image at most `max_points`
+  points; 1 when it already is, or when `max_points` is 0 (no limit)."""
+  h, w = shape
+  if max_points <= 0 or h * w <= max_points:
+    return 1
+  s = max(1, math.isqrt(h * w // max_points))
+  while math.ceil(h / s) * math.ceil(w / s) > max_points:
+    s += 1
+  return s
+
+
+def write_ply_from_depth(path: str | pathlib.Path, depth: np.ndarray, k: np.ndarray, rgb: np.ndarray | None = None,
+                         max_points: int = 0) -> int:
   """The file of `write_ply(path, *backproject(depth, k, rgb))`, back-projected in row chunks.
 
+  max_points: with more pixels than this, every s-th row and column only (`point_stride`), each point
+    still on its own pixel's ray; 0 keeps every pixel.
   Returns the number of points. Memory stays at one chunk's points instead of 15 bytes per pixel.
   """
+  s = point_stride(depth.shape[:2], max_points)
+  if s > 1:  # pixel u of the subsampled grid is pixel s*u of the image: the same ray, through its centre
+    depth, rgb = depth[::s, ::s], None if rgb is None else rgb[::s, ::s]
+    k = np.array(k, np.float64)
+    k[0, 0], k[1, 1] = k[0, 0] / s, k[1, 1] / s
+    k[0, 2], k[1, 2] = (k[0, 2] - 0.5) / s + 0.5, (k[1, 2] - 0.5) / s + 0.5
   count = sum(int(np.count_nonzero(np.isfinite(depth[r0:r1]) & (depth[r0:r1] > 0)))
               for r0, r1 in _row_chunks(depth.shape[0]))
   with open(path, "wb") as f:

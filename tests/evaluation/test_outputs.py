@@ -53,3 +53,24 @@ def test_depth_png_and_turbo(tmp_path):
   assert c[0].max() < 80 and c[255].max() < 160 and c[128].max() > 200
   vis = outputs.side_by_side(np.zeros((2, 3, 3), np.uint8), depth)
   assert vis.shape == (2, 6, 3) and (vis[0, 3] == 0).all() and (vis[1, 3] == 0).all()  # invalid = black
+
+
+def test_large_point_cloud_keeps_every_sth_pixel_on_its_own_ray(tmp_path):
+  """An image over the point cap writes a grid subsample whose points are exactly the full cloud's
+  points at those pixels (same rays), and never more than the cap."""
+  rng = np.random.default_rng(0)
+  h, w = 97, 130
+  depth = rng.uniform(0.5, 9.0, (h, w)).astype(np.float32)
+  rgb = rng.integers(0, 255, (h, w, 3), np.uint8)
+  k = np.array([[110.0, 0, 61.3], [0, 105.0, 47.9], [0, 0, 1]])
+  cap = 1000
+  s = outputs.point_stride((h, w), cap)
+  assert s > 1 and -(-h // s) * -(-w // s) <= cap < -(-h // (s - 1)) * -(-w // (s - 1))
+  n = outputs.write_ply_from_depth(tmp_path / "sub.ply", depth, k, rgb, max_points=cap)
+  points, colours = outputs.read_ply(tmp_path / "sub.ply")
+  assert n == len(points) <= cap
+  full_points, full_colours = outputs.backproject(depth, k, rgb)
+  on_grid = ((np.arange(h)[:, None] % s == 0) & (np.arange(w)[None, :] % s == 0)).reshape(-1)
+  np.testing.assert_allclose(points, full_points[on_grid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(colours, full_colours[on_grid])
+  assert outputs.point_stride((h, w), 0) == 1 and outputs.point_stride((h, w), h * w) == 1
