@@ -296,7 +296,6 @@ def compile_steps(config, model, optimizer, mesh, state, frozen, specs) -> dict[
 
   def one(spec):
     h, w = spec.image_size
-    log.info("compiling the train step for bucket %dx%d", h, w)
     step = jit_train_step(config, model, optimizer, mesh, state_sh, (h // px, w // px))
     return step.lower(state, frozen, batch_like(spec, model.config, config.train.global_batch, mesh)).compile()
 

@@ -122,6 +122,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
     tmp.replace(workdir / "config.json")
 
   # Every bucket's step compiled now (ahead of time; a warm persistent cache loads them).
+  if distributed.is_main():  # before the silence of the compiles (minutes for a paper model)
+    print(f"compiling the train step for bucket{'s' if len(specs) > 1 else ''} "
+          f"{', '.join('x'.join(map(str, sp.image_size)) for sp in specs)} (once per bucket, at start-up)", flush=True)
   train_steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
   plan = dataclasses.replace(plan, peak_bytes=max(sizing.peak_bytes(c) for c in train_steps.values()))
   log.info("%s", plan.line())
