@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.gcs_emulator import BUCKET
 
@@ -67,7 +68,7 @@ def train_rows(workdir):
 
 
 @pytest.mark.slow
-def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs, tmp_path):
+def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs):
   from data_pipelines import synthetic
   from depthvlm_jax.runs import checkpoints
   from depthvlm_jax.runs.freeze import merge_params
@@ -97,14 +98,18 @@ def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs, tmp_pa
   events = metrics_log.read_event_scalars(f"{run}/tensorboard")
   assert sorted(events["train/loss"]) == list(range(1, STEPS + 1))
 
-  image = tmp_path / "scene.png"
-  image.write_bytes((gs(f"gs://{BUCKET}/data") / "rgb" / "test_00000.png").read_bytes())
+  image = f"gs://{BUCKET}/data/rgb/test_00000.png"
   out = finish(launch(env, "-m", "depthvlm_jax.predict", f"--model={run}", f"--image={image}",
                       f"--out=gs://{BUCKET}/predictions", "--max_new_tokens=2"))
   pred = gs(f"gs://{BUCKET}/predictions")
-  assert {"scene_depth.npy", "scene_depth.png", "scene_vis.png", "scene.ply", "scene.json",
+  assert {"test_00000_depth.npy", "test_00000_depth.png", "test_00000_vis.png", "test_00000.ply", "test_00000.json",
           "predictions.jsonl"} <= {p.name for p in pred.iterdir()}, out[-3000:]
-  assert json.loads((pred / "predictions.jsonl").read_text().splitlines()[0])["name"] == "scene"
+  row = json.loads((pred / "predictions.jsonl").read_text().splitlines()[0])
+  assert row["name"] == "test_00000" and row["image"] == image
+  with (pred / "test_00000_depth.npy").open("rb") as f:
+    depth = np.load(f)
+  with (gs(f"gs://{BUCKET}/data") / "rgb" / "test_00000.png").open("rb") as f, Image.open(f) as im:
+    assert depth.shape == im.size[::-1] and np.isfinite(depth).all()
   out = finish(launch(env, "-m", "depthvlm_jax.export", f"--checkpoint={run}", f"--out=gs://{BUCKET}/export"))
   export = gs(f"gs://{BUCKET}/export")
   names = {p.name for p in export.iterdir()}
@@ -120,3 +125,14 @@ def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs, tmp_pa
   dense = summary["datasets"]["synthetic"]["dense"]
   assert dense["images"] == 2 and dense["delta1"] == pytest.approx(np.mean([r["results"]["dense"]["delta1"]
                                                                              for r in rows]))
+
+
+@pytest.mark.slow
+def test_gcs_workdir_of_unrelated_objects_is_refused(gcs):
+  env, _ = gcs
+  workdir = f"gs://{BUCKET}/photos"
+  (gs(workdir) / "holiday.jpg").write_bytes(b"x")
+  proc = train(env, workdir)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and f"--workdir={workdir}: holds 1 entries" in out, out[-3000:]
+  assert [p.name for p in gs(workdir).iterdir()] == ["holiday.jpg"]
