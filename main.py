@@ -11,12 +11,12 @@ processes together (e.g. a reply over the label budget on one host) is reported 
 """
 
 import os
-import pathlib
 import runpy
 import sys
 import traceback
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
@@ -122,7 +122,7 @@ RUN_ENTRIES = frozenset({"config.json", "checkpoints", "checkpoints_damaged", "f
 
 def check_workdir(workdir: str) -> None:
   """UserError for a workdir that holds files but nothing a run writes (a folder of unrelated files)."""
-  path = pathlib.Path(workdir)
+  path = epath.Path(workdir)  # a local folder or an object-store prefix (gs://bucket/run)
   if not path.is_dir():
     return
   entries = sorted(p.name for p in path.iterdir())

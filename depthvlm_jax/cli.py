@@ -14,6 +14,7 @@ import pathlib
 import sys
 import tempfile
 import traceback
+import uuid
 from typing import Iterator, Sequence
 
 
@@ -106,8 +107,12 @@ def check_output_dir(path: str | pathlib.Path, flag: str) -> None:
   """UserError unless `path` is a directory this process can write in, or can be created as one.
 
   Checked by creating (and removing) a file in `path` or in its nearest existing parent, so a
-  read-only file system or folder is refused before a model is loaded; nothing is left behind.
+  read-only file system or folder is refused before a model is loaded; nothing is left behind. An
+  object-store prefix (`gs://bucket/dir`) is checked the same way, with a small object under it.
   """
+  if "://" in str(path):
+    _check_output_prefix(str(path), flag)
+    return
   path = pathlib.Path(path)
   if path.exists() and not path.is_dir():
     raise UserError(f"{flag}={path}: exists and is not a directory")
@@ -122,6 +127,16 @@ def check_output_dir(path: str | pathlib.Path, flag: str) -> None:
   except OSError as e:
     where = "" if existing == path else f" (its nearest existing parent {existing} is not writable)"
     raise UserError(f"{flag}={path}: cannot write there{where}: {e.strerror or type(e).__name__}") from None
+
+
+def _check_output_prefix(path: str, flag: str) -> None:
+  from etils import epath
+  probe = epath.Path(path) / f".write_check.{uuid.uuid4().hex}"
+  try:
+    probe.write_bytes(b"")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 -- each store's client raises its own errors (gcsfs: OSError, HttpError, ...)
+    raise UserError(f"{flag}={path}: cannot write there: {type(e).__name__}: {one_line(e)}") from None
 
 
 # Loggers of libraries that report routine work (checkpoint reads and writes, compiles) or

@@ -20,14 +20,16 @@
                                                    of --data): NAME_JSONL/_IMAGE/_DEPTH/_SAMPLES, paths
                                                    from --root; default names: its EVAL_DATASETS
 
-Outputs in --out: `per_image.jsonl` (one line per image, appended after every batch; a rerun with the
-same settings skips what is there, so an interrupted run resumes), `results.json` (the summary
-below) and the printed table. Per image, dense and sparse metrics are computed on the host from the
-predictor's depth map; datasets average their images, "average" averages the datasets. Images without
-a valid point are counted (`empty`): left out of the means (correct) or counted as δ1 = 0 (official).
-No single record stops a run: a bad JSON line, a missing or broken file, a missing depth_scale
-(correct), out-of-frame coordinates (correct) or any other fault of one record skips that record and
-is counted per reason, with its file:line message (`skipped`, `skip_messages`, and the table).
+Outputs in --out (a folder, or an object-store prefix such as gs://bucket/eval): `per_image.jsonl`
+(one line per image, appended after every batch, or on an object store rewritten at most every 30 s;
+a rerun with the same settings skips what is there, so an interrupted run resumes), `results.json`
+(the summary below) and the printed table. Per image, dense and sparse metrics are computed on the
+host from the predictor's depth map; datasets average their images, "average" averages the datasets.
+Annotation files, images and depth maps may be on an object store too. Images without a valid point
+are counted (`empty`): left out of the means (correct) or counted as δ1 = 0 (official). No single
+record stops a run: a bad JSON line, a missing or broken file, a missing depth_scale (correct),
+out-of-frame coordinates (correct) or any other fault of one record skips that record and is
+counted per reason, with its file:line message (`skipped`, `skip_messages`, and the table).
 
 Model predictions are batched and jitted: images are grouped by processed size (one compiled program
 per size and padded prompt length, from one jitted forward built once with explicit shardings; the
@@ -42,11 +44,11 @@ This module is the command line only: the loop is `evaluation/runner.py`, the pr
 
 from __future__ import annotations
 
-import pathlib
 import sys
 from typing import Any, Sequence
 
 from absl import flags
+from etils import epath
 
 from depthvlm_jax import cli
 
@@ -125,8 +127,7 @@ def _evaluate(args) -> dict[str, Any]:
   unknown = set(frames) - {d.name for d in datasets}
   if unknown:
     raise EvalConfigError(f"--coord_frame names {sorted(unknown)} are not --data names")
-  out = pathlib.Path(args.out)
-  cli.check_output_dir(out, "--out")
+  cli.check_output_dir(args.out, "--out")
   if args.model:
     import jax.numpy as jnp
     from depthvlm_jax import sharding
@@ -143,12 +144,12 @@ def _evaluate(args) -> dict[str, Any]:
   summary = run(predictor, datasets, args.out, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
                 protocol_name, batch_size, args.limit, args.workers, preprocessing=args.preprocess)
   print(summary["table"])
-  print(f"wrote {pathlib.Path(args.out) / SUMMARY_FILE}")
+  print(f"wrote {epath.Path(args.out) / SUMMARY_FILE}")
   for name, d in summary["datasets"].items():
     if d["images"] == 0:  # an empty row is no result: say so with a failing exit status
       why = ", ".join(f"{k} {v}" for k, v in d["skipped"].items()) or "the file has no records"
       raise EvalConfigError(f"--data {name}: no image could be scored ({why}); the skipped records are listed "
-                            f"above and in {pathlib.Path(args.out) / SUMMARY_FILE}")
+                            f"above and in {epath.Path(args.out) / SUMMARY_FILE}")
   return summary
 
 

@@ -4,7 +4,7 @@
 
 PATH is an image, a folder (every .jpg/.jpeg/.png/.bmp/.webp/.tif in it, sorted) or a list file
 (.txt/.lst: one image per line, optionally followed by its fx; relative paths are relative to the list
-file). For an image `NAME` it writes into DIR:
+file); PATH, the list's entries and DIR may be on an object store (gs://...). For an image `NAME` it writes into DIR:
   NAME_depth.npy   (H, W) float32 metres at the original resolution
   NAME_depth.png   (H, W) uint16 millimetres (0 = invalid)
   NAME_vis.png     (H, 2W, 3) RGB | Turbo depth (2nd-98th percentile range)
@@ -101,10 +101,10 @@ def load_image(path: str | pathlib.Path, max_megapixels: float | None = MAX_MEGA
 
   The size is read from the file header first, so an oversized image is refused before decoding.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   max_pixels = None if max_megapixels is None else max_megapixels * 1e6
   try:
-    with _pil_pixel_limit(None), Image.open(path) as im:  # the header only
+    with _pil_pixel_limit(None), path.open("rb") as f, Image.open(f) as im:  # decodes the header only
       w, h = im.size
   except FileNotFoundError:
     raise PredictError(f"{path}: image file not found") from None
@@ -127,9 +127,10 @@ def _check_min_side(name: Any, w: int, h: int, min_side: int) -> None:
                        f"images would be upscaled many times over; see --min_side)")
 
 
-def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple[pathlib.Path, float | None]]:
-  """(image path, fx or None) for an image, a folder of images, or a list file ("path [fx]" lines)."""
-  p = pathlib.Path(path)
+def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple[epath.Path, float | None]]:
+  """(image path, fx or None) for an image, a folder of images, or a list file ("path [fx]" lines);
+  local or object-store paths (gs://...)."""
+  p = epath.Path(path)
   if p.is_dir():
     found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
@@ -143,8 +144,8 @@ def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple
       parts = line.split()
       if not parts or parts[0].startswith("#"):
         continue
-      q = pathlib.Path(parts[0])
-      q = q if q.is_absolute() else p.parent / q
+      q = epath.Path(parts[0])
+      q = q if q.is_absolute() else p.parent / q  # gs://... is absolute
       try:
         f = float(parts[1]) if len(parts) > 1 else fx
       except ValueError:
@@ -157,7 +158,7 @@ def list_images(path: str | pathlib.Path, fx: float | None = None) -> list[tuple
   return [(p, fx)]
 
 
-def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | None = None,
+def predict_image(loaded, image: str | os.PathLike | np.ndarray, fx: float | None = None,
                   prompt: str | None = None, out_dir: str | pathlib.Path | None = None, name: str | None = None,
                   max_new_tokens: int = 64, seq_multiple: int = 64, preprocessing: str = "direct",
                   max_megapixels: float | None = MAX_MEGAPIXELS, min_side: int = MIN_SIDE,
@@ -185,9 +186,9 @@ def predict_image(loaded, image: str | pathlib.Path | np.ndarray, fx: float | No
     (H, W), points (N, 3) float32, colours (N, 3) uint8, and files {kind: path} when written.
   """
   check_fx(fx, "fx")
-  if isinstance(image, (str, pathlib.Path)):
+  if isinstance(image, (str, os.PathLike)):
     rgb = load_image(image, max_megapixels, min_side)
-    name = name or pathlib.Path(image).stem
+    name = name or epath.Path(image).stem
   else:
     rgb = np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -297,7 +298,7 @@ def _appender(path: epath.Path):
   buf.flush()
 
 
-def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], out_dir: str | pathlib.Path,
+def predict_many(loaded, images: Sequence[tuple[str | os.PathLike, float | None]], out_dir: str | pathlib.Path,
                  prompt: str | None = None, max_new_tokens: int = 64, progress: bool = True,
                  preprocessing: str = "direct", max_megapixels: float | None = MAX_MEGAPIXELS,
                  min_side: int = MIN_SIDE) -> list[dict[str, Any]]:
@@ -313,7 +314,7 @@ def predict_many(loaded, images: Sequence[tuple[pathlib.Path, float | None]], ou
   if out.exists() and not out.is_dir():
     raise PredictError(f"--out={out}: exists and is not a directory")
   out.mkdir(parents=True, exist_ok=True)
-  names = [p.stem for p, _ in images]
+  names = [epath.Path(p).stem for p, _ in images]
   if len(set(names)) != len(names):  # same stem in different folders: keep files apart
     names = [f"{i:05d}_{n}" for i, n in enumerate(names)]
   summaries = []

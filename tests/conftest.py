@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -37,6 +38,16 @@ SLOW_FILES_FIRST = (
     "train/test_multiprocess.py", "test_export.py", "test_full_size.py", "train/test_qa_eval.py",
     "evaluation/test_model.py", "test_notebooks.py", "train/test_frozen_dtype.py", "test_aot_loops.py",
 )
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """(environment for subprocesses, URL) of a Cloud Storage API server on localhost with bucket
+  `test-bucket` (tests/gcs_emulator.py); this process's gs:// clients use it during the module."""
+  pytest.importorskip("gcp_storage_emulator")
+  from tests import gcs_emulator
+  with gcs_emulator.running() as url, gcs_emulator.pointed_at(url) as env:
+    yield dict(os.environ, JAX_PLATFORMS="cpu", **env), url
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,86 +1,32 @@
 """A run on Cloud Storage: `main.py --workdir=gs://...` against a GCS API server on localhost.
 
-`gcp-storage-emulator` (a GCS JSON API server) runs in this test process on 127.0.0.1, and every
-client of the subprocesses is pointed at it: `STORAGE_EMULATOR_HOST` for gcsfs (etils.epath's
-`gs://` backend) and google-cloud-storage (tensorboardX's event files), `TENSORSTORE_GCS_HTTP_URL`
-for TensorStore (orbax's array data), with TensorStore's test token instead of credentials. The
-synthetic data set is written to `gs://test-bucket/data`. A run is killed once its first checkpoint
-is final and restarted; it must end with the losses and parameters of an uninterrupted run. Then
-`predict` and `export` read the run from `gs://` and write there.
+The server (`gcs` fixture, tests/gcs_emulator.py) runs in this test process; the subprocesses'
+clients are pointed at it through their environment. The synthetic data set is written to
+`gs://test-bucket/data`. A run is killed once its first checkpoint is final and restarted; it must
+end with the losses and parameters of an uninterrupted run. Then `predict`, `export` and
+`evaluate` read the run (and the data) from `gs://` and write there, and their outputs are read back.
 """
 
 import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from tests.gcs_emulator import BUCKET
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUCKET = "test-bucket"
 STEPS = 4
 OVERRIDES = [f"--config.train.total_steps={STEPS}", "--config.ckpt_every=2", "--config.keep_ckpts=10",
              "--config.log_every=1", "--config.eval_qa=0", "--config.eval_every=0", "--config.data.buckets=((64,96),)",
              "--config.data.seq_len=64", "--config.train.global_batch=2", "--config.data.synthetic_train=8",
              "--config.data.synthetic_test=2"]
-
-
-def _reads_carry_generations(emulator) -> None:
-  """Makes the emulator's object reads send `x-goog-generation` / `x-goog-metageneration` headers.
-
-  Cloud Storage sends them with every object read, and TensorStore takes an object's generation
-  from them (it writes orbax's OCDBT manifest conditionally on it); the emulator sends only the
-  JSON body, so without them TensorStore refuses its own manifest ("Malformed StorageGeneration").
-  """
-  from gcp_storage_emulator.handlers import objects
-
-  def with_generation(handler):
-    def handle(request, response, storage, *args, **kwargs):
-      handler(request, response, storage, *args, **kwargs)
-      if response.status in (200, 206) and "object_id" in request.params:
-        try:
-          obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-        except Exception:  # noqa: BLE001 -- not an object read: nothing to add
-          return
-        response["x-goog-generation"] = obj["generation"]
-        response["x-goog-metageneration"] = obj["metageneration"]
-    handle.adds_generation = True
-    return handle
-
-  for _, methods in emulator.HANDLERS:
-    for method, handler in list(methods.items()):
-      if handler in (objects.download, objects.get):
-        methods[method] = with_generation(handler)
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  """(environment for the subprocesses, the emulator's URL); this process's clients point there too."""
-  emulator = pytest.importorskip("gcp_storage_emulator.server")
-  _reads_carry_generations(emulator)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-  server.start()
-  url = f"http://127.0.0.1:{port}"
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
-    yield dict(os.environ, JAX_PLATFORMS="cpu", **env), url
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    server.stop()
 
 
 def launch(env, *args):
@@ -100,24 +46,29 @@ def finish(proc, timeout=300):
   return out
 
 
-def steps(workdir):
+def gs(path: str):
+  """`epath.Path(path)` with this process's gs:// listings forgotten: gcsfs keeps every listing it has
+  made (without expiry by default), and the subprocesses keep writing."""
   from etils import epath
-  d = epath.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+  from etils.epath import backend
+  backend.fsspec_backend.fs(path).invalidate_cache()
+  return epath.Path(path)
+
+
+def steps(workdir):
+  """The final checkpoint steps: on gs:// orbax writes a step in place and marks it final last."""
+  d = gs(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()
+                ) if d.exists() else []
 
 
 def train_rows(workdir):
-  from etils import epath
-  rows = [json.loads(l) for l in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(l) for l in (gs(workdir) / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: {k: r[k] for k in ("loss", "depth_loss", "grad_norm", "lr")} for r in rows if "eval" not in r}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DEPTHVLM_GCS_EMULATOR_TEST") != "1",
-                    reason="opt-in (DEPTHVLM_GCS_EMULATOR_TEST=1): the training run on the emulator has stalled "
-                           "without progress on the 2-core CI machine; not yet passing")
-def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs, tmp_path):
-  from etils import epath
+def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs):
   from data_pipelines import synthetic
   from depthvlm_jax.runs import checkpoints
   from depthvlm_jax.runs.freeze import merge_params
@@ -143,19 +94,45 @@ def test_killed_run_on_gcs_resumes_exactly_and_is_read_back_from_gcs(gcs, tmp_pa
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
-  assert not (epath.Path(run) / "lease.json").exists()  # released at the end
+  assert not (gs(run) / "lease.json").exists()  # released at the end
   events = metrics_log.read_event_scalars(f"{run}/tensorboard")
   assert sorted(events["train/loss"]) == list(range(1, STEPS + 1))
 
-  image = tmp_path / "scene.png"
-  image.write_bytes((epath.Path(f"gs://{BUCKET}/data") / "rgb" / "test_00000.png").read_bytes())
+  image = f"gs://{BUCKET}/data/rgb/test_00000.png"
   out = finish(launch(env, "-m", "depthvlm_jax.predict", f"--model={run}", f"--image={image}",
                       f"--out=gs://{BUCKET}/predictions", "--max_new_tokens=2"))
-  pred = epath.Path(f"gs://{BUCKET}/predictions")
-  assert {"scene_depth.npy", "scene_depth.png", "scene_vis.png", "scene.ply", "scene.json",
+  pred = gs(f"gs://{BUCKET}/predictions")
+  assert {"test_00000_depth.npy", "test_00000_depth.png", "test_00000_vis.png", "test_00000.ply", "test_00000.json",
           "predictions.jsonl"} <= {p.name for p in pred.iterdir()}, out[-3000:]
-  assert json.loads((pred / "predictions.jsonl").read_text().splitlines()[0])["name"] == "scene"
+  row = json.loads((pred / "predictions.jsonl").read_text().splitlines()[0])
+  assert row["name"] == "test_00000" and row["image"] == image
+  with (pred / "test_00000_depth.npy").open("rb") as f:
+    depth = np.load(f)
+  with (gs(f"gs://{BUCKET}/data") / "rgb" / "test_00000.png").open("rb") as f, Image.open(f) as im:
+    assert depth.shape == im.size[::-1] and np.isfinite(depth).all()
   out = finish(launch(env, "-m", "depthvlm_jax.export", f"--checkpoint={run}", f"--out=gs://{BUCKET}/export"))
-  export = epath.Path(f"gs://{BUCKET}/export")
+  export = gs(f"gs://{BUCKET}/export")
   names = {p.name for p in export.iterdir()}
   assert {"config.json", "model.safetensors", ".depthvlm_export.json"} <= names, (names, out[-3000:])
+
+  data = f"gs://{BUCKET}/data"
+  out = finish(launch(env, "-m", "depthvlm_jax.evaluate", f"--model={run}", "--batch_size=2",
+                      f"--data=synthetic={data}/test.jsonl|{data}|{data}", f"--out=gs://{BUCKET}/eval"))
+  evaluated = gs(f"gs://{BUCKET}/eval")
+  rows = [json.loads(l) for l in (evaluated / "per_image.jsonl").read_text().splitlines()]
+  summary = json.loads((evaluated / "results.json").read_text())
+  assert len(rows) == 2 and all("results" in r for r in rows), out[-3000:]
+  dense = summary["datasets"]["synthetic"]["dense"]
+  assert dense["images"] == 2 and dense["delta1"] == pytest.approx(np.mean([r["results"]["dense"]["delta1"]
+                                                                             for r in rows]))
+
+
+@pytest.mark.slow
+def test_gcs_workdir_of_unrelated_objects_is_refused(gcs):
+  env, _ = gcs
+  workdir = f"gs://{BUCKET}/photos"
+  (gs(workdir) / "holiday.jpg").write_bytes(b"x")
+  proc = train(env, workdir)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and f"--workdir={workdir}: holds 1 entries" in out, out[-3000:]
+  assert [p.name for p in gs(workdir).iterdir()] == ["holiday.jpg"]

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from data_pipelines import rgbd
@@ -146,7 +147,7 @@ def resize_linear_opencv(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4096)
 def _image_header_size(path: str) -> tuple[int, int]:
-  with Image.open(path) as im:
+  with epath.Path(path).open("rb") as f, Image.open(f) as im:  # local or object store
     return im.size
 
 

@@ -2,6 +2,12 @@
 metrics, appended to `per_image.jsonl` after every batch (a rerun with the same settings resumes),
 then the summary (`report.py`) in `results.json`.
 
+Every file is read and written through `etils.epath`, so annotation files, images, depth maps and the
+output directory may be local or on an object store (`gs://bucket/...`). Objects cannot be appended
+to: there `per_image.jsonl` is kept in memory and rewritten whole at most every
+`REWRITE_EVERY_S` seconds, after the last batch and when the run stops on an error; a killed run
+resumes from what the last rewrite holds. A local file is appended to after every batch.
+
 Images are read by a thread pool under the protocol's conventions (`protocol.py`); every fault of one
 record becomes a counted, reported skip, never a stopped run. Predictors (`predictors.py`) are
 called with batches of one processed size.
@@ -11,14 +17,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import pathlib
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from data_pipelines import dataset_conf, rgbd
 from depthvlm_jax.evaluation import protocol
@@ -27,6 +36,7 @@ from depthvlm_jax.processing.image_processor import PREPROCESSING
 
 SUMMARY_FILE = "results.json"
 RUN_FILE = "run.json"
+REWRITE_EVERY_S = 30.0  # per_image.jsonl on an object store: the longest stretch of results a kill loses
 
 
 class EvalConfigError(ValueError):
@@ -110,7 +120,7 @@ def planned_canonical_hw(item: Item) -> tuple[int, int]:
   return h, w
 
 
-def _read_results(path: pathlib.Path) -> dict[str, dict]:
+def _read_results(path: epath.Path) -> dict[str, dict]:
   """Per-image lines by key; a torn last line (killed mid-write) is cut off so appends stay valid."""
   if not path.exists():
     return {}
@@ -129,7 +139,7 @@ def _read_results(path: pathlib.Path) -> dict[str, dict]:
 def _raw_frames(path: str) -> dict[int, str | None]:
   """Line number -> the optional `pixel_coords_frame` field of each JSON line."""
   out = {}
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for n, line in enumerate(f, 1):
       try:
         obj = json.loads(line) if line.strip() else None
@@ -150,7 +160,7 @@ def plan(datasets: Sequence[EvalDataset], modes: Sequence[str], protocol_name: s
   conv = protocol.conventions(protocol_name)
   items, bad = [], {}
   for ds in datasets:
-    if not pathlib.Path(ds.jsonl).exists():
+    if not epath.Path(ds.jsonl).exists():
       raise EvalConfigError(f"dataset {ds.name!r}: annotation file {ds.jsonl} not found")
     records, errors = rgbd.read_jsonl(ds.jsonl)
     bad[ds.name] = [str(e) for e in errors]
@@ -188,9 +198,9 @@ def _check_depth_size(record: rgbd.RGBDRecord, ds: EvalDataset) -> None:
                            f"declares original_depth_size {want_w}x{want_h}")
 
 
-def _png_size(path: pathlib.Path) -> tuple[int, int]:
+def _png_size(path: epath.Path) -> tuple[int, int]:
   from PIL import Image
-  with Image.open(path) as im:
+  with path.open("rb") as f, Image.open(f) as im:
     return im.size
 
 
@@ -235,6 +245,42 @@ def _load(item: Item, conv: protocol.Conventions) -> Item | rgbd.SampleError:
   return item
 
 
+class _ResultsWriter:
+  """Adds lines to `per_image.jsonl`: appended to a local file; on an object store the whole object is
+  rewritten (earlier lines kept), at most every `REWRITE_EVERY_S` seconds and at `close`."""
+
+  def __init__(self, path: epath.Path):
+    self.path, self.every_s = path, REWRITE_EVERY_S
+    self.local = rgbd.is_local(path)
+    self.lines: list[str] = []
+    self.written = time.monotonic()
+    self.pending = False
+    if self.local:
+      self.file = path.open("a")
+    elif path.exists():  # `_read_results` has cut a torn last line off
+      self.lines = [path.read_text()]
+
+  def add(self, text: str) -> None:
+    if self.local:
+      self.file.write(text)
+      self.file.flush()
+      return
+    self.lines.append(text)
+    self.pending = True
+    if time.monotonic() - self.written >= self.every_s:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    self.path.write_text("".join(self.lines))
+    self.written, self.pending = time.monotonic(), False
+
+  def close(self) -> None:
+    if self.local:
+      self.file.close()
+    elif self.pending:
+      self._rewrite()
+
+
 def _batches(items: Sequence[Item], predictor, batch_size: int, conv: protocol.Conventions) -> Iterable[list[Item]]:
   groups = collections.defaultdict(list)
   for it in items:
@@ -256,7 +302,7 @@ def _signature(ds: EvalDataset) -> dict[str, Any]:
   return out
 
 
-def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
+def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path | epath.Path,
         modes: Sequence[str] = protocol.MODES, protocol_name: str = "correct", batch_size: int = 8,
         limit: int | None = None, workers: int = 4, progress: bool = True,
         after_batch: Callable[[int], None] | None = None, preprocessing: str | None = None) -> dict[str, Any]:
@@ -265,7 +311,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
   Args:
     predictor: `ModelPredictor(load_model(path))`, `ConstantDepth(2.0)` or `GroundTruth()`.
     datasets: the annotation files.
-    out_dir: where per_image.jsonl / results.json / run.json live (created).
+    out_dir: where per_image.jsonl / results.json / run.json live (created; local or e.g. gs://).
     modes: subset of ("sparse", "dense").
     protocol_name: "official" | "correct" (`evaluation.protocol.CONVENTIONS`).
     batch_size: images per predictor call (a model rounds it up to the mesh's data-parallel size).
@@ -291,7 +337,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
     conv = dataclasses.replace(conv, preprocessing=preprocessing)
   if len({d.name for d in datasets}) != len(datasets):
     raise EvalConfigError("dataset names must be unique")
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   signature = {"predictor": predictor.description, "modes": list(modes), "protocol": protocol_name,
                "preprocessing": conv.preprocessing, "datasets": [_signature(d) for d in datasets],
@@ -308,7 +354,8 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
   bar = tqdm.tqdm(total=len(items), initial=len(items) - len(todo), desc="evaluate", disable=not progress,
                   dynamic_ncols=True)
   finished = 0
-  with results_path.open("a") as f, concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+  f = _ResultsWriter(results_path)
+  with contextlib.closing(f), concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     for chunk in _batches(todo, predictor, batch_size, conv):
       loaded = list(pool.map(functools.partial(_load, conv=conv), chunk))
       ok = [it for it in loaded if isinstance(it, Item) and not it.empty]
@@ -328,8 +375,7 @@ def run(predictor, datasets: Sequence[EvalDataset], out_dir: str | pathlib.Path,
         except Exception as e:  # noqa: BLE001 -- reported as this record's skip, the run goes on
           rows[it.key].update(skipped="other", detail=_with_source(it.record, f"{type(e).__name__}: {e}"))
         it.sample = it.sparse_gt = None  # free the maps
-      f.write("".join(json.dumps(r) + "\n" for r in rows.values()))
-      f.flush()
+      f.add("".join(json.dumps(r) + "\n" for r in rows.values()))
       finished += len(chunk)
       bar.update(len(chunk))
       if after_batch is not None:

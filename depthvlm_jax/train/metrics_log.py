@@ -80,6 +80,20 @@ class MetricsLog:
       self.writer.close()
 
 
+def _event_files(folder: epath.Path) -> list[epath.Path]:
+  """The event files under `folder`, at any depth, listed folder by folder: on object stores epath
+  globs one level at a time (no `**`), and its `walk` yields gs:// folders without their scheme."""
+  if not folder.is_dir():
+    return []
+  found = []
+  for p in folder.iterdir():
+    if p.name.startswith("events.out.tfevents."):
+      found.append(p)
+    elif p.is_dir():
+      found.extend(_event_files(p))
+  return found
+
+
 def read_event_scalars(logdir: str | pathlib.Path) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} from every TensorBoard event file under `logdir`, honouring purges.
 
@@ -88,10 +102,7 @@ def read_event_scalars(logdir: str | pathlib.Path) -> dict[str, dict[int, float]
   TensorBoard does.
   """
   out: dict[str, dict[int, float]] = {}
-  # epath globs one level at a time (no `**` on object stores): walk the tree instead
-  found = [epath.Path(root) / f for root, _, files in epath.Path(logdir).walk() for f in files
-           if f.startswith("events.out.tfevents.")]
-  for path in sorted(found):  # names sort by creation time
+  for path in sorted(_event_files(epath.Path(logdir))):  # names sort by creation time
     data = path.read_bytes()
     pos = 0
     while pos + 12 <= len(data):

@@ -25,11 +25,11 @@ import json
 import logging
 import math
 import os
-import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from depthvlm_jax import presets, sharding
 from depthvlm_jax.runs import freeze
@@ -316,7 +316,7 @@ def _cache_key(config, plan: Plan) -> dict[str, Any]:
   }, default=str))
 
 
-def settle_auto(config, plan: Plan, model, mesh, workdir: pathlib.Path | None) -> tuple[Plan, dict[int, Any]]:
+def settle_auto(config, plan: Plan, model, mesh, workdir: epath.Path | None) -> tuple[Plan, dict[int, Any]]:
   """An "auto" plan's rows: from `<workdir>/sizing.json` when it was searched for the same devices,
   model and batch, else `search_rows` compiling the step of the largest bucket for `mesh`.
   Returns (plan, {rows: peak} of the compiles made; empty when read from the file)."""
@@ -354,7 +354,7 @@ def settle_auto(config, plan: Plan, model, mesh, workdir: pathlib.Path | None) -
   if path is not None and distributed.is_main():
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "plan": plan.to_json(), "peaks": peaks}, indent=1))
-    os.replace(tmp, path)
+    tmp.replace(path)  # epath: a rename locally, a move on an object store
   return plan, peaks
 
 

@@ -209,6 +209,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
       skips, drawn = distributed.process_sum(skip_totals), distributed.process_sum(drawn_totals)
       if distributed.is_main():
         write_data_counts(workdir, done, list(ds.sources), skips, drawn, set(mgr.all_steps()) | {done})
+      # TensorBoard's events up to the step are stored before its checkpoint (the writer otherwise writes
+      # them every few seconds): a run killed later resumes from it with every point of the curves before it.
+      metrics.flush()
       checkpoints.save(mgr, done, state, None, data_iter)  # frozen params: written once, at the start
   bar.close()
   mgr.wait_until_finished()

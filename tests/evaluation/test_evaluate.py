@@ -161,3 +161,60 @@ def test_train_median_and_bad_settings(tmp_path):
   with pytest.raises(runner.EvalConfigError, match="not found"):
     runner.run(predictors.GroundTruth(), [runner.EvalDataset("m", str(tmp_path / "missing.jsonl"), str(tmp_path))],
            tmp_path / "o", progress=False)
+
+
+def _upload(local, remote) -> None:
+  for f in local.rglob("*"):
+    if f.is_file():
+      (remote / f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+
+
+def test_dataset_and_results_on_gcs_resume_to_the_local_table(gcs, tmp_path, monkeypatch):
+  """Annotation file, images and depth maps read from gs://; results written there (per_image.jsonl
+  rewritten whole: objects have no appends) and read back; an interrupted run resumes there."""
+  from etils import epath
+  from depthvlm_jax import evaluate
+  write_dataset(tmp_path / "a", 5, seed=1)
+  remote = epath.Path("gs://test-bucket/evalset/a")
+  _upload(tmp_path / "a", remote)
+  local_ds = runner.EvalDataset("a", str(tmp_path / "a/ann.jsonl"), str(tmp_path / "a/rgb"), str(tmp_path / "a/depth"),
+                                "nyuv2", "depth")
+  gcs_ds = runner.EvalDataset("a", f"{remote}/ann.jsonl", f"{remote}/rgb", f"{remote}/depth", "nyuv2", "depth")
+  pred = predictors.ConstantDepth(2.5)
+  once = runner.run(pred, [local_ds], tmp_path / "once", batch_size=2, progress=False)
+  assert once["datasets"]["a"]["images"] == 5
+
+  out = epath.Path("gs://test-bucket/eval")
+  results = out / runner.RESULTS_FILE
+  held = []  # (images done, lines of the results object) after each batch
+
+  def lines():
+    return len(results.read_text().splitlines()) if results.exists() else 0
+
+  class Interrupt(Exception):
+    pass
+
+  def stop(done):
+    held.append((done, lines()))
+    if done >= 3:
+      raise Interrupt
+
+  monkeypatch.setattr(runner, "REWRITE_EVERY_S", 1e9)  # rewritten only when the run stops
+  with pytest.raises(Interrupt):
+    runner.run(pred, [gcs_ds], out, batch_size=2, progress=False, after_batch=stop)
+  assert held == [(2, 0), (4, 0)] and lines() == 4  # written when the run stopped on an error
+  results.write_text(results.read_text() + '{"key": "a:9:torn')  # killed in the middle of a rewrite
+  monkeypatch.setattr(runner, "REWRITE_EVERY_S", 0.0)  # rewritten after every batch
+  held.clear()
+  twice = runner.run(pred, [gcs_ds], out, batch_size=2, progress=False, after_batch=lambda done: held.append((done, lines())))
+  assert held == [(1, 5)]  # only the missing image was evaluated; the torn line is gone
+  assert results.read_text().endswith("\n")
+  assert twice["table"] == once["table"] and twice["datasets"] == once["datasets"]
+  assert json.loads((out / runner.SUMMARY_FILE).read_text())["datasets"] == once["datasets"]
+
+  cli_out = "gs://test-bucket/eval_cli"  # the command line: the output prefix checked, written and read back
+  summary = evaluate.main([f"--data=a={remote}/ann.jsonl|{remote}/rgb|{remote}/depth|nyuv2", "--coord_frame=a=depth",
+                           "--baseline=constant:2.5", f"--out={cli_out}", "--batch_size=2"])
+  assert summary["datasets"] == once["datasets"]
+  assert json.loads((epath.Path(cli_out) / runner.SUMMARY_FILE).read_text())["table"] == once["table"]
+  assert not [p for p in epath.Path(cli_out).iterdir() if p.name.startswith(".write_check")]

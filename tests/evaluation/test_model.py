@@ -79,6 +79,22 @@ def test_predict_writes_every_output(tmp_path, hf_dir, loaded):
     predict.list_images(tmp_path / "bad.txt")
 
 
+def test_images_folders_and_list_files_on_gcs(gcs):
+  from etils import epath
+  folder = epath.Path("gs://test-bucket/images")
+  rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+  for name in ("a.png", "sub/b.png"):
+    with (folder / name).open("wb") as f:
+      Image.fromarray(rgb).save(f, format="PNG")
+  (folder / "list.txt").write_text(f"a.png 500\nsub/b.png\n{folder}/a.png 300\n")  # relative to the list, or full
+  assert predict.list_images(str(folder)) == [(folder / "a.png", None)]
+  assert predict.list_images(f"{folder}/list.txt", fx=100.0) == [
+      (folder / "a.png", 500.0), (folder / "sub/b.png", 100.0), (folder / "a.png", 300.0)]
+  np.testing.assert_array_equal(predict.load_image(f"{folder}/sub/b.png"), rgb)
+  with pytest.raises(predict.PredictError, match="no such image"):
+    predict.list_images(f"{folder}/missing.png")
+
+
 @pytest.mark.slow
 def test_sharded_model_evaluation_equals_unsharded(tmp_path, loaded):
   from depthvlm_jax import sharding
