@@ -14,7 +14,8 @@ one run, with the `paper_4b` stage-1 settings (buckets, text budget, tokenizer):
   cpu_s_per_sample        the loading processes' CPU seconds per example: the workers one paper
                           host needs is needed_samples_per_s x cpu_s_per_sample;
   host_rss_gib            peak resident memory of the main process and its workers together
-                          (sampled every 0.2 s);
+                          (sampled every 0.2 s); main_rss_gib, worker_rss_gib: the peaks of the
+                          main process alone and of the largest child process (a loader worker);
   device_bytes_per_example
                           bytes of one example's arrays as sent to the device (`by_array`: uint8
                           pixels, float32 depth target, tokens), next to the float32-patch format
@@ -65,20 +66,28 @@ def write_annotation(path: pathlib.Path, records: int) -> None:
 
 
 class PeakRss:
-  """Peak of the summed RSS of this process and its children, sampled in a thread."""
+  """Peak of the summed RSS of this process and its children, sampled in a thread; also the peak
+  RSS of the main process alone and of the largest child (a loader worker)."""
 
   def __init__(self, every_s: float = 0.2):
-    self.peak, self._stop, self._every = 0, threading.Event(), every_s
+    self.peak, self.main_peak, self.child_peak, self.children = 0, 0, 0, 0
+    self._stop, self._every = threading.Event(), every_s
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def _sample(self) -> int:
     me = psutil.Process()
-    total = me.memory_info().rss
+    main = me.memory_info().rss
+    total, kids = main, 0
     for child in me.children(recursive=True):
       try:
-        total += child.memory_info().rss
+        rss = child.memory_info().rss
       except psutil.NoSuchProcess:
-        pass
+        continue
+      total += rss
+      kids += 1
+      self.child_peak = max(self.child_peak, rss)
+    self.main_peak = max(self.main_peak, main)
+    self.children = max(self.children, kids)
     return total
 
   def _run(self):
@@ -159,7 +168,8 @@ def main() -> None:
       "records": args.records, "workers": args.workers, "batch": args.batch, "bucket": list(BUCKET),
       "startup_s": round(startup, 2), "dataset_s": round(t_dataset, 2),
       "samples_per_s": round(samples / elapsed, 2), "cpu_s_per_sample": round(cpu / samples, 3),
-      "host_rss_gib": round(rss.peak / 2**30, 3),
+      "host_rss_gib": round(rss.peak / 2**30, 3), "main_rss_gib": round(rss.main_peak / 2**30, 3),
+      "worker_rss_gib": round(rss.child_peak / 2**30, 3), "child_processes": rss.children,
       "device_bytes_per_example": sum(by_array.values()), "by_array": by_array,
       "image_bytes_per_example": by_array["pixels"],
       "patch_format_bytes_per_example": sum(by_array.values()) - by_array["pixels"] + patch_rows,
