@@ -47,7 +47,7 @@ from data_pipelines import rgbd, sizes
 from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
-from depthvlm_jax.processing import chat
+from depthvlm_jax.processing import chat, depth_codes
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 
 canonical_hw = sizes.canonical_hw
@@ -109,15 +109,17 @@ class ExampleSpec:
 
     input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixels (B, H, W, 3) uint8 (the
     image at the top left of the bucket; patches are made on the device,
-    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W),
-    has_depth (B,).
+    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W)
+    uint16 codes and depth_unit (B,) float32 metres per code (`processing.depth_codes`, decoded
+    inside the step), has_depth (B,).
     """
     h, w = self.image_size
     seq = (batch, self.seq_len)
     return {"input_ids": (seq, np.int32), "attention_mask": (seq, np.int32), "labels": (seq, np.int32),
             "position_ids": ((batch, 3, self.seq_len), np.int32),
             "pixels": ((batch, h, w, 3), np.uint8), "image_grid_hw": ((batch, 2), np.int32),
-            "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
+            "depth": ((batch, h, w), np.uint16), "depth_unit": ((batch,), np.float32),
+            "has_depth": ((batch,), np.bool_)}
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -153,14 +155,17 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
   """Resizes (aspect kept) and pads an image (and its depth) into a bucket.
 
   Args:
-    image: (h, w, 3) uint8 canonical image; depth: (h, w) float32 metres (0 = invalid) or None.
+    image: (h, w, 3) uint8 canonical image; depth: (h, w) float32 metres (0 = invalid), uint16
+      integer codes (`processing.depth_codes`), or None.
     bucket_hw: (H, W), multiples of `merge_px`.
 
   Returns:
     image (gh, gw, 3) uint8, the image's own grid: (h', w') resized pixels at the top left, grey
       padding up to the next multiples of `merge_px`;
-    depth (H, W) float32 (None without depth): the resized depth divided by the scale (the depth of
-      the canonical camera, see the module docstring), 0 everywhere else;
+    depth (H, W) (None without depth), 0 everywhere outside the resized map: float32 metres, the
+      resized depth divided by the scale (the depth of the canonical camera, see the module
+      docstring); or, for uint16 codes, the resized codes unchanged (the caller divides their
+      unit by the scale);
     scale: the resize factor s (the focal length is now s * canonical_fx).
   """
   s, (rh, rw) = fit_size(image.shape[:2], bucket_hw)
@@ -173,6 +178,10 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
     return canvas, None, s
   if depth.shape != (rh, rw):
     depth = rgbd.resize_nearest(depth, (rw, rh), nearest_rule)
+  if depth.dtype == np.uint16:
+    target = np.zeros(bucket_hw, np.uint16)
+    target[:rh, :rw] = depth
+    return canvas, target, s
   target = np.zeros(bucket_hw, np.float32)
   target[:rh, :rw] = depth / np.float32(s)
   return canvas, target, s
@@ -280,6 +289,7 @@ class PrepareExample:
   def _prepare(self, record: Any):
     if isinstance(record, Skipped):
       return record
+    depth_scale = None  # set for a depth map read from integer codes (`depth_codes.integer_codes`)
     if isinstance(record, dict):  # converted example: already loaded and focal-unified
       image = record["image"]
       depth = record["depth"] if self.source.with_depth else None
@@ -291,15 +301,25 @@ class PrepareExample:
       try:
         sample = load_canonical(record, self.source)
         image, depth = sample.image, sample.depth
+        if depth is not None and record.depth_format == "png":
+          depth_scale = record.depth_scale or rgbd.OFFICIAL_DEPTH_SCALE
       except rgbd.SampleError as e:
         return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
       except Exception as e:  # any other failure to read a sample skips it too; it never stops training
         return Skipped("other", f"{record.image}: {type(e).__name__}: {e}")
     spec = self.spec_for(image.shape[:2])
     h, w = spec.image_size
-    image, depth, _ = fit_to_bucket(image, depth, (h, w), self.model_config.vision.image_token_pixels)
-    if depth is not None and not np.any(depth > 0):
+    codes = depth_codes.integer_codes(depth, depth_scale) if depth_scale is not None else None
+    image, target, s = fit_to_bucket(image, depth if codes is None else codes, (h, w),
+                                     self.model_config.vision.image_token_pixels)
+    if target is not None and not np.any(target > 0):
       return Skipped("no_valid_depth", f"{record.image}: no valid depth after resizing into bucket {spec.name}")
+    if target is None:
+      codes, unit = np.zeros((h, w), np.uint16), np.float32(0)
+    elif codes is not None:
+      codes, unit = target, depth_codes.unit_for(depth_scale, s)
+    else:
+      codes, unit = depth_codes.fitted(target)
     patch, merge = self.model_config.vision.patch_size, self.model_config.vision.spatial_merge_size
     grid_thw = np.array([1, image.shape[0] // patch, image.shape[1] // patch])
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
@@ -318,8 +338,7 @@ class PrepareExample:
     pixels[:image.shape[0], :image.shape[1]] = image
     return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
                 pixels=pixels, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
-                depth=(depth if depth is not None else np.zeros((h, w), np.float32)),
-                has_depth=np.asarray(depth is not None))
+                depth=codes, depth_unit=np.asarray(unit, np.float32), has_depth=np.asarray(depth is not None))
 
 
 _REASONS = ("bad_record", "unreadable_image", "missing_depth", "corrupt_depth", "no_valid_depth")
