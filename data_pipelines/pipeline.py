@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 from PIL import Image
 
 from data_pipelines import rgbd, sizes
@@ -206,19 +207,44 @@ class InBucket:
 LAZY_SAMPLE = 64  # records of a source sized at start-up to estimate where its unsized records go
 
 
-def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int):
+def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int,
+                 shard: tuple[int, int] = (0, 1), gather: Callable[[np.ndarray], np.ndarray] | None = None):
   """Expected fraction of a source's lazily sized records per bucket, from the headers of a random
   sample of at most `LAZY_SAMPLE` of them (zeros when there are none). Only buckets that some
   sampled record goes to get a stream of them, so no such stream is without records; a record
-  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`)."""
+  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`).
+
+  The sample is the same for every data shard; each reads the headers of its own sampled records
+  (i % count == index) and the counts are summed over the shards (`gather`)."""
   counts = np.zeros(len(bucket_hw))
   if not len(lazy_rows):
     return counts
   pick = np.random.default_rng(seed).choice(lazy_rows, min(LAZY_SAMPLE, len(lazy_rows)), replace=False)
   for i in pick:
+    if i % shard[1] != shard[0]:
+      continue
     hw = sizes.header_hw(records[int(i)], source)
     counts[choose_bucket(hw, bucket_hw, processor.min_pixels, processor.max_pixels) if hw else 0] += 1
+  if shard[1] > 1:
+    counts = np.asarray(gather(counts)).sum(0)
   return counts / counts.sum()
+
+
+class _Parsed(collections.abc.Sequence):
+  """The records of a `rgbd.AnnotationFile`, a bad line as a `Skipped` bad_record (picklable: the
+  loader's worker processes read and parse each record when they draw it)."""
+
+  def __init__(self, table: rgbd.AnnotationFile):
+    self.table = table
+
+  def __len__(self) -> int:
+    return len(self.table)
+
+  def __getitem__(self, i):
+    try:
+      return self.table[int(i)]
+    except rgbd.RecordError as e:
+      return Skipped("bad_record", str(e))
 
 
 def _subset(records: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
@@ -237,6 +263,47 @@ class _Subset(collections.abc.Sequence):
 
   def __getitem__(self, i):
     return self.records[int(self.indices[i])]
+
+  def canonical_sizes(self) -> np.ndarray:
+    """The sizes of the viewed examples (`sizes.compute_sizes`), read without decoding them."""
+    return self.records.canonical_sizes()[self.indices]
+
+
+def source_sizes(source: SourceSpec, cache_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[Sequence[Any], np.ndarray]:
+  """(records, (N, 2) sizes) of every record of a source, where this process parses and sizes only
+  its data shard `shard` = (index, count): records i with i % count == index.
+
+  JSON Lines: one pass over the file notes where each record's line is; the shard's lines are
+  parsed (only when its sizes are not in `cache_dir`, `sizes.cached`), and the records come as a
+  sequence that reads and parses each line when indexed (a bad line: a `Skipped` bad_record).
+  The sizes of the other shards come from `gather`, which stacks an array of every data shard
+  ((count, ...), e.g. `distributed.shard_gather` across processes), so every process gets the same
+  sizes while parsing 1 / count of the file. Sizes as `sizes.compute_sizes`, (BAD, BAD) for a bad line.
+  """
+  index, count = shard
+  if count > 1 and gather is None:
+    raise ValueError(f"data shard {index} of {count}: pass gather, which stacks an array of every shard")
+  if source.format == "array_record":
+    records, _ = load_records(source)
+    mine = np.arange(index, len(records), count)
+    local = sizes.cached(source, cache_dir, len(mine), lambda: sizes.compute_sizes(source, _Subset(records, mine)),
+                         shard)
+  elif source.format == "jsonl":
+    table, _ = rgbd.scan_jsonl(source.jsonl, shard, parse=False)
+    records = _Parsed(table)
+    mine = np.arange(index, len(records), count)
+    local = sizes.cached(source, cache_dir, len(mine),
+                         lambda: sizes.sizes_from_fields(source, rgbd.scan_jsonl(source.jsonl, shard)[1]), shard)
+  else:
+    raise ValueError(f"{source.jsonl}: unknown source format {source.format!r}; expected 'jsonl' or 'array_record'")
+  if count == 1:
+    return records, local
+  rows = -(-len(records) // count)  # every shard sends as many rows
+  padded = np.zeros((rows, 2), np.int32)
+  padded[:len(local)] = local
+  stacked = np.asarray(gather(padded)).reshape(count, rows, 2)  # shard k holds records k, k + count, ...
+  return records, stacked.transpose(1, 0, 2).reshape(rows * count, 2)[:len(records)]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -259,7 +326,8 @@ class PrepareExample:
   """Record -> example dict (or `Skipped`). Picklable, for grain worker processes.
 
   A record is an `rgbd.RGBDRecord` (read from its files) or, for `format="array_record"` sources, a
-  converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key`.
+  converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key` (and
+  `depth_scale`, when converted with it: the depth is sent as the integer codes it was read from).
   `buckets`: one `ExampleSpec` (every sample goes there) or several (each sample goes to the
   nearest, `choose_bucket`).
   """
@@ -295,6 +363,8 @@ class PrepareExample:
       depth = record["depth"] if self.source.with_depth else None
       if self.source.with_depth and not record["has_depth"]:
         return Skipped("missing_depth", f"{record['key']}: converted example has no depth")
+      if depth is not None and float(record.get("depth_scale", 0)) > 0:  # converted before: no such feature
+        depth_scale = float(record["depth_scale"])
       record = rgbd.RGBDRecord(image=record["key"], prompt=record["prompt"] or None,
                                solution=record["solution"] or None)
     else:
@@ -359,7 +429,11 @@ def load_records(source: SourceSpec) -> tuple[Sequence[Any], list[Skipped]]:
 
 
 def count_records(source: SourceSpec) -> int:
-  """Number of records (usable or not) of a source: its default mixing weight."""
+  """Number of records (usable or not) of a source, its default mixing weight: the non-empty lines
+  of a JSON Lines file (none is parsed), the examples of a converted split."""
+  if source.format == "jsonl":
+    with epath.Path(source.jsonl).open("rb") as f:
+      return sum(1 for line in f if line.strip())
   records, bad = load_records(source)
   return len(records) + len(bad)
 
@@ -393,13 +467,18 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig, tokenizer,
                  processor: ImageProcessorConfig, seed: int, num_epochs: int | None = None,
                  prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None,
-                 cache_dir: str | None = None) -> BucketedDataset:
+                 cache_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> BucketedDataset:
   """Shuffled, repeated, weighted mix of prepared examples, split by bucket (module docstring).
 
   weights: one per source; None = the source's record count.
   prepare: (source, bucket) -> the record-to-example map of that source's records in that bucket;
     default `PrepareExample` (tagged with the source's label).
-  cache_dir: where the size index of every source is kept (`sizes.size_index`); None = not kept.
+  cache_dir: where the size index of every source is kept (`sizes.cached`); None = not kept.
+  shard, gather: this process parses and sizes only the records i % count == index of every source
+    (`source_sizes`), and gets the other shards' sizes from `gather`. The dataset is the same
+    whatever the shards: every process gets the same buckets, weights and streams, from which it
+    loads its rows of every global batch (`BucketedDataset.map_datasets(DataShard.select)`).
 
   Records are bucketed by the sizes of the annotation (or a converted split's `canonical_hw`
   feature), without opening their images. Records whose size only the image tells are sized when
@@ -414,14 +493,14 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
   cells: dict[int, list[tuple[grain.MapDataset, float]]] = {}
   counts = []
   for source, weight in zip(sources, weights):
-    records, bad = load_records(source)
-    n = len(records) + len(bad)
+    records, hw = source_sizes(source, cache_dir, shard, gather)
+    n = len(records)
     if not n:
       raise ValueError(f"{source.jsonl}: no records")
     counts.append(n)
     weight = float(n if weight is None else weight)
-    hw = sizes.size_index(source, records, cache_dir)
-    lazy = hw[:, 0] < 0
+    lazy = hw[:, 0] == sizes.UNKNOWN
+    bad = np.flatnonzero(hw[:, 0] == sizes.BAD)
     assigned = np.zeros(len(records), np.int64)  # bucket 0 for records of no knowable size
     known = hw[:, 0] > 0
     if known.any():
@@ -430,12 +509,11 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  for h, w in keys]
       assigned[known] = np.asarray(nearest)[inverse.reshape(-1)]
     lazy_rows = np.flatnonzero(lazy)
-    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed)
+    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed, shard, gather)
     targets = tuple(int(b) for b in np.flatnonzero(lazy_share))
     for b in range(len(buckets)):
-      items = _subset(records, np.flatnonzero(~lazy & (assigned == b)))
-      if b == 0 and bad:
-        items = list(bad) + list(items)
+      rows = np.flatnonzero(~lazy & (hw[:, 0] != sizes.BAD) & (assigned == b))
+      items = _subset(records, np.concatenate([bad, rows]) if b == 0 else rows)  # bad lines first
       parts = []
       if len(items):
         parts.append((grain.MapDataset.source(items), len(items)))
