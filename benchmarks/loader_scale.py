@@ -18,8 +18,9 @@ one run, with the `paper_4b` stage-1 settings (buckets, text budget, tokenizer):
                           main process alone and of the largest child process (a loader worker);
   device_bytes_per_example
                           bytes of one example's arrays as sent to the device (`by_array`: uint8
-                          pixels, float32 depth target, tokens), next to the float32-patch format
-                          the loader sent before (`patch_format_bytes_per_example`);
+                          pixels, uint16 depth codes and their float32 unit, tokens; `image_` and
+                          `depth_bytes_per_example`), next to the float32-patch format the loader
+                          sent before (`patch_format_bytes_per_example`, with today's depth);
   prefetch_bound_gib      `pipeline.prefetch_plan` bound of this run and of one paper host
                           (16 workers, local batch 2560 / 16 hosts, `data.prefetch_bytes`);
   needed_samples_per_s    what one host of v5p 4x4x4 (16 hosts) must deliver: 2560 images per
@@ -172,6 +173,7 @@ def main() -> None:
       "worker_rss_gib": round(rss.child_peak / 2**30, 3), "child_processes": rss.children,
       "device_bytes_per_example": sum(by_array.values()), "by_array": by_array,
       "image_bytes_per_example": by_array["pixels"],
+      "depth_bytes_per_example": by_array["depth"] + by_array["depth_unit"],
       "patch_format_bytes_per_example": sum(by_array.values()) - by_array["pixels"] + patch_rows,
       "prefetch_bound_gib": round(run_plan.bound_bytes / 2**30, 3),
       "paper_host": {"workers": config.data.num_workers, "local_batch": local,

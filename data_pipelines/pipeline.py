@@ -24,6 +24,14 @@ mix by those shares, so each source keeps its weight overall. The bucket of a ba
 by a deterministic weighted interleave, not by the data, so every process of a multi-host run loads
 the same bucket at the same step.
 
+Depth targets go to the device as uint16 codes with a float32 unit per example
+(`processing.depth_codes`): a PNG's own integer codes, exactly, or a fitted unit for float depth.
+
+Several processes: each parses and sizes only its data shard of every source's records and gets the
+others' sizes by an all-gather (`source_sizes`), so all build the same dataset; each then loads its
+rows of every batch (`DataShard.select`). A JSON Lines source is held as line offsets and a record
+is read and parsed when drawn, so worker processes do not hold the parsed annotation.
+
 Unusable samples become `Skipped` markers, are dropped and counted per source and reason
 (`skip_counts`, `drawn_counts`), never trained on. The iterator state (grain) is checkpointed with
 the train state. A source is a JSON Lines annotation file, or (`tfds_source`) a split converted to

@@ -29,6 +29,7 @@ import operator
 import os
 import pathlib
 import posixpath
+import threading
 from typing import Any
 
 import numpy as np
@@ -180,9 +181,13 @@ class AnnotationFile(collections.abc.Sequence):
   def __init__(self, path: str, starts: np.ndarray, lengths: np.ndarray, lines: np.ndarray):
     self.path, self.starts, self.lengths, self.lines = str(path), starts, lengths, lines
     self._fd: tuple[int, int] | None = None  # (process id, file descriptor), opened on first read
+    self._lock = threading.Lock()
 
   def __getstate__(self):
-    return dict(self.__dict__, _fd=None)
+    return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _fd=None, _lock=threading.Lock())
 
   def __del__(self):
     if self._fd is not None and self._fd[0] == os.getpid():
@@ -196,9 +201,11 @@ class AnnotationFile(collections.abc.Sequence):
       with epath.Path(self.path).open("rb") as f:
         f.seek(start)
         return f.read(length)
-    if self._fd is None or self._fd[0] != os.getpid():  # not an inherited descriptor
-      self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
-    return os.pread(self._fd[1], length, start)
+    with self._lock:
+      if self._fd is None or self._fd[0] != os.getpid():  # not a descriptor inherited by a fork
+        self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+      fd = self._fd[1]
+    return os.pread(fd, length, start)
 
   def __getitem__(self, i) -> RGBDRecord:
     i = operator.index(i)
