@@ -25,6 +25,10 @@ one run, with the `paper_4b` stage-1 settings (buckets, text budget, tokenizer):
                           (16 workers, local batch 2560 / 16 hosts, `data.prefetch_bytes`);
   needed_samples_per_s    what one host of v5p 4x4x4 (16 hosts) must deliver: 2560 images per
                           `--step_s` (the AOT report's stage-1 step estimate) / 16.
+
+With `--index_shards=N` it only times `pipeline.source_sizes` (reading and sizing the annotation)
+as one process of 1 and as data shard 0 of N, which parses 1 / N of the lines; the other shards'
+sizes, which an all-gather brings in a real run, are stood in for by this shard's own.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def main() -> None:
   ap.add_argument("--batches", type=int, default=4, help="batches timed after the first")
   ap.add_argument("--step_s", type=float, default=2.2, help="stage-1 paper_4b step on v5p 4x4x4 (AOT report)")
   ap.add_argument("--workdir", default="", help="where the annotation is written (default: a temporary directory)")
+  ap.add_argument("--index_shards", type=int, default=0, help="only time sizing as shard 0 of this many")
   args = ap.parse_args()
 
   config = stage1.get_config("paper_4b")
@@ -140,6 +145,14 @@ def main() -> None:
     write_annotation(ann, args.records)
     print(f"wrote {ann} ({ann.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
   source = pipeline.SourceSpec(str(ann), str(POOL / "rgb"), str(POOL / "depth"), "scannetpp", name="scale")
+  if args.index_shards:
+    times = {}
+    for count in (1, args.index_shards):
+      t = time.perf_counter()
+      pipeline.source_sizes(source, None, (0, count), lambda x, c=count: np.stack([x] * c))
+      times[f"index_s_shard_0_of_{count}"] = round(time.perf_counter() - t, 2)
+    print(json.dumps(times))
+    return
   tokenizer, processor = load_tokenizer(None), ImageProcessorConfig()
 
   with PeakRss() as rss:
