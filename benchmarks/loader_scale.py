@@ -14,15 +14,21 @@ one run, with the `paper_4b` stage-1 settings (buckets, text budget, tokenizer):
   cpu_s_per_sample        the loading processes' CPU seconds per example: the workers one paper
                           host needs is needed_samples_per_s x cpu_s_per_sample;
   host_rss_gib            peak resident memory of the main process and its workers together
-                          (sampled every 0.2 s);
+                          (sampled every 0.2 s); main_rss_gib, worker_rss_gib: the peaks of the
+                          main process alone and of the largest child process (a loader worker);
   device_bytes_per_example
                           bytes of one example's arrays as sent to the device (`by_array`: uint8
-                          pixels, float32 depth target, tokens), next to the float32-patch format
-                          the loader sent before (`patch_format_bytes_per_example`);
+                          pixels, uint16 depth codes and their float32 unit, tokens; `image_` and
+                          `depth_bytes_per_example`), next to the float32-patch format the loader
+                          sent before (`patch_format_bytes_per_example`, with today's depth);
   prefetch_bound_gib      `pipeline.prefetch_plan` bound of this run and of one paper host
                           (16 workers, local batch 2560 / 16 hosts, `data.prefetch_bytes`);
   needed_samples_per_s    what one host of v5p 4x4x4 (16 hosts) must deliver: 2560 images per
                           `--step_s` (the AOT report's stage-1 step estimate) / 16.
+
+With `--index_shards=N` it only times `pipeline.source_sizes` (reading and sizing the annotation)
+as one process of 1 and as data shard 0 of N, which parses 1 / N of the lines; the other shards'
+sizes, which an all-gather brings in a real run, are stood in for by this shard's own.
 """
 
 from __future__ import annotations
@@ -65,20 +71,28 @@ def write_annotation(path: pathlib.Path, records: int) -> None:
 
 
 class PeakRss:
-  """Peak of the summed RSS of this process and its children, sampled in a thread."""
+  """Peak of the summed RSS of this process and its children, sampled in a thread; also the peak
+  RSS of the main process alone and of the largest child (a loader worker)."""
 
   def __init__(self, every_s: float = 0.2):
-    self.peak, self._stop, self._every = 0, threading.Event(), every_s
+    self.peak, self.main_peak, self.child_peak, self.children = 0, 0, 0, 0
+    self._stop, self._every = threading.Event(), every_s
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def _sample(self) -> int:
     me = psutil.Process()
-    total = me.memory_info().rss
+    main = me.memory_info().rss
+    total, kids = main, 0
     for child in me.children(recursive=True):
       try:
-        total += child.memory_info().rss
+        rss = child.memory_info().rss
       except psutil.NoSuchProcess:
-        pass
+        continue
+      total += rss
+      kids += 1
+      self.child_peak = max(self.child_peak, rss)
+    self.main_peak = max(self.main_peak, main)
+    self.children = max(self.children, kids)
     return total
 
   def _run(self):
@@ -116,6 +130,7 @@ def main() -> None:
   ap.add_argument("--batches", type=int, default=4, help="batches timed after the first")
   ap.add_argument("--step_s", type=float, default=2.2, help="stage-1 paper_4b step on v5p 4x4x4 (AOT report)")
   ap.add_argument("--workdir", default="", help="where the annotation is written (default: a temporary directory)")
+  ap.add_argument("--index_shards", type=int, default=0, help="only time sizing as shard 0 of this many")
   args = ap.parse_args()
 
   config = stage1.get_config("paper_4b")
@@ -130,6 +145,14 @@ def main() -> None:
     write_annotation(ann, args.records)
     print(f"wrote {ann} ({ann.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
   source = pipeline.SourceSpec(str(ann), str(POOL / "rgb"), str(POOL / "depth"), "scannetpp", name="scale")
+  if args.index_shards:
+    times = {}
+    for count in (1, args.index_shards):
+      t = time.perf_counter()
+      pipeline.source_sizes(source, None, (0, count), lambda x, c=count: np.stack([x] * c))
+      times[f"index_s_shard_0_of_{count}"] = round(time.perf_counter() - t, 2)
+    print(json.dumps(times))
+    return
   tokenizer, processor = load_tokenizer(None), ImageProcessorConfig()
 
   with PeakRss() as rss:
@@ -159,9 +182,11 @@ def main() -> None:
       "records": args.records, "workers": args.workers, "batch": args.batch, "bucket": list(BUCKET),
       "startup_s": round(startup, 2), "dataset_s": round(t_dataset, 2),
       "samples_per_s": round(samples / elapsed, 2), "cpu_s_per_sample": round(cpu / samples, 3),
-      "host_rss_gib": round(rss.peak / 2**30, 3),
+      "host_rss_gib": round(rss.peak / 2**30, 3), "main_rss_gib": round(rss.main_peak / 2**30, 3),
+      "worker_rss_gib": round(rss.child_peak / 2**30, 3), "child_processes": rss.children,
       "device_bytes_per_example": sum(by_array.values()), "by_array": by_array,
       "image_bytes_per_example": by_array["pixels"],
+      "depth_bytes_per_example": by_array["depth"] + by_array["depth_unit"],
       "patch_format_bytes_per_example": sum(by_array.values()) - by_array["pixels"] + patch_rows,
       "prefetch_bound_gib": round(run_plan.bound_bytes / 2**30, 3),
       "paper_host": {"workers": config.data.num_workers, "local_batch": local,

@@ -24,6 +24,14 @@ mix by those shares, so each source keeps its weight overall. The bucket of a ba
 by a deterministic weighted interleave, not by the data, so every process of a multi-host run loads
 the same bucket at the same step.
 
+Depth targets go to the device as uint16 codes with a float32 unit per example
+(`processing.depth_codes`): a PNG's own integer codes, exactly, or a fitted unit for float depth.
+
+Several processes: each parses and sizes only its data shard of every source's records and gets the
+others' sizes by an all-gather (`source_sizes`), so all build the same dataset; each then loads its
+rows of every batch (`DataShard.select`). A JSON Lines source is held as line offsets and a record
+is read and parsed when drawn, so worker processes do not hold the parsed annotation.
+
 Unusable samples become `Skipped` markers, are dropped and counted per source and reason
 (`skip_counts`, `drawn_counts`), never trained on. The iterator state (grain) is checkpointed with
 the train state. A source is a JSON Lines annotation file, or (`tfds_source`) a split converted to
@@ -41,13 +49,14 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 from PIL import Image
 
 from data_pipelines import rgbd, sizes
 from data_pipelines.skips import GIVE_UP_AFTER, SOURCE_KEY, DropSkipped, Skipped
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.rope_index import get_rope_index
-from depthvlm_jax.processing import chat
+from depthvlm_jax.processing import chat, depth_codes
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 
 canonical_hw = sizes.canonical_hw
@@ -109,15 +118,17 @@ class ExampleSpec:
 
     input_ids/attention_mask/labels (B, L), position_ids (B, 3, L), pixels (B, H, W, 3) uint8 (the
     image at the top left of the bucket; patches are made on the device,
-    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W),
-    has_depth (B,).
+    `processing.device_patches`), image_grid_hw (B, 2) the image's patch grid, depth (B, H, W)
+    uint16 codes and depth_unit (B,) float32 metres per code (`processing.depth_codes`, decoded
+    inside the step), has_depth (B,).
     """
     h, w = self.image_size
     seq = (batch, self.seq_len)
     return {"input_ids": (seq, np.int32), "attention_mask": (seq, np.int32), "labels": (seq, np.int32),
             "position_ids": ((batch, 3, self.seq_len), np.int32),
             "pixels": ((batch, h, w, 3), np.uint8), "image_grid_hw": ((batch, 2), np.int32),
-            "depth": ((batch, h, w), np.float32), "has_depth": ((batch,), np.bool_)}
+            "depth": ((batch, h, w), np.uint16), "depth_unit": ((batch,), np.float32),
+            "has_depth": ((batch,), np.bool_)}
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -153,14 +164,17 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
   """Resizes (aspect kept) and pads an image (and its depth) into a bucket.
 
   Args:
-    image: (h, w, 3) uint8 canonical image; depth: (h, w) float32 metres (0 = invalid) or None.
+    image: (h, w, 3) uint8 canonical image; depth: (h, w) float32 metres (0 = invalid), uint16
+      integer codes (`processing.depth_codes`), or None.
     bucket_hw: (H, W), multiples of `merge_px`.
 
   Returns:
     image (gh, gw, 3) uint8, the image's own grid: (h', w') resized pixels at the top left, grey
       padding up to the next multiples of `merge_px`;
-    depth (H, W) float32 (None without depth): the resized depth divided by the scale (the depth of
-      the canonical camera, see the module docstring), 0 everywhere else;
+    depth (H, W) (None without depth), 0 everywhere outside the resized map: float32 metres, the
+      resized depth divided by the scale (the depth of the canonical camera, see the module
+      docstring); or, for uint16 codes, the resized codes unchanged (the caller divides their
+      unit by the scale);
     scale: the resize factor s (the focal length is now s * canonical_fx).
   """
   s, (rh, rw) = fit_size(image.shape[:2], bucket_hw)
@@ -173,6 +187,10 @@ def fit_to_bucket(image: np.ndarray, depth: np.ndarray | None, bucket_hw: tuple[
     return canvas, None, s
   if depth.shape != (rh, rw):
     depth = rgbd.resize_nearest(depth, (rw, rh), nearest_rule)
+  if depth.dtype == np.uint16:
+    target = np.zeros(bucket_hw, np.uint16)
+    target[:rh, :rw] = depth
+    return canvas, target, s
   target = np.zeros(bucket_hw, np.float32)
   target[:rh, :rw] = depth / np.float32(s)
   return canvas, target, s
@@ -197,19 +215,44 @@ class InBucket:
 LAZY_SAMPLE = 64  # records of a source sized at start-up to estimate where its unsized records go
 
 
-def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int):
+def _lazy_shares(source: SourceSpec, records: Sequence[Any], lazy_rows: np.ndarray, bucket_hw, processor, seed: int,
+                 shard: tuple[int, int] = (0, 1), gather: Callable[[np.ndarray], np.ndarray] | None = None):
   """Expected fraction of a source's lazily sized records per bucket, from the headers of a random
   sample of at most `LAZY_SAMPLE` of them (zeros when there are none). Only buckets that some
   sampled record goes to get a stream of them, so no such stream is without records; a record
-  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`)."""
+  whose nearest bucket has none goes to the nearest bucket that has one (`InBucket`).
+
+  The sample is the same for every data shard; each reads the headers of its own sampled records
+  (i % count == index) and the counts are summed over the shards (`gather`)."""
   counts = np.zeros(len(bucket_hw))
   if not len(lazy_rows):
     return counts
   pick = np.random.default_rng(seed).choice(lazy_rows, min(LAZY_SAMPLE, len(lazy_rows)), replace=False)
   for i in pick:
+    if i % shard[1] != shard[0]:
+      continue
     hw = sizes.header_hw(records[int(i)], source)
     counts[choose_bucket(hw, bucket_hw, processor.min_pixels, processor.max_pixels) if hw else 0] += 1
+  if shard[1] > 1:
+    counts = np.asarray(gather(counts)).sum(0)
   return counts / counts.sum()
+
+
+class _Parsed(collections.abc.Sequence):
+  """The records of a `rgbd.AnnotationFile`, a bad line as a `Skipped` bad_record (picklable: the
+  loader's worker processes read and parse each record when they draw it)."""
+
+  def __init__(self, table: rgbd.AnnotationFile):
+    self.table = table
+
+  def __len__(self) -> int:
+    return len(self.table)
+
+  def __getitem__(self, i):
+    try:
+      return self.table[int(i)]
+    except rgbd.RecordError as e:
+      return Skipped("bad_record", str(e))
 
 
 def _subset(records: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
@@ -228,6 +271,47 @@ class _Subset(collections.abc.Sequence):
 
   def __getitem__(self, i):
     return self.records[int(self.indices[i])]
+
+  def canonical_sizes(self) -> np.ndarray:
+    """The sizes of the viewed examples (`sizes.compute_sizes`), read without decoding them."""
+    return self.records.canonical_sizes()[self.indices]
+
+
+def source_sizes(source: SourceSpec, cache_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[Sequence[Any], np.ndarray]:
+  """(records, (N, 2) sizes) of every record of a source, where this process parses and sizes only
+  its data shard `shard` = (index, count): records i with i % count == index.
+
+  JSON Lines: one pass over the file notes where each record's line is; the shard's lines are
+  parsed (only when its sizes are not in `cache_dir`, `sizes.cached`), and the records come as a
+  sequence that reads and parses each line when indexed (a bad line: a `Skipped` bad_record).
+  The sizes of the other shards come from `gather`, which stacks an array of every data shard
+  ((count, ...), e.g. `distributed.shard_gather` across processes), so every process gets the same
+  sizes while parsing 1 / count of the file. Sizes as `sizes.compute_sizes`, (BAD, BAD) for a bad line.
+  """
+  index, count = shard
+  if count > 1 and gather is None:
+    raise ValueError(f"data shard {index} of {count}: pass gather, which stacks an array of every shard")
+  if source.format == "array_record":
+    records, _ = load_records(source)
+    mine = np.arange(index, len(records), count)
+    local = sizes.cached(source, cache_dir, len(mine), lambda: sizes.compute_sizes(source, _Subset(records, mine)),
+                         shard)
+  elif source.format == "jsonl":
+    table, _ = rgbd.scan_jsonl(source.jsonl, shard, parse=False)
+    records = _Parsed(table)
+    mine = np.arange(index, len(records), count)
+    local = sizes.cached(source, cache_dir, len(mine),
+                         lambda: sizes.sizes_from_fields(source, rgbd.scan_jsonl(source.jsonl, shard)[1]), shard)
+  else:
+    raise ValueError(f"{source.jsonl}: unknown source format {source.format!r}; expected 'jsonl' or 'array_record'")
+  if count == 1:
+    return records, local
+  rows = -(-len(records) // count)  # every shard sends as many rows
+  padded = np.zeros((rows, 2), np.int32)
+  padded[:len(local)] = local
+  stacked = np.asarray(gather(padded)).reshape(count, rows, 2)  # shard k holds records k, k + count, ...
+  return records, stacked.transpose(1, 0, 2).reshape(rows * count, 2)[:len(records)]
 
 
 # ----------------------------------------------------------------------------- examples
@@ -250,7 +334,8 @@ class PrepareExample:
   """Record -> example dict (or `Skipped`). Picklable, for grain worker processes.
 
   A record is an `rgbd.RGBDRecord` (read from its files) or, for `format="array_record"` sources, a
-  converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key`.
+  converted example dict with `image`, `depth`, `has_depth`, `prompt`, `solution`, `key` (and
+  `depth_scale`, when converted with it: the depth is sent as the integer codes it was read from).
   `buckets`: one `ExampleSpec` (every sample goes there) or several (each sample goes to the
   nearest, `choose_bucket`).
   """
@@ -280,26 +365,39 @@ class PrepareExample:
   def _prepare(self, record: Any):
     if isinstance(record, Skipped):
       return record
+    depth_scale = None  # set for a depth map read from integer codes (`depth_codes.integer_codes`)
     if isinstance(record, dict):  # converted example: already loaded and focal-unified
       image = record["image"]
       depth = record["depth"] if self.source.with_depth else None
       if self.source.with_depth and not record["has_depth"]:
         return Skipped("missing_depth", f"{record['key']}: converted example has no depth")
+      if depth is not None and float(record.get("depth_scale", 0)) > 0:  # converted before: no such feature
+        depth_scale = float(record["depth_scale"])
       record = rgbd.RGBDRecord(image=record["key"], prompt=record["prompt"] or None,
                                solution=record["solution"] or None)
     else:
       try:
         sample = load_canonical(record, self.source)
         image, depth = sample.image, sample.depth
+        if depth is not None and record.depth_format == "png":
+          depth_scale = record.depth_scale or rgbd.OFFICIAL_DEPTH_SCALE
       except rgbd.SampleError as e:
         return Skipped(e.reason if e.reason in _REASONS else "other", str(e))
       except Exception as e:  # any other failure to read a sample skips it too; it never stops training
         return Skipped("other", f"{record.image}: {type(e).__name__}: {e}")
     spec = self.spec_for(image.shape[:2])
     h, w = spec.image_size
-    image, depth, _ = fit_to_bucket(image, depth, (h, w), self.model_config.vision.image_token_pixels)
-    if depth is not None and not np.any(depth > 0):
+    codes = depth_codes.integer_codes(depth, depth_scale) if depth_scale is not None else None
+    image, target, s = fit_to_bucket(image, depth if codes is None else codes, (h, w),
+                                     self.model_config.vision.image_token_pixels)
+    if target is not None and not np.any(target > 0):
       return Skipped("no_valid_depth", f"{record.image}: no valid depth after resizing into bucket {spec.name}")
+    if target is None:
+      codes, unit = np.zeros((h, w), np.uint16), np.float32(0)
+    elif codes is not None:
+      codes, unit = target, depth_codes.unit_for(depth_scale, s)
+    else:
+      codes, unit = depth_codes.fitted(target)
     patch, merge = self.model_config.vision.patch_size, self.model_config.vision.spatial_merge_size
     grid_thw = np.array([1, image.shape[0] // patch, image.shape[1] // patch])
     n_tokens = int(grid_thw[1] // merge * grid_thw[2] // merge)
@@ -318,8 +416,7 @@ class PrepareExample:
     pixels[:image.shape[0], :image.shape[1]] = image
     return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions[:, 0],
                 pixels=pixels, image_grid_hw=np.asarray(grid_thw[1:], np.int32),
-                depth=(depth if depth is not None else np.zeros((h, w), np.float32)),
-                has_depth=np.asarray(depth is not None))
+                depth=codes, depth_unit=np.asarray(unit, np.float32), has_depth=np.asarray(depth is not None))
 
 
 _REASONS = ("bad_record", "unreadable_image", "missing_depth", "corrupt_depth", "no_valid_depth")
@@ -340,7 +437,11 @@ def load_records(source: SourceSpec) -> tuple[Sequence[Any], list[Skipped]]:
 
 
 def count_records(source: SourceSpec) -> int:
-  """Number of records (usable or not) of a source: its default mixing weight."""
+  """Number of records (usable or not) of a source, its default mixing weight: the non-empty lines
+  of a JSON Lines file (none is parsed), the examples of a converted split."""
+  if source.format == "jsonl":
+    with epath.Path(source.jsonl).open("rb") as f:
+      return sum(1 for line in f if line.strip())
   records, bad = load_records(source)
   return len(records) + len(bad)
 
@@ -374,13 +475,18 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  buckets: ExampleSpec | Sequence[ExampleSpec], model_config: Qwen3VLConfig, tokenizer,
                  processor: ImageProcessorConfig, seed: int, num_epochs: int | None = None,
                  prepare: Callable[[SourceSpec, ExampleSpec], Callable] | None = None,
-                 cache_dir: str | None = None) -> BucketedDataset:
+                 cache_dir: str | None = None, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> BucketedDataset:
   """Shuffled, repeated, weighted mix of prepared examples, split by bucket (module docstring).
 
   weights: one per source; None = the source's record count.
   prepare: (source, bucket) -> the record-to-example map of that source's records in that bucket;
     default `PrepareExample` (tagged with the source's label).
-  cache_dir: where the size index of every source is kept (`sizes.size_index`); None = not kept.
+  cache_dir: where the size index of every source is kept (`sizes.cached`); None = not kept.
+  shard, gather: this process parses and sizes only the records i % count == index of every source
+    (`source_sizes`), and gets the other shards' sizes from `gather`. The dataset is the same
+    whatever the shards: every process gets the same buckets, weights and streams, from which it
+    loads its rows of every global batch (`BucketedDataset.map_datasets(DataShard.select)`).
 
   Records are bucketed by the sizes of the annotation (or a converted split's `canonical_hw`
   feature), without opening their images. Records whose size only the image tells are sized when
@@ -395,14 +501,14 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
   cells: dict[int, list[tuple[grain.MapDataset, float]]] = {}
   counts = []
   for source, weight in zip(sources, weights):
-    records, bad = load_records(source)
-    n = len(records) + len(bad)
+    records, hw = source_sizes(source, cache_dir, shard, gather)
+    n = len(records)
     if not n:
       raise ValueError(f"{source.jsonl}: no records")
     counts.append(n)
     weight = float(n if weight is None else weight)
-    hw = sizes.size_index(source, records, cache_dir)
-    lazy = hw[:, 0] < 0
+    lazy = hw[:, 0] == sizes.UNKNOWN
+    bad = np.flatnonzero(hw[:, 0] == sizes.BAD)
     assigned = np.zeros(len(records), np.int64)  # bucket 0 for records of no knowable size
     known = hw[:, 0] > 0
     if known.any():
@@ -411,12 +517,11 @@ def make_dataset(sources: Sequence[SourceSpec], weights: Sequence[float | None],
                  for h, w in keys]
       assigned[known] = np.asarray(nearest)[inverse.reshape(-1)]
     lazy_rows = np.flatnonzero(lazy)
-    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed)
+    lazy_share = _lazy_shares(source, records, lazy_rows, bucket_hw, processor, seed, shard, gather)
     targets = tuple(int(b) for b in np.flatnonzero(lazy_share))
     for b in range(len(buckets)):
-      items = _subset(records, np.flatnonzero(~lazy & (assigned == b)))
-      if b == 0 and bad:
-        items = list(bad) + list(items)
+      rows = np.flatnonzero(~lazy & (hw[:, 0] != sizes.BAD) & (assigned == b))
+      items = _subset(records, np.concatenate([bad, rows]) if b == 0 else rows)  # bad lines first
       parts = []
       if len(items):
         parts.append((grain.MapDataset.source(items), len(items)))

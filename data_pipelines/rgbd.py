@@ -21,11 +21,15 @@ Errors: `RecordError` (a bad JSON line: file, line, field, what was expected) an
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import math
+import operator
+import os
 import pathlib
 import posixpath
+import threading
 from typing import Any
 
 import numpy as np
@@ -146,6 +150,113 @@ def read_jsonl(path: str | pathlib.Path) -> tuple[list[RGBDRecord], list[RecordE
       except RecordError as e:
         errors.append(e)
   return records, errors
+
+
+SIZE_FIELDS = ("canonical_w", "canonical_h", "original_w", "original_h", "original_fx", "canonical_fx")
+
+
+def size_fields(record: RGBDRecord) -> np.ndarray:
+  """(6,) float64: the fields a record's canonical size comes from (`SIZE_FIELDS`; NaN: absent)."""
+  out = np.full(6, np.nan)
+  if record.canonical_size is not None:
+    out[0:2] = record.canonical_size
+  if record.original_rgb_size is not None:
+    out[2:4] = record.original_rgb_size
+  if record.original_fx is not None:
+    out[4] = record.original_fx
+  out[5] = record.canonical_fx
+  return out
+
+
+class AnnotationFile(collections.abc.Sequence):
+  """The records of a JSON Lines file by number (its non-empty lines, in order), each read from the
+  file and parsed when indexed; indexing a bad line raises its `RecordError`.
+
+  The process holds three integers per record (where its line starts, its length, its line
+  number), not the records: a million parsed `RGBDRecord`s take gigabytes of Python objects, which
+  every loader worker process would hold a copy of. Local files are read with `os.pread` (safe from
+  the loader's threads); object-store files with one ranged read per record.
+  """
+
+  def __init__(self, path: str, starts: np.ndarray, lengths: np.ndarray, lines: np.ndarray):
+    self.path, self.starts, self.lengths, self.lines = str(path), starts, lengths, lines
+    self._fd: tuple[int, int] | None = None  # (process id, file descriptor), opened on first read
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _fd=None, _lock=threading.Lock())
+
+  def __del__(self):
+    if self._fd is not None and self._fd[0] == os.getpid():
+      os.close(self._fd[1])
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def _read(self, start: int, length: int) -> bytes:
+    if not is_local(self.path):
+      with epath.Path(self.path).open("rb") as f:
+        f.seek(start)
+        return f.read(length)
+    with self._lock:
+      if self._fd is None or self._fd[0] != os.getpid():  # not a descriptor inherited by a fork
+        self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+      fd = self._fd[1]
+    return os.pread(fd, length, start)
+
+  def __getitem__(self, i) -> RGBDRecord:
+    i = operator.index(i)
+    i = i + len(self) if i < 0 else i
+    if not 0 <= i < len(self):
+      raise IndexError(f"{self.path}: record {i} of {len(self)}")
+    return parse_line(self._read(int(self.starts[i]), int(self.lengths[i])), f"{self.path}:{self.lines[i]}")
+
+
+def parse_line(line: bytes | str, where: str) -> RGBDRecord:
+  """One annotation line -> `RGBDRecord`; raises `RecordError` (invalid JSON or UTF-8, a bad field)."""
+  try:
+    return parse_record(json.loads(line), where)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{where}: invalid JSON ({e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise RecordError(f"{where}: not UTF-8 text ({e.reason})") from None
+
+
+def scan_jsonl(path: str | pathlib.Path, shard: tuple[int, int] = (0, 1),
+               parse: bool = True) -> tuple[AnnotationFile, np.ndarray | None]:
+  """Reads a JSON Lines file once: every record's place in it, and (`parse`) the size fields of
+  the records of one shard only.
+
+  shard: (index, count): the records numbered i (non-empty lines from 0) with i % count == index.
+  Returns (the whole file's `AnnotationFile`, (n, 6) float64 `size_fields` of the shard's records
+  in order, all NaN and column 5 NaN too for a bad line; None without `parse`).
+  """
+  index, count = shard
+  if not 0 <= index < count:
+    raise ValueError(f"{path}: data shard {index} of {count}; expected 0 <= index < count")
+  path = epath.Path(path)
+  starts, lengths, lines, fields = [], [], [], []
+  offset, number = 0, 0
+  with path.open("rb") as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        body = line.rstrip(b"\r\n")
+        if parse and number % count == index:
+          try:
+            fields.append(size_fields(parse_line(body, f"{path}:{n}")))
+          except RecordError:
+            fields.append(np.full(6, np.nan))
+        starts.append(offset)
+        lengths.append(len(body))
+        lines.append(n)
+        number += 1
+      offset += len(line)
+  table = AnnotationFile(str(path), np.asarray(starts, np.int64), np.asarray(lengths, np.int64),
+                         np.asarray(lines, np.int64))
+  return table, (np.asarray(fields, np.float64).reshape(-1, 6) if parse else None)
 
 
 def is_local(path: str | pathlib.Path) -> bool:

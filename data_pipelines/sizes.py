@@ -11,7 +11,10 @@ unknown (-1, -1) and sized lazily: its image header (or converted example) is re
 bucket's stream draws it (`pipeline.InBucket`).
 
 `size_index(..., cache_dir=...)` keeps the index in `cache_dir`, keyed by the source's settings and
-the size and modification time of its files, so a restarted or resumed run reads it back.
+the size and modification time of its files (and the data shard: each process sizes and keeps only
+its own records), so a restarted or resumed run reads it back. The training pipeline sizes a
+JSON Lines file from the fields its one pass over the file parses (`sizes_from_fields`), and only
+its own shard of the records (`pipeline.make_dataset`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from etils import epath
@@ -32,6 +35,7 @@ from data_pipelines.skips import Skipped
 
 UNKNOWN = -1  # (h, w) = (-1, -1): sized lazily when read
 NEVER = 0  # (0, 0): no size can be known (the record is skipped when prepared)
+BAD = -2  # (-2, -2): a line that is not a valid record (skipped as bad_record when drawn)
 
 
 def _crop(hw: tuple[int, int], dataset: str) -> tuple[int, int]:
@@ -119,6 +123,28 @@ def compute_sizes(source, records: Sequence[Any]) -> np.ndarray:
   return out
 
 
+def sizes_from_fields(source, fields: np.ndarray) -> np.ndarray:
+  """`compute_sizes` of records given by their `rgbd.size_fields` (N, 6) (as `rgbd.scan_jsonl`
+  returns them), without the records: the same float64 arithmetic as `canonical_hw` (rounded half
+  to even, as Python's `round`); (BAD, BAD) for a line that is not a valid record."""
+  cw, ch, ow, oh, ofx, cfx = np.asarray(fields, np.float64).reshape(-1, 6).T
+  out = np.full((len(cw), 2), NEVER, np.int32)
+  bad = np.isnan(cfx)
+  given = ~np.isnan(cw)
+  from_fx = ~given & ~np.isnan(ofx) & ~np.isnan(ow)
+  w, h = np.where(given, cw, 0.0), np.where(given, ch, 0.0)
+  scale = cfx[from_fx] / ofx[from_fx]
+  w[from_fx], h[from_fx] = np.round(ow[from_fx] * scale), np.round(oh[from_fx] * scale)
+  known = (given | from_fx) & ~bad
+  if source.dataset in rgbd.CENTRE_CROP_1024:
+    h, w = np.minimum(h, 1024), np.minimum(w, 1024)
+  out[known] = np.stack([h[known], w[known]], axis=1).astype(np.int32)
+  by_header = ~known & ~bad & (~np.isnan(ofx) | (~given & (not source.with_depth)))
+  out[by_header] = UNKNOWN
+  out[bad] = BAD
+  return out
+
+
 def _sized_by_header(record: Any, source) -> bool:
   return isinstance(record, rgbd.RGBDRecord) and (
       record.original_fx is not None or (record.canonical_size is None and not source.with_depth))
@@ -126,17 +152,27 @@ def _sized_by_header(record: Any, source) -> bool:
 
 def size_index(source, records: Sequence[Any], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
   """`compute_sizes`, read from / written to `cache_dir` when given (see the module docstring)."""
+  return cached(source, cache_dir, len(records), lambda: compute_sizes(source, records))
+
+
+def cached(source, cache_dir: str | os.PathLike | None, n: int, compute: Callable[[], np.ndarray],
+           shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+  """The (n, 2) sizes of data shard `shard` of a source: read from `cache_dir`, else `compute()`d
+  and written there (None: not kept). Each shard has its own file, so a process keeps and reads back
+  the sizes of its own records only."""
   key = _cache_key(source) if cache_dir is not None else None
   if key is None:
-    return compute_sizes(source, records)
+    return compute()
+  if shard[1] > 1:
+    key = f"{key}-shard{shard[0]}of{shard[1]}"
   cache = epath.Path(cache_dir) / f"sizes-{key}.npy"  # next to the run: local or on an object store
   if cache.exists():
     with cache.open("rb") as f:
       sizes = np.load(f)
-    if sizes.shape == (len(records), 2):
+    if sizes.shape == (n, 2):
       return sizes
-    logging.warning("%s: %s holds %d sizes for %d records; recomputing", source.label, cache, len(sizes), len(records))
-  sizes = compute_sizes(source, records)
+    logging.warning("%s: %s holds %d sizes for %d records; recomputing", source.label, cache, len(sizes), n)
+  sizes = compute()
   cache.parent.mkdir(parents=True, exist_ok=True)
   tmp = cache.parent / f"sizes-{key}.{os.getpid()}.tmp.npy"
   with tmp.open("wb") as f:

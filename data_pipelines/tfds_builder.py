@@ -66,6 +66,8 @@ class DepthvlmRgbd(tfds.core.GeneratorBasedBuilder):
             "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
             "depth": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib"),
             "has_depth": tfds.features.Scalar(dtype=np.bool_),
+            # metres = code / depth_scale for a depth read from integer codes (PNG); 0 otherwise
+            "depth_scale": tfds.features.Scalar(dtype=np.float32),
             "prompt": tfds.features.Text(),
             "solution": tfds.features.Text(),
             "key": tfds.features.Text(),
@@ -114,6 +116,8 @@ def _example(record: rgbd.RGBDRecord, source: pipeline.SourceSpec) -> dict:
       "image": image,
       "depth": depth if depth is not None else np.zeros((0, 0), np.float32),
       "has_depth": depth is not None,
+      "depth_scale": np.float32((record.depth_scale or rgbd.OFFICIAL_DEPTH_SCALE)
+                                if depth is not None and record.depth_format == "png" else 0.0),
       "prompt": record.prompt or "",
       "solution": record.solution or "",
       "key": record.source,

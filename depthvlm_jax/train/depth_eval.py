@@ -9,6 +9,8 @@
   shardings, and reused for every evaluation and every source.
 * Batch: `eval_per_device_batch` rows per device of the mesh's batch axes (not the training global
   batch), fewer when the set is smaller.
+* Depth: the prepared examples' 16-bit codes are decoded to float32 metres on the host (the δ1
+  step takes metres), the same values the train step decodes on the device.
 * Padding: the records are padded to whole global batches with placeholder rows (`valid` False),
   as are records that cannot be prepared (counted as skipped); placeholders never score.
 The best constant depth (a reference δ1 that needs no model) is accumulated on the first pass over a
@@ -30,6 +32,7 @@ from data_pipelines.skips import Skipped
 from depthvlm_jax import sharding
 from depthvlm_jax.evaluation import step as eval_step
 from depthvlm_jax.evaluation.metrics import BestConstant
+from depthvlm_jax.processing import depth_codes
 from depthvlm_jax.train import distributed
 
 
@@ -63,7 +66,8 @@ class EvalSet:
     h, w = self.spec.image_size
     out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in
            self.spec.batch_shapes(self.prepare.model_config, 1).items()}
-    out = {k: v[0] for k, v in out.items()}
+    out = {k: v[0] for k, v in out.items() if k != "depth_unit"}
+    out["depth"] = np.zeros((h, w), np.float32)
     patch = self.prepare.model_config.vision.patch_size
     out["image_grid_hw"] = np.asarray([h // patch, w // patch], np.int32)  # a well-formed (blank) image
     out["attention_mask"][:] = 1  # no fully masked row
@@ -75,7 +79,9 @@ class EvalSet:
     out = self.prepare(self.records[index])
     if isinstance(out, Skipped):
       return self._placeholder(real=True)
-    return dict(out, valid=np.asarray(True), real=np.asarray(True))
+    depth = depth_codes.batch_depth(out)  # the train target's metres, decoded on the host
+    out = {k: v for k, v in out.items() if k != "depth_unit"}
+    return dict(out, depth=depth, valid=np.asarray(True), real=np.asarray(True))
 
   def local_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of every global batch, in order: (local_batch, ...) arrays plus `valid`

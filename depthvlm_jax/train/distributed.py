@@ -120,6 +120,18 @@ def process_sum(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(x))).sum(0)
 
 
+def shard_gather(x: np.ndarray, shard: "DataShard") -> np.ndarray:
+  """(shard.count, ...) the host array `x` of every data shard, in shard order: every process passes
+  the value of its own shard (`x` of the same shape everywhere); replicas of a shard (processes that
+  load the same rows) pass the same value, taken once."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  index = np.asarray(multihost_utils.process_allgather(np.int32(shard.index))).reshape(-1)
+  values = np.asarray(multihost_utils.process_allgather(x)).reshape((len(index),) + x.shape)
+  return values[[int(np.flatnonzero(index == i)[0]) for i in range(shard.count)]]
+
+
 MESSAGE_BYTES = 2048  # room for one failure message in `agree_on_failure`
 
 
@@ -177,6 +189,11 @@ class DataShard:
   index: int
   count: int
   local_batch: int
+
+  def records(self) -> tuple[int, int]:
+    """(index, count): the data shard whose records this process parses and sizes at start-up
+    (`pipeline.make_dataset(shard=...)`); which examples it loads is `select`'s."""
+    return self.index, self.count
 
   def select(self, ds: grain.MapDataset) -> grain.MapDataset:
     """Every `count`-th example starting at `index`: together the processes read each global batch

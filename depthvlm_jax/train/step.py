@@ -22,6 +22,7 @@ import optax
 
 from depthvlm_jax.losses import lm_cross_entropy, silog_loss
 from depthvlm_jax.model.depthvlm import DepthVLM
+from depthvlm_jax.processing.depth_codes import batch_depth
 from depthvlm_jax.processing.device_patches import model_pixel_values, processor_for
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.runs.freeze import merge_params
@@ -64,7 +65,9 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
   """Numerators and denominators of both losses for one (micro-)batch.
 
   The images come as `pixel_values` rows or as uint8 `pixels`, patched here (`model_pixel_values`
-  with `processor`, default: the default processor at the model's patch geometry).
+  with `processor`, default: the default processor at the model's patch geometry). The depth
+  target comes as float32 metres or as uint16 codes with `depth_unit`, decoded here
+  (`depth_codes.batch_depth`).
   lm_positions: 0 = LM head on every position; M > 0 = only on the first M supervised positions
   of each row (same loss, far fewer FLOPs when the vocabulary is large and replies are short).
   """
@@ -74,7 +77,8 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
                     model_pixel_values(batch, processor), batch["image_grid_hw"], compute_logits=with_lm and not gather,
                     depth_grid=depth_grid, images_per_row=1)
   depth_mask = (batch["has_depth"] & out.depth_valid)[:, None, None]
-  depth_sum, depth_count = silog_loss(out.depth, batch["depth"], valid_mask=depth_mask & (batch["depth"] > 0))
+  target = batch_depth(batch)  # metres; uint16 codes are decoded here, on the device
+  depth_sum, depth_count = silog_loss(out.depth, target, valid_mask=depth_mask & (target > 0))
   terms = {"depth_sum": depth_sum, "depth_count": depth_count}
   if gather:
     pos, targets = supervised_positions(batch["labels"], lm_positions)
@@ -92,7 +96,10 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
 
 
 def supervised_depth_images(batch: dict[str, jax.Array], depth_grid: tuple[int, int], merge: int = 2) -> jax.Array:
-  """(B,) bool: images that carry depth supervision (has depth, grid within the bucket, >= 1 valid pixel)."""
+  """(B,) bool: images that carry depth supervision (has depth, grid within the bucket, >= 1 valid pixel).
+
+  `depth` may be float32 metres or uint16 codes: a pixel is valid where it is above 0 in either.
+  """
   h, w = depth_grid
   gh, gw = batch["image_grid_hw"][:, 0], batch["image_grid_hw"][:, 1]
   grid_ok = (gh > 0) & (gw > 0) & (gh <= merge * h) & (gw <= merge * w)

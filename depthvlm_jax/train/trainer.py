@@ -95,8 +95,12 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
   processor = ImageProcessorConfig.from_hf_dir(hf_dir) if hf_dir else ImageProcessorConfig()
   specs = example_specs(config, model.config)
   train_sources, weights, eval_sources = data_sources(config, workdir)
+  shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
+  # Each process parses and sizes only its shard of the records; the sizes are exchanged, so every
+  # process builds the same buckets, weights and streams (the same bucket at every step).
   ds = pipeline.make_dataset(train_sources, weights, specs, model.config, tokenizer, processor,
-                             seed=config.data.shuffle_seed, cache_dir=str(workdir / "size_index"))
+                             seed=config.data.shuffle_seed, cache_dir=str(workdir / "size_index"),
+                             shard=shard.records(), gather=lambda x: distributed.shard_gather(x, shard))
   # One epoch = every record of every source once (in expectation, with the default weights).
   num_train = sum(ds.records)
   total_steps = config.train.total_steps or max(1, math.ceil(config.train.epochs * num_train / config.train.global_batch))
@@ -105,7 +109,6 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
   log.info("training data: %s: %d records in %d sources (%s); buckets: %s", what, num_train, len(ds.sources),
            ", ".join(f"{n} {c}" for n, c in zip(ds.sources, ds.records)),
            ", ".join(f"{k} {v:.1%}" for k, v in ds.fractions().items()))
-  shard = distributed.data_shard(mesh, config.train.global_batch)  # this process's rows of each batch
   data_iter = iter(pipeline.batched(ds.map_datasets(shard.select), shard.local_batch, config.data.num_workers,
                                     prefetch_bytes=config.data.prefetch_bytes))
 

@@ -11,6 +11,7 @@ from configs import stage1
 from data_pipelines import pipeline
 from data_pipelines.skips import SOURCE_KEY
 from depthvlm_jax.model.config import Qwen3VLConfig
+from depthvlm_jax.processing import depth_codes
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 
 # Canonical (fx = 1000) sizes (W, H) of the training sets' images and the paper bucket
@@ -105,13 +106,15 @@ def test_depth_stays_aligned_with_the_image_and_scaled_by_the_focal_change(tmp_p
   image = ex["pixels"][:gh, :gw].astype(np.float32) / 127.5 - 1  # values in [-1, 1] as the processor's
   assert image.shape[:2] == (128, 96)
   white = image.mean(-1) > 0.5
-  far = ex["depth"] > 5 / s
+  metres = depth_codes.batch_depth(ex)
+  assert ex["depth"].dtype == np.uint16 and set(np.unique(ex["depth"])) == {0, 3000, 7000}  # the PNG's codes
+  far = metres > 5 / s
   # the square, from either map, sits where the resize puts it
   for mask in (white, far):
     ys, xs = np.nonzero(mask)
     assert abs(ys.mean() - 180 * s) < 1 and abs(xs.mean() - 130 * s) < 1
   assert (white != far).sum() <= 0.1 * far.sum()  # differ at most on the square's border pixels
-  np.testing.assert_allclose(np.unique(ex["depth"][:, :rw]), [3.0 / s, 7.0 / s], rtol=1e-6)
+  np.testing.assert_allclose(np.unique(metres[:, :rw]), [3.0 / s, 7.0 / s], rtol=1e-6)
   assert (ex["depth"][:, rw:] == 0).all()  # padding: no supervision
   assert np.abs(image[:, rw + 1:]).max() < 0.01  # grey padding pixels
 

@@ -18,8 +18,9 @@ SPECS = [pipeline.ExampleSpec((96, 128), 64, False), pipeline.ExampleSpec((128, 
 
 def test_example_bytes_count_every_array():
   spec = pipeline.ExampleSpec((768, 1024), 896, False)
-  # uint8 pixels, float32 depth, bool has_depth, int32 grid and tokens (ids, mask, labels, 3 positions)
-  assert spec.example_bytes() == 768 * 1024 * 3 + 768 * 1024 * 4 + 1 + 2 * 4 + 896 * 6 * 4
+  # uint8 pixels, uint16 depth codes and their float32 unit, bool has_depth, int32 grid and tokens
+  # (ids, mask, labels, 3 positions)
+  assert spec.example_bytes() == 768 * 1024 * 3 + 768 * 1024 * 2 + 4 + 1 + 2 * 4 + 896 * 6 * 4
 
 
 @pytest.mark.parametrize("workers", [0, 3])

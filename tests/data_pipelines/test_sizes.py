@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import pipeline, sizes
+from data_pipelines import pipeline, rgbd, sizes
 from data_pipelines.skips import SOURCE_KEY
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
@@ -146,3 +146,60 @@ def test_array_record_source_is_bucketed_without_decoding(synthetic_set, tmp_pat
     n += 1
   assert n == len(records)
   np.testing.assert_array_equal(records.canonical_sizes(), [records[i]["image"].shape[:2] for i in range(n)])
+
+
+@pytest.mark.parametrize("dataset,with_depth", [("synthetic", True), ("taskonomy", True), ("synthetic", False)])
+def test_sizes_from_the_scanned_fields_equal_the_records_sizes(tmp_path, dataset, with_depth):
+  """One pass over the file gives, from the parsed fields alone, the sizes `compute_sizes` gives
+  from the records (rounding, the 1024 crop, header-sized and unknowable records), and marks bad
+  lines; the shard's fields are those of records i % count == index."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(200):
+    kind = i % 5
+    if kind == 0:
+      lines.append(json.dumps({"image": f"{i}.png", "canonical_size": [int(rng.integers(50, 2000)), int(rng.integers(50, 2000))]}))
+    elif kind == 1:
+      lines.append(json.dumps({"image": f"{i}.png", "original_fx": float(rng.uniform(200, 3000)),
+                               "canonical_fx": float(rng.choice([1000.0, 517.5])),
+                               "original_rgb_size": [int(rng.integers(50, 4000)), int(rng.integers(50, 4000))]}))
+    elif kind == 2:
+      lines.append(json.dumps({"image": f"{i}.png", "original_fx": 700.0}))  # sized from its header
+    elif kind == 3:
+      lines.append(json.dumps({"image": f"{i}.png"}))  # nothing: header-sized only without depth
+    else:
+      lines.append("{not json" if i % 10 == 4 else json.dumps({"image": 3}))  # bad lines
+  (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n\n")
+  source = pipeline.SourceSpec(str(tmp_path / "a.jsonl"), str(tmp_path), str(tmp_path), dataset, with_depth)
+  records, bad = pipeline.load_records(source)
+  valid = [i for i in range(200) if i % 5 != 4]
+  assert len(records) == len(valid) and len(bad) == 40
+  want = np.full((200, 2), sizes.BAD, np.int32)
+  want[valid] = sizes.compute_sizes(source, records)
+  table, fields = rgbd.scan_jsonl(source.jsonl)
+  np.testing.assert_array_equal(sizes.sizes_from_fields(source, fields), want)
+  for shard in ((0, 3), (2, 3)):
+    _, part = rgbd.scan_jsonl(source.jsonl, shard)
+    np.testing.assert_array_equal(sizes.sizes_from_fields(source, part), want[shard[0]::shard[1]])
+  assert len(table) == 200 and table[valid[-1]] == records[-1] and table[-2] == records[-1]
+  with pytest.raises(rgbd.RecordError, match=r"a.jsonl:5: invalid JSON"):
+    table[4]
+
+
+def test_annotation_file_reads_each_record_where_it_is(tmp_path):
+  """Indexing reads and parses one line (also after pickling, as a loader worker does); the
+  training streams get a bad line as a skipped bad_record."""
+  import pickle
+  (tmp_path / "a.jsonl").write_text('{"image": "a.png"}\n\n  \n{"image": "b.png", "prompt": "é"}\r\n{"image": 1}\n')
+  table, _ = rgbd.scan_jsonl(tmp_path / "a.jsonl", parse=False)
+  assert len(table) == 3 and table.lines.tolist() == [1, 4, 5]
+  again = pickle.loads(pickle.dumps(table))
+  for t in (table, again):
+    assert (t[0].image, t[1].image, t[1].prompt) == ("a.png", "b.png", "é")
+    assert t[1].source == f"{tmp_path / 'a.jsonl'}:4"
+  source = pipeline.SourceSpec(str(tmp_path / "a.jsonl"), str(tmp_path), str(tmp_path), with_depth=False)
+  records, hw = pipeline.source_sizes(source)
+  assert hw.tolist() == [[-1, -1], [-1, -1], [sizes.BAD, sizes.BAD]]
+  skipped = records[2]
+  assert skipped.reason == "bad_record" and "a.jsonl:5: field 'image' must be a string" in skipped.detail
+  assert pipeline.count_records(source) == 3

@@ -14,6 +14,7 @@ from depthvlm_jax.evaluation.loading import param_shardings
 from depthvlm_jax.evaluation.metrics import best_constant_delta1
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, random_params
+from depthvlm_jax.processing import depth_codes
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
 from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.train import depth_eval
@@ -64,7 +65,7 @@ def _evaluate(setup, mesh, per_device_batch, calls=1, names=("test",)):
 def _gt_maps(setup):
   model, _, sources, tok, proc = setup
   prepare = pipeline.PrepareExample(sources["test"], SPEC, model.config, tok, proc)
-  return [prepare(r)["depth"] for r in pipeline.load_records(sources["test"])[0]]
+  return [depth_codes.batch_depth(prepare(r)) for r in pipeline.load_records(sources["test"])[0]]
 
 
 @pytest.fixture(scope="module")

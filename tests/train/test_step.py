@@ -200,3 +200,36 @@ def test_uint8_pixels_give_the_same_losses_as_host_patches(setup):
     assert float(t_host[k]) == float(t_dev[k]), k
   for a, b in zip(jax.tree.leaves(g_host), jax.tree.leaves(g_dev)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_depth_codes_give_the_same_losses_as_float_depth(setup):
+  """A batch whose depth is uint16 codes with a unit per example (decoded inside the step) and the
+  same batch with the host's float32 decoding of those codes give identical loss terms, gradients
+  and supervised-image counts."""
+  from depthvlm_jax.processing import depth_codes
+  from depthvlm_jax.train.step import supervised_depth_images
+  config, model, params = setup
+  batch = make_batch(config, seed=6)
+  rng = np.random.default_rng(6)
+  codes = rng.integers(1, 65536, batch["depth"].shape).astype(np.uint16)
+  codes[:, :10] = 0  # invalid pixels
+  codes[2] = 0  # an image without a valid pixel
+  units = np.asarray([1 / 1000, 1 / (256 * 0.987), 1 / 5000, 80 / 65535], np.float32)
+  coded = dict(batch, depth=codes, depth_unit=units)
+  floats = dict(batch, depth=depth_codes.decode(codes, units))
+  assert floats["depth"].dtype == np.float32
+
+  def terms(p, b):
+    out = loss_terms(model, p, b, (2, 3), with_lm=False)
+    return out["depth_sum"], out
+
+  grad = jax.jit(jax.grad(terms, has_aux=True))
+  g_float, t_float = grad(params, floats)
+  g_code, t_code = grad(params, coded)
+  assert float(t_code["depth_count"]) == 2  # images 0 and 1 (2: no valid pixel, 3: no depth)
+  for k in t_float:
+    assert float(t_float[k]) == float(t_code[k]), k
+  for a, b in zip(jax.tree.leaves(g_float), jax.tree.leaves(g_code)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(jax.jit(depth_codes.batch_depth)(coded), floats["depth"])
+  np.testing.assert_array_equal(supervised_depth_images(coded, (2, 3)), supervised_depth_images(floats, (2, 3)))
