@@ -1,54 +1,60 @@
 """The train step as the paper presets compile it for an accelerator equals the plain one-device step.
 
-The step tests elsewhere run the unscanned float32 model without a mesh: the program XLA:CPU gets.
-Here one optimizer step of
-  (a) the reference: unscanned float32 model, no rematerialisation, no mesh (one device), one
-      micro-batch, compiled for the CPU (`make_train_step(..., platform="cpu")` under `jax.jit`);
-  (b) the paper program: the paper preset's settings (`presets.get_config(stage, "paper_4b")`):
-      each tower's repeated blocks in one `lax.scan`, remat policy `nothing_saveable`, frozen towers
-      stored in bfloat16 (`model.frozen_dtype`), bfloat16 compute, two interleaved micro-batches
-      accumulated by `lax.scan`, parameters FSDP-sharded over an 8-device mesh made by the trainer's
-      own `config_checks.make_mesh`, jitted by the trainer's `model_state.jit_train_step`, traced for
-      a TPU (`target="tpu"`) and run on the 8 CPU devices,
-are compared on one batch from the input pipeline (synthetic RGB-D scenes with the fixed reply as
-LM labels, bucket 96x128). Both start from the same values: (b)'s frozen towers are the bfloat16
-rounding of random float32 weights, and (a) reads those rounded values in float32, so only the
-compute differs. A small backbone with dims divisible by 8 (every tower matrix is split over
-the 8 devices) and >= 2 blocks in each scanned run (vision blocks 2-3, decoder layers 3-4): tiny
-widths, vision DeepStack taps (0, 1, 3), 5 decoder layers, tied embeddings as the 4B.
+The other step tests run the unscanned float32 model without a mesh: the program XLA:CPU gets.
+Here one optimizer step of stage 2 (vision tower frozen; decoder, tied LM head and depth head
+trained on the depth and LM losses) is run as
+  (a) the reference: the unscanned float32 model, no rematerialisation, no mesh (one device), one
+      micro-batch, the CPU program (`make_train_step(..., platform="cpu")` under `jax.jit`);
+  (b) the paper program, from the paper_4b preset's stage-2 config: each tower's repeated blocks in
+      one `lax.scan`, remat policy `nothing_saveable`, the frozen tower stored in bfloat16
+      (`model.frozen_dtype`), two interleaved micro-batches accumulated by `lax.scan`, parameters
+      FSDP-sharded over the 8-device mesh of the trainer's `config_checks.make_mesh`, jitted by the
+      trainer's `model_state.jit_train_step` and traced for a TPU (`target="tpu"`), run on the 8
+      CPU devices; with the preset's bfloat16 compute, and once with float32 compute;
+on one batch of 16 from the input pipeline (synthetic RGB-D scenes, the fixed reply as LM labels,
+bucket 96x128). Both start from the same values: the frozen tower is the bfloat16 rounding of
+random float32 weights and (a) reads those rounded values in float32, so only the compute differs.
+The backbone is small, with every tower matrix split over the 8 devices (dims divisible by 8) and
+2 blocks in each scanned run (vision blocks 2-3 after DeepStack taps 0, 1; decoder layers 3-4
+after the 3 DeepStack layers), embeddings tied as in the 4B.
+
+Stage 1 runs a subset of this program (the frozen decoder's forward, the head's backward, no LM
+term) and passes as well (measured: worst leaf 2.7e-2 with bfloat16 compute); it is left out to
+keep the test under a minute.
 
 Switches decided by the compile target (`sharding.compile_target`) and what (b) runs:
-  * micro-batch loop (`make_train_step`): the accelerators' `lax.scan`, not the CPU's unrolled loop;
-  * 3x3 convolutions of the depth head (`depth_head.Conv2d`): autodiff's gradients, not the
-    XLA:CPU kernels of `cpu_kernels` (asserted: no op of (b) comes from that module, while (a) has some);
+  * micro-batch loop (`make_train_step`): the accelerators' `lax.scan`, not the CPU's unrolled loop
+    (asserted: while loops in (b), none in (a));
+  * 3x3 convolutions of the depth head (`depth_head.Conv2d`): autodiff's gradients, not the XLA:CPU
+    kernels of `cpu_kernels` (asserted from the source locations of the lowered programs: (a)
+    calls them, (b) does not);
   * bilinear resize (`resize._resize_axis`): the TPU form, a matmul with the interpolation matrix
-    (asserted from the lowered program's source locations);
+    (asserted likewise);
   * weight tie of one-device CPU programs (`layers.weight_as`): off (8 devices, TPU target);
-  * attention: the XLA form `layers._attention_xla`, as on accelerators (no query chunks, which are
-    CPU-only and for long sequences). The kernel "auto" picks for a TPU, Pallas splash, and the GPU's
-    cuDNN kernel do not run on CPU devices, so `model.attention_impl` is set to "xla"; their
-    agreement with the XLA form is tested on their own in tests/model/test_attention.py.
+  * attention: the XLA form (`layers._attention_xla`) as on accelerators, without the CPU's query
+    chunks. The kernels "auto" picks, Pallas splash on a TPU and cuDNN on a GPU, do not run on CPU
+    devices, so `model.attention_impl` is "xla"; their agreement with the XLA form is tested in
+    tests/model/test_attention.py.
 
-Gradients: the optimizer is SGD with momentum 0.9 and learning rate 1: after the first step the
-momentum holds the step's accumulated float32 gradient exactly (sharded like its parameter, as
-AdamW's moments are) and the new parameters are the old ones minus it. Adam's first update would
-keep only the gradient's signs.
+Gradients: the optimizer is SGD with momentum 0.9 and learning rate 1. After the first step the
+momentum is the step's accumulated float32 gradient, exactly (and sharded like its parameter, as
+AdamW's moments are), and the new parameters are the old ones minus it. AdamW's first update would
+keep only the signs of the gradient.
 
-Tolerances (relative: per gradient leaf, the norm of the difference over the leaf's norm, and its
-largest element difference over the leaf's largest element), measured on this batch and set
-about 5x above the worst leaf:
-  * float32 compute (`compute="float32"`): what is left is float32 rounding in another order. Most
-    leaves agree to 1e-6; the worst, 1.5e-4 (norm), are the biases and kernels of the depth head's
-    second pyramid level: their gradient is a near-cancelling sum (SILog is nearly invariant to a
-    common scale of the map), small against its terms. The plain step moves them by the same
-    amounts when it accumulates the same batch as 2 micro-batches instead of 1. Tolerance 1e-3
-    per leaf, and 1e-5 on the loss (measured: 1e-7).
-  * bfloat16 compute (the paper's): bfloat16 keeps 8 significant bits (rounding error up to
-    2^-9 = 2e-3 per op); a gradient leaf passes some ten roundings forward and backward, so errors
-    of sqrt(10) * 2e-3 ~ 1e-2 are expected. Measured up to 2.7e-2 per leaf (norm) and 4.4e-2 (largest
-    element); tolerance 0.15. The loss, an average over 16 depth maps and 208 reply tokens,
-    averages its rounding out: measured 1.7e-5; tolerance 1e-4. The gradient norm: measured 1.6e-3,
-    tolerance 1e-2.
+Tolerances, relative: per gradient leaf the norm of the difference over the leaf's norm, and the
+largest element difference over the leaf's largest element. Measured on this batch, set about 5x
+above the worst:
+  * float32 compute: float32 rounding in another order is all that differs. Most leaves agree to
+    1e-6; the worst, 1.5e-4 (norm) and 2.2e-4 (element), are kernels and biases of the depth head's
+    second pyramid level, whose gradient is a near-cancelling sum (SILog hardly changes under a
+    common scale of the map) small against its terms: the plain step itself moves them by the same
+    amounts when it takes the batch as 2 micro-batches instead of 1. Tolerance 1e-3 per leaf; loss
+    terms 1e-6 (measured 1.6e-7); gradient norm 1e-6 (measured < 1e-7).
+  * bfloat16 compute (the preset's): a bfloat16 rounding errs by up to 2^-8 = 3.9e-3 (8 significant
+    bits), and a gradient leaf goes through some ten of them forward and backward: about
+    sqrt(10) * 3.9e-3 = 1.2e-2 expected. Measured: 2.7e-2 (norm) and 4.5e-2 (element); tolerances
+    0.15 and 0.2. The loss terms average their rounding over 16 maps and 208 reply tokens:
+    measured 3.7e-5 (depth), tolerance 2e-4. Gradient norm: measured 1.6e-3, tolerance 1e-2.
 """
 
 from __future__ import annotations
@@ -83,8 +89,8 @@ GLOBAL_BATCH = 16  # 2 micro-batches of one row per device
 MICRO_BATCHES = 2
 OPTIMIZER = optax.sgd(1.0, momentum=0.9)  # see the module docstring
 
-# (loss, gradient norm, per-leaf norm, per-leaf largest element): relative tolerances, see the docstring
-TOLERANCES = {"float32": (1e-5, 1e-5, 1e-3, 1e-3), "bfloat16": (1e-4, 1e-2, 0.15, 0.15)}
+# (loss terms, gradient norm, per-leaf norm, per-leaf largest element): relative tolerances (module docstring)
+TOLERANCES = {"float32": (1e-6, 1e-6, 1e-3, 1e-3), "bfloat16": (2e-4, 1e-2, 0.15, 0.2)}
 
 
 def backbone() -> Qwen3VLConfig:
@@ -106,7 +112,7 @@ def paper_config(stage: int, compute_dtype: str = "bfloat16"):
   c.data.seq_len = 128
   c.train.global_batch = GLOBAL_BATCH
   c.train.micro_batches = MICRO_BATCHES
-  c.train.per_device_rows = "0"
+  c.train.per_device_rows = "0"  # the preset's "auto" sizes the batch by compiling; here it is given
   return c
 
 
@@ -161,6 +167,7 @@ def reference_step(stage: int, batch) -> Step:
   step = jax.jit(make_train_step(model, OPTIMIZER, DEPTH_GRID, 1, c.train.depth_loss_weight, with_lm=stage == 2,
                                  lm_positions=c.train.lm_positions, platform="cpu",
                                  processor=model_state.train_processor(c, model)))
+  # the very arrays (b) gets, assembled as the trainer does, then taken to the host
   host_batch = jax.device_get(to_global(batch, mesh, distributed.data_shard(mesh, GLOBAL_BATCH)))
   state = initial_state(trainable, OPTIMIZER.init(trainable))
   lowered = step.trace(state, frozen, host_batch).lower()
@@ -220,7 +227,7 @@ def relative_errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
           float(np.abs(diff).max() / scale_max) if scale_max else float(np.abs(diff).max()))
 
 
-@pytest.mark.parametrize("stage,compute_dtype", [(1, "bfloat16"), (2, "bfloat16"), (2, "float32")])
+@pytest.mark.parametrize("stage,compute_dtype", [(2, "bfloat16"), (2, "float32")])
 def test_paper_step_on_mesh_equals_plain_step(loader_batch, reference, stage, compute_dtype):
   want = reference(stage, loader_batch)
   got, before, after, frozen = paper_step(stage, compute_dtype, loader_batch)
@@ -233,8 +240,9 @@ def test_paper_step_on_mesh_equals_plain_step(loader_batch, reference, stage, co
   towers = {p: x for p, x in leaves.items() if p[1] in ("visual", "language_model") and x.ndim >= 2}
   assert towers and all(x.sharding.shard_shape(x.shape) != x.shape for x in towers.values()), \
       [p for p, x in towers.items() if x.sharding.shard_shape(x.shape) == x.shape]
-  if stage == 2:  # trainable towers: their momentum is sharded as they are
-    assert any(p[1] == "language_model" for p in towers if p[0] == "trainable")
+  assert any(p[0] == "trainable" for p in towers) == (stage == 2)  # stage 2 trains the decoder
+  momentum = flatten_dict(after["opt_state"][0].trace)  # sharded as its parameter (FSDP optimizer state)
+  assert all(momentum[p].sharding == x.sharding for p, x in flatten_dict(after["params"]).items())
   assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, after)) == jax.tree.leaves(before)
   assert {x.dtype for p, x in leaves.items() if p[0] == "frozen"} == {jnp.dtype(jnp.bfloat16)}
 
@@ -266,9 +274,11 @@ def test_paper_step_on_mesh_equals_plain_step(loader_batch, reference, stage, co
     assert err[0] <= tol_leaf and err[1] <= tol_leaf_max, ("/".join(path), err)
   by_norm = max(worst, key=lambda p: worst[p][0])
   by_max = max(worst, key=lambda p: worst[p][1])
-  print(f"stage {stage} {compute_dtype}: {len(worst)} gradient leaves; loss {want.metrics['loss']:.6f} vs "
-        f"{got.metrics['loss']:.6f}; grad norm {want.metrics['grad_norm']:.6f} vs {got.metrics['grad_norm']:.6f}; "
-        f"worst leaf {'/'.join(by_norm)} {worst[by_norm][0]:.2e} (norm), {'/'.join(by_max)} {worst[by_max][1]:.2e} (max)")
+  rel = {k: abs(got.metrics[k] - want.metrics[k]) / (abs(want.metrics[k]) or 1)
+         for k in ("loss", "depth_loss", "lm_loss", "grad_norm")}
+  print(f"stage {stage} {compute_dtype}: relative errors {', '.join(f'{k} {v:.1e}' for k, v in rel.items())}; "
+        f"worst of {len(worst)} gradient leaves: {'/'.join(by_norm)} {worst[by_norm][0]:.2e} (norm), "
+        f"{'/'.join(by_max)} {worst[by_max][1]:.2e} (largest element)")
 
   # SGD, learning rate 1: each step's new parameters are its start values minus its own gradient
   # (exactly), so they agree as the gradients do
