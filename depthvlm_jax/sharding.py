@@ -144,14 +144,24 @@ def activation_sharding(mesh: Mesh, *names: str | None, shape: Sequence[int] | N
   return NamedSharding(mesh, activation_spec(mesh, *names, shape=shape, rules=rules))
 
 
-def in_mesh(fn, mesh: Mesh):
+def in_mesh(fn, mesh: Mesh, platform: str | None = None):
   """`fn` traced with `mesh` as JAX's context mesh (wrap it before `jax.jit`): the model's activation
   constraints (`constrain`) apply on that mesh, model code sees the compile target
   (`compile_target`: a TPU slice compiled from a CPU host is TPU) and the fused attention
-  kernels are laid out over the mesh's axes (`layers.splash_attention`)."""
+  kernels are laid out over the mesh's axes (`layers.splash_attention`).
+
+  platform: the compile target model code sees instead of the platform of the mesh's devices
+  ("tpu", "gpu"); the program still runs on those devices. None (every run) = the devices'. Lets
+  the CPU test suite run the program an accelerator compiles, with its kernel choices.
+  """
+  abstract = mesh.abstract_mesh
+  if platform is not None:
+    abstract = abstract.update(abstract_device=jax.sharding.AbstractDevice(
+        device_kind=platform, num_cores=None, platform=platform))
+
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with jax.sharding.use_abstract_mesh(abstract):
       return fn(*args, **kwargs)
   return traced
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from depthvlm_jax.model import hf_params
 from depthvlm_jax.model.cpu_kernels import conv3x3, conv3x3_of_resized, conv_same
-from depthvlm_jax.model.layers import Dense, LayerNorm, abstract_params, compile_target, logical_init
+from depthvlm_jax.model.layers import Dense, LayerNorm, abstract_params, add_bias, compile_target, logical_init
 from depthvlm_jax.model.resize import resize_bilinear_align_corners
 
 Dtype = Any
@@ -87,7 +87,7 @@ class Conv2d(nn.Module):
           conv3x3(x, kernel) if k == 3 and target in FLAT_KERNEL_GRAD_PLATFORMS else conv_same(x, kernel))
     if self.use_bias:
       bias = self.param("bias", logical_init(_bias_init, ("conv_out",)), (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias, self.dtype)
     return y
 
 
@@ -113,7 +113,7 @@ class PatchConvTranspose(nn.Module):
     bias = self.param("bias", logical_init(_bias_init, ("conv_out",)), (self.features,), self.param_dtype)
     b, h, w, _ = x.shape
     y = jnp.einsum("bijc,pqco->bipjqo", x.astype(self.dtype), kernel)
-    return y.reshape(b, h * s, w * s, self.features) + bias.astype(self.dtype)
+    return add_bias(y.reshape(b, h * s, w * s, self.features), bias, self.dtype)
 
 
 class ResidualConvUnit(nn.Module):

@@ -53,6 +53,28 @@ def weight_as(x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
   return weight.astype(dtype)
 
 
+def _widened(v: jax.Array, dtype) -> jax.Array:
+  """`v` rounded to `dtype`, then in float32 (exactly: float32 holds every bfloat16 and float16 value)."""
+  return v.astype(dtype).astype(jnp.float32)
+
+
+# A per-channel parameter broadcast over the positions of a `dtype` activation (a bias, a norm scale)
+# gets as gradient the output gradient summed over those positions. Autodiff sums in the dtype of the
+# broadcast value: in bfloat16 a sum of many terms stalls once the running total outgrows them (8
+# significant bits), e.g. a DPT output conv's bias over a 96x128 map of 8 images lost half of its
+# gradient. The two ops below therefore combine in float32 the values rounded to `dtype` (the forward
+# result is that of the `dtype` op, rounded once) and the gradient sums in float32.
+def add_bias(y: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+  """`y + bias` in `dtype`, its bias gradient summed in float32 (see above)."""
+  return (_widened(y, dtype) + _widened(bias, dtype)).astype(dtype)
+
+
+def scale_by(weight: jax.Array, x: jax.Array, dtype) -> jax.Array:
+  """`weight * x` in `dtype` (the product of two `dtype` values is exact in float32), its weight
+  gradient summed in float32 (see above)."""
+  return (_widened(weight, dtype) * _widened(x, dtype)).astype(dtype)
+
+
 class Dense(nn.Module):
   """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear."""
 
@@ -71,7 +93,7 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias, self.dtype)
     return y
 
 
@@ -111,7 +133,7 @@ class RMSNorm(nn.Module):
                         (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
-    return weight.astype(self.dtype) * normed.astype(self.dtype)
+    return scale_by(weight, normed, self.dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -113,19 +113,23 @@ def train_processor(config, model: DepthVLM) -> ImageProcessorConfig:
   return processor_for(model.config.vision, base)
 
 
-def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int]):
+def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int],
+                   target: str | None = None):
   """The jitted, donated train step the trainer runs (and `depthvlm_jax.aot` compiles for a slice).
 
   Fixed state shardings in and out: step 2 reuses step 1's program instead of compiling again. The
-  compile target is the platform of the mesh's devices (a TPU slice compiled from a CPU host is TPU).
+  compile target is the platform of the mesh's devices (a TPU slice compiled from a CPU host is TPU),
+  or `target` ("tpu", "gpu") when given: the program that platform gets (kernels, micro-batch
+  loop), run on the mesh's own devices; the tests run the accelerators' step on CPU devices so.
   """
+  platform = target or mesh.devices.flat[0].platform
   step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
                             config.train.depth_loss_weight, with_lm=config.stage == 2,
-                            lm_positions=config.train.lm_positions, platform=mesh.devices.flat[0].platform,
+                            lm_positions=config.train.lm_positions, platform=platform,
                             processor=train_processor(config, model))
   # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
   # stay resident in HBM, so the compiled argument bytes are what the devices hold.
   # Traced under the mesh: the model's activation constraints keep every row on its batch shard, the
   # model sees its platform (`sharding.compile_target`) and lays the fused attention kernels out over its axes.
-  return jax.jit(sharding.in_mesh(step_fn, mesh), donate_argnums=(0,), keep_unused=True,
+  return jax.jit(sharding.in_mesh(step_fn, mesh, target), donate_argnums=(0,), keep_unused=True,
                  out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
