@@ -8,7 +8,8 @@
     freshly initialised (untrained) head: text answers work, depth is random (`head_trained=False`);
   * a training workdir (`config.json` of the ml_collections config + `checkpoints/`) ->
     `model_from_config.build_model(config)` and `checkpoints.restore_params(workdir, like)`, read straight onto
-    the devices in the requested dtype.
+    the devices in the requested dtype; a LoRA run's adapters are merged into the kernels
+    (`lora.merge_adapters`) and the plain model returned.
 The tokenizer comes from the directory (or the run's `model.hf_dir`) when it has one, else the
 embedded default; the image-processor settings likewise.
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from depthvlm_jax import sharding
-from depthvlm_jax.model import hf_checkpoint, hub
+from depthvlm_jax.model import hf_checkpoint, hub, lora
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.layers import abstract_params
@@ -113,6 +114,9 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), like)
     trainable, frozen = checkpoints.restore_params(p, like)
     params = freeze.merge_params(trainable, frozen)
+    if model_from_config.lora_rank(config) > 0:  # LoRA adapters folded into the kernels: the plain model
+      params = lora.merge_adapters(params, model_from_config.lora_rank(config), config.train.lora_alpha)
+      model = model_from_config.build_model(config, adapters=False)
     tokenizer, processor = _tokenizer_and_processor(config.model.hf_dir or None)
     return LoadedModel(model, params, tokenizer, processor, "workdir", True, str(p))
   if not (p / "config.json").exists():
