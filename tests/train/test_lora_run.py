@@ -165,3 +165,22 @@ def test_lora_export_loads_in_pytorch_and_matches_the_adapted_model(runs, tmp_pa
   params = freeze.merge_params(*checkpoints.restore_params(ref))
   assert any(lora.is_adapter(k) for k in flatten(params))
   _compare(model.config, model, params, torch_model)
+
+
+def test_resume_refuses_a_changed_lora_setting(tmp_path):
+  """The adapters shape the parameter and optimizer trees: a resume may not change them. A run recorded
+  before the LoRA settings existed counts as rank 0."""
+  from depthvlm_jax.model.config import ConfigError
+  from depthvlm_jax.train import run_record
+
+  full = _config(stage2)
+  old = json.loads(full.to_json_best_effort())
+  for k in ("lora_rank", "lora_alpha", "lora_targets"):
+    del old["train"][k]
+  assert run_record.check_resume_config(old, full, tmp_path) == []
+  with pytest.raises(ConfigError, match=r"changed: train.lora_rank: 0 -> 4\b"):
+    run_record.check_resume_config(old, _config(stage2, **{"train.lora_rank": 4}), tmp_path)
+  recorded = json.loads(_config(stage2, **{"train.lora_rank": 4}).to_json_best_effort())
+  with pytest.raises(ConfigError, match=r"changed: train.lora_alpha: 16.0 -> 32.0"):
+    run_record.check_resume_config(recorded, _config(stage2, **{"train.lora_rank": 4, "train.lora_alpha": 32.0}),
+                                   tmp_path)
