@@ -29,6 +29,7 @@ from etils import epath
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model import hf_checkpoint, hub, lora
+from depthvlm_jax.model import quantize as quantization
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.layers import abstract_params
@@ -83,7 +84,8 @@ def param_shardings(model: DepthVLM, mesh) -> Any:
   return sharding.logical_shardings(boxed, mesh)
 
 
-def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int = 0) -> LoadedModel:
+def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int = 0,
+               quantize: str = "none") -> LoadedModel:
   """Loads a DepthVLM/Qwen3-VL HF directory or a training workdir (see the module docstring).
 
   Args:
@@ -91,7 +93,17 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     dtype: the parameters' dtype (each array is converted as it is read).
     mesh: optional `jax.sharding.Mesh`; parameters are placed with the logical sharding rules.
     seed: seed of the random depth head given to a plain Qwen3-VL directory.
+    quantize: "none", or "int8": the backbone's linear layers with int8 weights
+      (`model.quantize.int8_model`; activations and the depth head stay in `dtype`).
   """
+  if quantize not in quantization.MODES:
+    raise ModelLoadError(f"quantize={quantize!r}: expected one of {quantization.MODES}")
+  loaded = _load(path, dtype, mesh, seed)
+  model, params = quantization.quantized(loaded.model, loaded.params, quantize)
+  return dataclasses.replace(loaded, model=model, params=params)
+
+
+def _load(path, dtype, mesh, seed: int) -> LoadedModel:
   # a training workdir may be on an object store (gs://...); a hub id resolves to its snapshot folder
   p = epath.Path(path if "://" in str(path) else hub.resolve_model_dir(path))
   if not p.is_dir():

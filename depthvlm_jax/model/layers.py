@@ -71,7 +71,9 @@ class Dense(nn.Module):
     kernel = self.param("kernel", logical_init(default_kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jax.lax.dot_general(x, weight_as(x, kernel, self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    # qwix's int8 weights (a quantized array it dequantizes in the product) go to the product as read
+    w = weight_as(x, kernel, self.dtype) if isinstance(kernel, jax.Array) else kernel
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
     y = y.astype(self.dtype)  # a LoRA term in the adapters' dtype (float32) would promote y
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
