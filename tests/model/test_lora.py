@@ -56,6 +56,7 @@ def test_adapters_on_the_llm_projections_only():
   assert {k: v for k, v in flat.items() if not lora.is_adapter(k)} == plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_merged_forward_equals_adapted_forward(scan):
   """Random adapters (B nonzero): the adapted model's logits and depth equal the plain model's on the
@@ -76,6 +77,7 @@ def test_merged_forward_equals_adapted_forward(scan):
   assert np.abs(np.asarray(got.logits) - np.asarray(without.logits)).max() > 1e-2  # the adapters do act
 
 
+@pytest.mark.slow
 def test_scanned_adapted_model_equals_unrolled_with_gradients():
   """The scanned loop body applies the adapters of each layer (it sees the first looped layer's path)."""
   config = _config()
@@ -99,6 +101,7 @@ def test_scanned_adapted_model_equals_unrolled_with_gradients():
     np.testing.assert_allclose(np.asarray(f1[k]), np.asarray(f0[k]), rtol=1e-4, atol=1e-7, err_msg=str(k))
 
 
+@pytest.mark.slow
 def test_fresh_adapters_leave_the_model_unchanged():
   """`init_adapters` (A He-uniform, B zero, as qwix initialises them) on loaded weights: the adapted
   forward equals the plain one exactly."""

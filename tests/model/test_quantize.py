@@ -41,6 +41,7 @@ def test_backbone_kernels_are_int8(models):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_int8_outputs_close_to_float(models):
   config, model, params, qmodel, qparams = models
   batch = _batch(config)
@@ -55,6 +56,7 @@ def test_int8_outputs_close_to_float(models):
   assert (lq.argmax(-1) == lf.argmax(-1))[real].mean() >= 0.85
 
 
+@pytest.mark.slow
 def test_int8_generation_with_kv_cache(models):
   """Prefill and cached decoding (what `predict` runs) work on the int8 model."""
   config, model, params, qmodel, qparams = models
