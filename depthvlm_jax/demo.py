@@ -344,6 +344,8 @@ flags.DEFINE_string("model", None, "HF-layout DepthVLM/Qwen3-VL directory, hub i
 flags.DEFINE_string("host", "127.0.0.1", "address to serve on (0.0.0.0: every interface)", flag_values=FLAGS)
 flags.DEFINE_integer("port", 7860, "port to serve on", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the backbone's linear layers with int8 "
+                  "weights (weight-only; activations and the depth head in --dtype)", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "folder for the request files (default: a new temporary folder, deleted when the "
                     "demo stops)", flag_values=FLAGS)
 flags.DEFINE_bool("share", False, "also serve on a public gradio.live link (Gradio's share)", flag_values=FLAGS)
@@ -369,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     model_path, note = choose_model(args.model, out_root)
     print(f"loading {model_path}", flush=True)
-    predictor = Predictor(load_model(model_path, dtype=getattr(jnp, args.dtype)), out_root)
+    predictor = Predictor(load_model(model_path, dtype=getattr(jnp, args.dtype), quantize=args.quantize), out_root)
     app = build_app(predictor, note, write_examples(out_root / "examples"))
     app.queue(default_concurrency_limit=1, max_size=32)
     print(f"serving on http://{args.host}:{args.port}" + ("" if args.share else " (--share also makes a public "

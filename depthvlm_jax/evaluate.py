@@ -85,6 +85,8 @@ flags.DEFINE_integer("limit", None, "first N records of each file", flag_values=
 flags.DEFINE_integer("workers", 4, "threads that read images", flag_values=FLAGS)
 flags.DEFINE_string("mesh", "data=-1", "mesh axes, e.g. data=-1 or data=2,fsdp=4", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the backbone's linear layers with int8 "
+                  "weights (weight-only; activations and the depth head in --dtype)", flag_values=FLAGS)
 flags.DEFINE_integer("verbosity", 0, "1: print the traceback of an error too, and library logs", flag_values=FLAGS)
 flags.DEFINE_string("datasets_conf", None, "the authors' eval_datasets.conf (NAME_JSONL, NAME_IMAGE, NAME_DEPTH, "
                     "NAME_SAMPLES shell variables; read, not run)", flag_values=FLAGS)
@@ -133,7 +135,7 @@ def _evaluate(args) -> dict[str, Any]:
     from depthvlm_jax import sharding
     from depthvlm_jax.evaluation.loading import load_model
     mesh = sharding.make_mesh({k: int(v) for k, v in (p.split("=") for p in args.mesh.split(","))})
-    loaded = load_model(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
+    loaded = load_model(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, quantize=args.quantize)
     batch_size = args.batch_size if args.per_device_batch is None else \
         args.per_device_batch * sharding.batch_shards(mesh)
     predictor = ModelPredictor(loaded, batch_size, mesh)

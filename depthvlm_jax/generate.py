@@ -75,7 +75,7 @@ def prefill(model: Qwen3VL, params: Any, input_ids, attention_mask, position_ids
   depth_kw = {} if depth_grid is None else dict(depth_grid=depth_grid, depth_output_size=depth_output_size)
   out = model.apply(variables, input_ids, position_ids, key_valid, pixel_values, image_grid_hw,
                     cache=cache, cache_index=0, compute_logits=False, images_per_row=images_per_row, **depth_kw)
-  last_logits = model.apply(variables, out.hidden_states[:, -1:], method=Qwen3VL.logits)[:, 0]
+  last_logits = model.apply(variables, out.hidden_states[:, -1:], method="logits")[:, 0]
   return out, key_valid, last_logits
 
 

@@ -345,6 +345,8 @@ flags.DEFINE_float("fx", None, "focal length in pixels (default: 60° horizontal
 flags.DEFINE_string("prompt", None, "user prompt (default: the DepthVLM depth prompt)", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 64, "length of the greedy answer", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype", flag_values=FLAGS)
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the backbone's linear layers with int8 "
+                  "weights (weight-only; activations and the depth head in --dtype)", flag_values=FLAGS)
 flags.DEFINE_enum("preprocess", "direct", PREPROCESSING, "official: resize as the authors' evaluation does "
                   "(28-then-32 multiples)", flag_values=FLAGS)
 flags.DEFINE_float("max_megapixels", MAX_MEGAPIXELS, f"refuse larger images (default {MAX_MEGAPIXELS:g}; host memory "
@@ -371,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from depthvlm_jax.evaluation.loading import load_model
     images = list_images(args.image, args.fx)
     cli.check_output_dir(args.out, "--out")
-    loaded = load_model(args.model, dtype=getattr(jnp, args.dtype))
+    loaded = load_model(args.model, dtype=getattr(jnp, args.dtype), quantize=args.quantize)
     rows = predict_many(loaded, images, args.out, args.prompt, args.max_new_tokens, preprocessing=args.preprocess,
                         max_megapixels=args.max_megapixels, min_side=args.min_side)
   failed = [r for r in rows if "error" in r]

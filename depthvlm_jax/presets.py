@@ -233,6 +233,13 @@ def base_config(preset):
   c.train.seed = 0
   c.train.max_nonfinite_steps = 5  # consecutive skipped updates before the run stops
   c.train.trainable = []  # [(regex over param path, trainable?)], first match wins
+  # LoRA (`depthvlm_jax/model/lora.py`): rank 0 = full fine-tuning (the paper's recipe). With a rank
+  # > 0 every linear layer whose module path `lora_targets` matches in full gets adapters A (in, rank)
+  # and B (rank, out), added as alpha / rank * x A B; the LLM's own weights (language_model, lm_head)
+  # are then frozen and the adapters train, with whatever else `trainable` trains (the depth head).
+  c.train.lora_rank = 0
+  c.train.lora_alpha = 16.0
+  c.train.lora_targets = r"language_model/layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
   # LM head only on the first N supervised positions of each row (0 = every position). With the
   # 151936-token vocabulary, full logits would dominate a tiny model's step; a batch with a longer
   # reply is refused with an error naming this setting.

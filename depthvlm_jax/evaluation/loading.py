@@ -8,7 +8,8 @@
     freshly initialised (untrained) head: text answers work, depth is random (`head_trained=False`);
   * a training workdir (`config.json` of the ml_collections config + `checkpoints/`) ->
     `model_from_config.build_model(config)` and `checkpoints.restore_params(workdir, like)`, read straight onto
-    the devices in the requested dtype.
+    the devices in the requested dtype; a LoRA run's adapters are merged into the kernels
+    (`lora.merge_adapters`) and the plain model returned.
 The tokenizer comes from the directory (or the run's `model.hf_dir`) when it has one, else the
 embedded default; the image-processor settings likewise.
 """
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 from etils import epath
 
 from depthvlm_jax import sharding
-from depthvlm_jax.model import hf_checkpoint, hub
+from depthvlm_jax.model import hf_checkpoint, hub, lora
+from depthvlm_jax.model import quantize as quantization
 from depthvlm_jax.model.config import Qwen3VLConfig
 from depthvlm_jax.model.depthvlm import DepthHeadConfig, DepthVLM, depthvlm_dummy_inputs
 from depthvlm_jax.model.layers import abstract_params
@@ -82,7 +84,8 @@ def param_shardings(model: DepthVLM, mesh) -> Any:
   return sharding.logical_shardings(boxed, mesh)
 
 
-def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int = 0) -> LoadedModel:
+def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int = 0,
+               quantize: str = "none") -> LoadedModel:
   """Loads a DepthVLM/Qwen3-VL HF directory or a training workdir (see the module docstring).
 
   Args:
@@ -90,7 +93,17 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     dtype: the parameters' dtype (each array is converted as it is read).
     mesh: optional `jax.sharding.Mesh`; parameters are placed with the logical sharding rules.
     seed: seed of the random depth head given to a plain Qwen3-VL directory.
+    quantize: "none", or "int8": the backbone's linear layers with int8 weights
+      (`model.quantize.int8_model`; activations and the depth head stay in `dtype`).
   """
+  if quantize not in quantization.MODES:
+    raise ModelLoadError(f"quantize={quantize!r}: expected one of {quantization.MODES}")
+  loaded = _load(path, dtype, mesh, seed)
+  model, params = quantization.quantized(loaded.model, loaded.params, quantize)
+  return dataclasses.replace(loaded, model=model, params=params)
+
+
+def _load(path, dtype, mesh, seed: int) -> LoadedModel:
   # a training workdir may be on an object store (gs://...); a hub id resolves to its snapshot folder
   p = epath.Path(path if "://" in str(path) else hub.resolve_model_dir(path))
   if not p.is_dir():
@@ -113,6 +126,9 @@ def load_model(path: str | pathlib.Path, dtype=jnp.float32, mesh=None, seed: int
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), like)
     trainable, frozen = checkpoints.restore_params(p, like)
     params = freeze.merge_params(trainable, frozen)
+    if model_from_config.lora_rank(config) > 0:  # LoRA adapters folded into the kernels: the plain model
+      params = lora.merge_adapters(params, model_from_config.lora_rank(config), config.train.lora_alpha)
+      model = model_from_config.build_model(config, adapters=False)
     tokenizer, processor = _tokenizer_and_processor(config.model.hf_dir or None)
     return LoadedModel(model, params, tokenizer, processor, "workdir", True, str(p))
   if not (p / "config.json").exists():

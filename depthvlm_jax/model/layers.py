@@ -76,7 +76,11 @@ def scale_by(weight: jax.Array, x: jax.Array, dtype) -> jax.Array:
 
 
 class Dense(nn.Module):
-  """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear."""
+  """`y = x @ kernel (+ bias)` with logical axes; kernel (in, out) = the transpose of torch Linear.
+
+  The product is a plain `jax.lax.dot_general` on the kernel as read from the module's parameters,
+  which is the call `qwix` intercepts to add LoRA adapters or quantize the kernel (`model/lora.py`).
+  """
 
   features: int
   axes: tuple[str | None, str | None]
@@ -89,7 +93,10 @@ class Dense(nn.Module):
     kernel = self.param("kernel", logical_init(default_kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.einsum("...i,io->...o", x, weight_as(x, kernel, self.dtype))
+    # qwix's int8 weights (a quantized array it dequantizes in the product) go to the product as read
+    w = weight_as(x, kernel, self.dtype) if isinstance(kernel, jax.Array) else kernel
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    y = y.astype(self.dtype)  # a LoRA term in the adapters' dtype (float32) would promote y
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros_init(), (self.axes[1],)),
                         (self.features,), self.param_dtype)
@@ -421,10 +428,21 @@ def run_blocks(parent: nn.Module, blocks: Sequence[nn.Module], template: nn.Modu
   tail = min(tail, len(blocks) - 1)
   looped, after = blocks[:len(blocks) - tail], blocks[len(blocks) - tail:]
   params = parent.variables["params"]
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[block.name] for block in looped])
+  trees = [params[block.name] for block in looped]
+  first = jax.tree.structure(trees[0])
+  for block, tree in zip(looped[1:], trees[1:]):
+    if jax.tree.structure(tree) != first:
+      raise ValueError(f"scanned blocks {looped[0].name} and {block.name} of {'/'.join(parent.path)} hold "
+                       "different parameters (LoRA adapters on some layers only?); adapt the same projections "
+                       "in every layer, or set model.scan_layers=False")
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+  # The loop body sees the module path of the first looped block, so code that selects modules by
+  # path (qwix's LoRA and quantization rules) treats every iteration as that block.
+  path = (*parent.path, looped[0].name)
 
   def body(h, block_params):
-    return template.apply({"params": block_params}, h, method=call), None
+    block = template.clone(parent=flax.core.Scope({"params": block_params}, path=path))
+    return call(block, h), None
 
   if remat:
     body = jax.checkpoint(body, policy=checkpoint_policy(remat_policy), prevent_cse=False)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 from etils import epath
+from flax.traverse_util import flatten_dict
 
 from depthvlm_jax import sharding
 from depthvlm_jax.model.config import ATTENTION_IMPLS, ConfigError
-from depthvlm_jax.model.depthvlm import DepthHeadConfig
+from depthvlm_jax.model import lora
+from depthvlm_jax.model.depthvlm import DepthHeadConfig, depthvlm_dummy_inputs
 from depthvlm_jax.model.hub import HubError, resolve_model_dir
-from depthvlm_jax.model.layers import checkpoint_policy, resolve_attention_impl
-from depthvlm_jax.runs.model_from_config import DTYPES
+from depthvlm_jax.model.layers import abstract_params, checkpoint_policy, resolve_attention_impl
+from depthvlm_jax.runs.model_from_config import DTYPES, build_model
 from depthvlm_jax.train import sizing
 from depthvlm_jax.train.data import depth_source_names
 
@@ -127,8 +131,52 @@ def validate_config(config) -> None:
     DepthHeadConfig(config.model.head_type, config.model.mlp_feature_mode)
   except ConfigError as e:
     errors.append(str(e))
+  errors += _lora_problems(config, model_known=not errors)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _lora_problems(config, model_known: bool) -> list[str]:
+  """Problems of the `train.lora_*` settings. With a rank > 0 and an otherwise valid config, the
+  model's parameter shapes are traced (`jax.eval_shape`, nothing allocated) to check that the
+  targets regex selects at least one linear layer, alike in every repeated block when they are
+  scanned, each with both dimensions larger than the rank."""
+  t = config.train
+  rank, alpha, targets = t.lora_rank, t.lora_alpha, t.lora_targets
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    return [f"train.lora_rank={rank!r}: expected an integer >= 0 (0 = full fine-tuning)"]
+  if rank == 0:
+    return []
+  out = []
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+    out.append(f"train.lora_alpha={alpha!r}: expected a positive number (the adapters' scale is alpha / rank)")
+  try:
+    re.compile(targets)
+  except (re.error, TypeError) as e:
+    return out + [f"train.lora_targets={targets!r}: not a regular expression ({e})"]
+  if not model_known:
+    return out
+  try:
+    model = build_model(config)
+    params = abstract_params(model, **depthvlm_dummy_inputs(model.config))
+  except Exception as e:  # noqa: BLE001  (what qwix or the model raise for an unusable target)
+    return out + [f"train.lora_targets={targets!r}: the model cannot carry these adapters "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+  adapted = lora.adapter_modules(params)
+  if not adapted:
+    linear = lora.linear_modules(params)
+    return out + [f"train.lora_targets={targets!r} matches no linear layer's module path (e.g. "
+                  f"{', '.join(linear[:2] + linear[-1:])})"]
+  uneven = lora.uneven_scanned_adapters(params)
+  if uneven and config.model.scan_layers:
+    out.append(f"train.lora_targets={targets!r} adapts the repeated blocks unevenly (e.g. {uneven[:3]}); "
+               "with model.scan_layers=True every layer needs the same adapters (or set model.scan_layers=False)")
+  flat = flatten_dict(params)
+  small = [m for m in adapted if min(flat[tuple(m.split("/")) + ("kernel",)].shape) <= rank]
+  if small:
+    out.append(f"train.lora_rank={rank} is not below both dimensions of {small[0]} "
+               f"{tuple(flat[tuple(small[0].split('/')) + ('kernel',)].shape)}: expected a lower rank")
+  return out
 
 
 def make_mesh(config) -> jax.sharding.Mesh:

@@ -14,6 +14,7 @@ from depthvlm_jax.model.config import ConfigError
 from depthvlm_jax.model.depthvlm import DepthVLM, depth_head_init, depthvlm_dummy_inputs
 from depthvlm_jax.model.hf_checkpoint import load_qwen3_vl
 from depthvlm_jax.model.hub import resolve_model_dir
+from depthvlm_jax.model import lora
 from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.runs.model_from_config import DTYPES, params_like
 from depthvlm_jax.train import distributed
@@ -37,7 +38,14 @@ def initial_params(config, model: DepthVLM, like, rng):
   * `model.hf_dir`: the Qwen3-VL backbone streamed from the safetensors files and a fresh depth head
     (only the head is initialised).
   * otherwise (tiny): the whole model at random.
+
+  With LoRA (`train.lora_rank` > 0), the first two start fresh adapters (`lora.init_adapters`) on
+  the loaded weights.
   """
+  like_base, like_adapters = lora.split_adapters(like)
+  if like_adapters and (config.model_init or config.model.hf_dir):  # LoRA on loaded weights: fresh adapters
+    base = initial_params(config, model, like_base, rng)
+    return freeze.merge_params(lora.init_adapters(like_adapters, jax.random.fold_in(rng, 1)), base)
   shardings = jax.tree.map(lambda x: x.sharding, like)
   if config.model_init:
     try:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run may not change: they define the parameter and optimizer-state trees (or
 # the stage's meaning), so the checkpoints of the workdir would not fit them.
-FIXED_ON_RESUME = ("stage", "model.", "train.trainable")
+FIXED_ON_RESUME = ("stage", "model.", "train.trainable", "train.lora_")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -56,6 +56,11 @@ def check_resume_config(previous: dict[str, Any] | None, config, workdir: pathli
     return []
   # runs recorded before `model.frozen_dtype` existed kept their frozen parameters in float32
   previous = dict(previous, model={"frozen_dtype": "float32", **previous.get("model", {})})
+  # runs recorded before LoRA existed fine-tuned fully (rank 0; the other two settings then act on nothing)
+  if "lora_rank" not in previous.get("train", {}):
+    t = config.train
+    previous = dict(previous, train={"lora_rank": 0, "lora_alpha": t.lora_alpha, "lora_targets": t.lora_targets,
+                                     **previous.get("train", {})})
   diff = config_diff(previous, json.loads(config.to_json_best_effort()))
   lines = [f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diff]
   fixed = [line for (k, _, _), line in zip(diff, lines) if k == "stage" or k.startswith(FIXED_ON_RESUME)]

@@ -83,7 +83,7 @@ def loss_terms(model: DepthVLM, params, batch: dict[str, jax.Array], depth_grid:
   if gather:
     pos, targets = supervised_positions(batch["labels"], lm_positions)
     hidden = jnp.take_along_axis(out.hidden_states, pos[..., None], axis=1)  # (B, M, D)
-    logits = model.apply({"params": params}, hidden, method=DepthVLM.logits)  # (B, M, V)
+    logits = model.apply({"params": params}, hidden, method="logits")  # (B, M, V)
     # lm_cross_entropy shifts by one: pad so that logits[:, m] meets targets[:, m].
     logits = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
     terms["lm_sum"], terms["lm_count"] = lm_cross_entropy(logits, jnp.pad(targets, ((0, 0), (1, 0)),

@@ -164,3 +164,16 @@ def test_chunked_writers_equal_the_in_memory_ones(tmp_path):
   assert n == np.count_nonzero(depth) and (tmp_path / "a.ply").read_bytes() == (tmp_path / "b.ply").read_bytes()
   outputs.save_side_by_side(tmp_path / "v.png", rgb, depth)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "v.png")), outputs.side_by_side(rgb, depth))
+
+
+def test_int8_predict_is_close_to_float(folder_run, hf_dir, tmp_path):
+  """--quantize=int8 (weight-only int8 backbone) writes the same outputs, with depth within 1% of the
+  float run's on this tiny random model."""
+  images, float_out, _, _ = folder_run
+  out = tmp_path / "int8"
+  code, err = call("--model", hf_dir, "--image", images / "a_good.png", "--out", out, "--fx", 100,
+                   "--max_new_tokens", 2, "--quantize", "int8")
+  assert code == 0, err
+  got, want = np.load(out / "a_good_depth.npy"), np.load(float_out / "a_good_depth.npy")
+  assert got.shape == want.shape == (50, 70) and np.isfinite(got).all()
+  assert (np.abs(got - want) / want).max() < 1e-2

@@ -40,10 +40,31 @@ def config(**changes):
     ("data.train_weights", {"waymo": 2.0}, "data.train_weights.waymo: no such train source; expected one of "
                                            "['synthetic']"),
     ("model.attention_impl", "flash", "model.attention_impl='flash': expected one of ('auto', 'xla', 'splash', 'cudnn')"),
+    ("train.lora_rank", -4, "train.lora_rank=-4: expected an integer >= 0 (0 = full fine-tuning)"),
 ])
 def test_bad_training_values_are_config_errors(field, value, expected):
   with pytest.raises(ConfigError, match="invalid config") as e:
     config_checks.validate_config(config(**{field: value}))
+  assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"train.lora_alpha": 0.0}, "train.lora_alpha=0.0: expected a positive number"),
+    ({"train.lora_targets": "language_model/(q_proj"}, "train.lora_targets='language_model/(q_proj': not a "
+                                                       "regular expression (missing ), unterminated subpattern"),
+    # module paths are matched in full: a bare layer name matches nothing
+    ({"train.lora_targets": "q_proj"}, "train.lora_targets='q_proj' matches no linear layer's module path (e.g. "
+                                       "language_model/layers_0/mlp/down_proj, "),
+    ({"train.lora_rank": 64}, "train.lora_rank=64 is not below both dimensions of language_model/layers_0/mlp/"
+                              "down_proj (128, 64): expected a lower rank"),
+    ({"train.lora_targets": r"language_model/layers_[01]/mlp/up_proj", "model.scan_layers": True},
+     "adapts the repeated blocks unevenly (e.g. ['language_model/layers_2', 'language_model/layers_3']); "
+     "with model.scan_layers=True every layer needs the same adapters"),
+])
+def test_bad_lora_settings_are_config_errors(changes, expected):
+  """With a rank > 0 the targets are checked against the model's own linear layers (shapes traced, no weights)."""
+  with pytest.raises(ConfigError, match="invalid config") as e:
+    config_checks.validate_config(config(**{"train.lora_rank": 8, **changes}))
   assert expected in str(e.value)
 
 
