@@ -49,8 +49,8 @@ PRESETS = {
 # each accelerator. The `auto` search probes this first (a restart reads its cached choice instead), and
 # the AOT report, which compiles for a slice it does not have, compiles these.
 ROWS_PER_DEVICE = {
-    ("4b", 1): {"v4": 16, "v5e": 8, "v5p": 40, "v6e": 16, "h100": 32},
-    ("4b", 2): {"v4": 8, "v5e": 4, "v5p": 10, "v6e": 8, "h100": 20},
+    ("4b", 1): {"v4": 16, "v5e": 4, "v5p": 40, "v6e": 16, "h100": 32},
+    ("4b", 2): {"v4": 8, "v5e": 1, "v5p": 10, "v6e": 8, "h100": 20},
     ("8b", 1): {"v4": 8, "v5e": 4, "v5p": 40, "v6e": 8, "h100": 20},
     ("8b", 2): {"v4": 4, "v5e": 1, "v5p": 8, "v6e": 4, "h100": 8},
 }

@@ -2,7 +2,8 @@
 
 The default preset's programs are compiled for a v5e 2x2 slice (4 chips), once per image bucket
 (`train@96x128`, ...): every key of the report is present and sane, per-chip argument bytes equal the sharded parameter + optimizer + batch shards, an
-oversized batch is reported as not fitting with the compiler's own message. The loop-cost corrections
+oversized batch is reported as not fitting with the compiler's own message. The train program is the
+trainer's pair: `accumulate` (one micro-batch) and `apply`. The loop-cost corrections
 and `--memory_only` are in `test_aot_loops.py`.
 """
 
@@ -62,7 +63,13 @@ def _check_program(name, p):
   assert p["fits"] is True and p["error"] is None
   assert p["hbm_gib"] == 16  # v5e
   assert 0 < p["argument_gib"] and 0 <= p["temp_gib"] and 0 < p["output_gib"]
-  assert p["peak_gib"] == pytest.approx(p["argument_gib"] + p["output_gib"] - p["alias_gib"] + p["temp_gib"])
+  own = p["argument_gib"] + p["output_gib"] - p["alias_gib"] + p["temp_gib"]
+  if name.startswith("train"):  # accumulate's figures; the update's peak adds the next micro-batch, or is apply's
+    assert p["accumulate_peak_gib"] == pytest.approx(own) and 0 < p["next_micro_batch_gib"]
+    assert p["peak_gib"] == pytest.approx(max(own + p["next_micro_batch_gib"], p["apply"]["peak_gib"]))
+    assert p["apply"]["fits"] and p["apply"]["compile_s"] > 0
+  else:
+    assert p["peak_gib"] == pytest.approx(own)
   assert p["peak_gib"] < p["hbm_gib"]
   assert p["compile_s"] > 0 and p["flops"] > 0 and p["bytes_accessed"] > 0
   assert p["est_step_s"] > 0 and p["est_step_s"] >= p["roofline_s"] > 0
@@ -98,11 +105,12 @@ def test_cli_stage1_reports_every_program(stage1_cli):
 
 @pytest.mark.slow
 def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
-  """Per-chip argument bytes == one device's shards of params, optimizer state, frozen params and batch."""
+  """Per-chip argument bytes of `accumulate` == one device's shards of params, optimizer state, frozen
+  params, gradient accumulator, micro-batch and per-row counts."""
   report, _ = stage1_cli
   train = report["programs"][f"train@{B0}"]
   groups = train["argument_shard_bytes"]
-  assert set(groups) == {"state", "frozen", "batch"}
+  assert set(groups) == {"state", "frozen", "accumulator", "batch", "counts"}
   # the compiler's accounting equals our shards (in the chip's tiled layout), to the byte
   assert train["argument_bytes"] == sum(groups.values())
   # and those are the shards of the trainer's shardings: unpadded shard bytes within the tile padding
@@ -112,11 +120,12 @@ def test_argument_bytes_are_the_sharded_state_and_batch(stage1_cli):
   def shard_bytes(tree):
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
-  for name, tree in (("state", ti.state), ("frozen", ti.frozen), ("batch", ti.batch)):
+  for name, tree in (("state", ti.state), ("frozen", ti.frozen), ("accumulator", ti.accumulator), ("batch", ti.batch),
+                     ("counts", ti.counts)):
     assert shard_bytes(tree) <= groups[name], name
   # tiles pad the minor dims: a lot for the tiny head's 3x3 kernels, little for the large frozen weights
   assert groups["frozen"] <= 1.2 * shard_bytes(ti.frozen)
-  # the batch is split over the 4 data shards (not replicated)
+  # the micro-batch (here the whole batch: one micro-batch) is split over the 4 data shards (not replicated)
   full_batch = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(ti.batch))
   assert shard_bytes(ti.batch) * 4 == pytest.approx(full_batch, rel=0.01)
 

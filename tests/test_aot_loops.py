@@ -1,7 +1,7 @@
 """Loop costs in the ahead-of-time compile report (`depthvlm_jax.aot`), compiled with libtpu for v5e 2x2.
 
-The cost model counts a while-loop body once; the report corrects scanned micro-batches and scanned
-layers from extra compiles, and `--memory_only` skips them. These tests are about loops, not the depth
+The cost model counts a while-loop body once; the report corrects scanned layers from extra compiles,
+counts K micro-batches as K `accumulate` calls and one `apply`, and `--memory_only` skips the probes. These tests are about loops, not the depth
 head, so their programs take the MLP head (a TPU compile of the tiny DPT head's step takes about 4x
 longer); `test_aot.py` compiles the default preset as it is.
 """
@@ -26,32 +26,35 @@ def one_pass():
 
 
 @pytest.mark.slow
-def test_scanned_micro_batch_cost_is_corrected(one_pass):
-  """The cost model counts a while-loop body once: 2 scanned micro-batches of 4 rows, corrected, cost
-  what one pass over the same 8 rows costs, and uncorrected about half."""
+def test_micro_batch_cost_is_k_accumulates_and_one_apply(one_pass):
+  """One update runs `accumulate` K times and `apply` once: 2 micro-batches of 4 rows cost what one
+  pass over the same 8 rows costs, and one `accumulate` of them about half of that pass's."""
   assert one_pass["micro_batches"] == 1 and one_pass["global_batch"] == 8
   c = _config(stage1, **MLP, **{"train.global_batch": 8, "train.micro_batches": 2})
-  scanned = aot.train_program(aot.make_setup(c, TOPOLOGY))
-  assert scanned["scanned_micro_batches"]
-  raw, update = scanned["loop_correction"]["reported_flops"], scanned["loop_correction"]["update_flops"]
-  # uncorrected: one micro-batch (half the rows) plus the update outside the loop
-  assert raw == pytest.approx((one_pass["flops"] + update) / 2, rel=0.05), (raw, update, one_pass["flops"])
-  assert raw < 0.6 * one_pass["flops"]
-  assert scanned["flops"] == pytest.approx(one_pass["flops"], rel=0.03)
-  assert scanned["bytes_accessed"] > scanned["loop_correction"]["update_bytes_accessed"]
-  assert scanned["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
+  two = aot.train_program(aot.make_setup(c, TOPOLOGY))
+  apply = two["apply"]["flops"]
+  assert apply == pytest.approx(one_pass["apply"]["flops"])  # the update does not depend on the rows
+  one_accumulate = two["accumulate_cost"]["flops"]
+  assert one_accumulate == pytest.approx((one_pass["flops"] - apply) / 2, rel=0.05), (one_accumulate, apply)
+  assert two["flops"] == pytest.approx(2 * one_accumulate + apply)
+  assert two["flops"] == pytest.approx(one_pass["flops"], rel=0.03)
+  assert two["bytes_accessed"] > two["apply"]["bytes_accessed"]
+  assert two["model_flops"] == pytest.approx(one_pass["model_flops"], rel=1e-6)
+  # a device holds one micro-batch of 4 rows per call instead of the batch of 8
+  assert two["argument_shard_bytes"]["batch"] < 0.6 * one_pass["argument_shard_bytes"]["batch"]
 
 
 @pytest.mark.slow
 def test_memory_only_compiles_once(one_pass, monkeypatch):
-  """--memory_only: one compile of the step, the same memory as the full report, no cost figures."""
+  """--memory_only: one compile of each program (`accumulate`, `apply`), the same memory as the full
+  report, no cost figures."""
   full = one_pass
   calls = []
   real = aot_programs.compile_stats  # patched where the programs call it
   monkeypatch.setattr(aot_programs, "compile_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
   report = aot.report(_config(stage1, **MLP), TOPOLOGY, programs=("train",), buckets=(B0,), memory_only=True)
   p = report["programs"][f"train@{B0}"]
-  assert len(calls) == 1
+  assert len(calls) == 2
   assert p["fits"] and p["memory_only"]
   assert p["argument_gib"] == full["argument_gib"]
   for k in ("temp_gib", "peak_gib"):  # a separate compile of the same program
@@ -85,10 +88,11 @@ def test_scanned_layer_cost_is_corrected(monkeypatch):
   assert info["text_trips"] == [5] and info["vision_trips"] == [2, 3, 2]
   # loops counted once: 4 text and 4 vision block iterations missing
   assert info["reported"]["flops"] < 0.95 * unrolled["flops"], (info, unrolled["flops"])
-  # the correction adds (trips - 1) iterations per run to what the compiler reported
+  # the correction adds (trips - 1) iterations per run to what the compiler reported for `accumulate`
   for key in ("flops", "bytes_accessed"):
     added = 4 * info["text_iteration"][key] + 4 * info["vision_iteration"][key]
-    assert scanned[key] == pytest.approx(info["reported"][key] + added, rel=1e-9)
+    assert scanned["accumulate_cost"][key] == pytest.approx(info["reported"][key] + added, rel=1e-9)
+    assert scanned[key] == pytest.approx(scanned["accumulate_cost"][key] + scanned["apply"][key], rel=1e-9)
   # FLOPs add up per block; bytes less so: a loop body reads its layer's weights as slices of the
   # stacked weights and fuses differently from an unrolled block (measured +8.6% on this model with
   # the MLP head, +3.5% with the DPT head, whose bytes are the same in both programs)

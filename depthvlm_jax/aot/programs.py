@@ -1,15 +1,15 @@
 """The programs a report compiles, built as the trainer and the predict CLI build them.
 
-  train    `model_state.jit_train_step`: the trainer's own jitted, donated step (same model, rules,
-           shardings, micro-batching) on a global batch laid out as the trainer lays it out;
+  train    `model_state.jit_train_programs`: the trainer's own jitted, donated programs of one update
+           (same model, rules, shardings): `accumulate` on one micro-batch laid out as the trainer
+           lays it out, and `apply`; one update runs `accumulate` K times, then `apply`;
   prefill  `generate.prefill` with the depth head for the bucket, one image per batch shard, the
            KV cache sized for `max_new_tokens`;
   decode   one `generate.decode_step` on that cache.
 
 Each is lowered with abstract inputs that carry their final shardings on the mesh and compiled;
-nothing is allocated. The compiler's cost model counts a while-loop body once (measured: a scan of
-K micro-batches reports the cost of one), so the cost figures of scanned programs are corrected
-from extra compiles (`_correct_layer_loops`, and the update compiled alone in `train_program`).
+nothing is allocated. The compiler's cost model counts a while-loop body once, so the cost figures
+of programs whose layers run as loops are corrected from extra compiles (`_correct_layer_loops`).
 """
 
 from __future__ import annotations
@@ -84,15 +84,20 @@ class TrainInputs:
   state_shardings: Any
   state: Any  # abstract train state (step, params, opt_state, counters), sharded
   frozen: Any  # abstract frozen params, sharded
-  batch: Any  # abstract global batch, sharded
+  batch: Any  # abstract micro-batch (global_batch / micro_batches rows), sharded: what `accumulate` takes
+  counts: Any  # abstract per-row loss denominators of the global batch (`step.row_counts`)
+  accumulator: Any  # abstract gradient accumulator, sharded
+  full_batch: Any  # abstract global batch, sharded (the one-program step, for counting model FLOPs)
 
 
 def train_inputs(s: Setup) -> TrainInputs:
-  """The train step's abstract arguments with the shardings the trainer gives them."""
+  """The train programs' abstract arguments with the shardings the trainer gives them."""
   import jax
   from depthvlm_jax import sharding
   from depthvlm_jax.runs import checkpoints, freeze
   from depthvlm_jax.train import optim
+  from depthvlm_jax.train.model_state import accumulator_like
+  from depthvlm_jax.train.sizing import counts_like
   from depthvlm_jax.train.step import initial_state
   c = s.config
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(c.train.lr, 1000, c.train.warmup_fraction),
@@ -103,7 +108,10 @@ def train_inputs(s: Setup) -> TrainInputs:
   state_abs = jax.eval_shape(initial_state, trainable, opt_like)
   state_sh = {k: jax.tree.map(lambda x: x.sharding, v) if k in ("params", "opt_state") else replicated
               for k, v in dict(state_abs, params=trainable, opt_state=opt_like).items()}
-  return TrainInputs(optimizer, state_sh, _abstract(state_abs, state_sh), frozen, _batch_like(s, c.train.global_batch))
+  state = _abstract(state_abs, state_sh)
+  b = c.train.global_batch
+  return TrainInputs(optimizer, state_sh, state, frozen, _batch_like(s, b // c.train.micro_batches),
+                     counts_like(b, s.mesh), accumulator_like(state, s.mesh), _batch_like(s, b))
 
 
 COST_KEYS = ("flops", "bytes_accessed", "est_step_s")
@@ -150,52 +158,59 @@ def _correct_layer_loops(out: dict[str, Any], s: Setup, build: Callable, args: t
   out["layer_loop_correction"] = info
 
 
-def train_program(s: Setup, memory_only: bool = False) -> dict[str, Any]:
-  """Compiles the trainer's step (and, for a scanned step, the update alone) and reports it.
+def _add_collectives(times: int, loop: dict[str, Any], once: dict[str, Any]) -> dict[str, Any]:
+  out = {}
+  for kind in sorted(set(loop) | set(once)):
+    a, b = loop.get(kind, {"count": 0, "bytes": 0}), once.get(kind, {"count": 0, "bytes": 0})
+    out[kind] = {"count": times * a["count"] + b["count"], "bytes": times * a["bytes"] + b["bytes"]}
+  return out
 
-  memory_only: compile the step once, for its memory and collectives; the loop-cost probes and the
-  update are not compiled, and the cost figures (FLOPs, bytes, time, MFU) are left out.
+
+def train_program(s: Setup, memory_only: bool = False) -> dict[str, Any]:
+  """Compiles the trainer's programs of one update (`accumulate` and `apply`) and reports the update.
+
+  Memory: the figures (`argument_gib`, `temp_gib`, ...) are `accumulate`'s, the program that runs
+  with the most on the devices; `next_micro_batch_gib` is the micro-batch transferred while it runs;
+  peak_gib = the larger of accumulate's peak plus that micro-batch, and `apply`'s peak (under `apply`).
+  Costs and collectives: K x accumulate + apply. memory_only: the loop-cost probes are not compiled,
+  and the cost figures (FLOPs, bytes, time, MFU) are left out.
   """
-  import jax
-  import jax.numpy as jnp
-  from depthvlm_jax import sharding
-  from depthvlm_jax.train.model_state import jit_train_step
-  from depthvlm_jax.train.step import guarded_update
+  from depthvlm_jax.aot.compiling import GiB, shard_bytes
+  from depthvlm_jax.train.model_state import jit_train_programs
   c = s.config
   ti = train_inputs(s)
-  optimizer, state_like, frozen, batch_like = ti.optimizer, ti.state, ti.frozen, ti.batch
-  trainable = state_like["params"]
-  replicated = sharding.activation_sharding(s.mesh)
-  step = jit_train_step(c, s.model, optimizer, s.mesh, ti.state_shardings, s.depth_grid)
+  programs = jit_train_programs(c, s.model, ti.optimizer, s.mesh, ti.state, s.depth_grid)
+
   def shards(compiled):
-    groups = {"state": state_like, "frozen": frozen, "batch": batch_like}
+    groups = {"state": ti.state, "frozen": ti.frozen, "accumulator": ti.accumulator, "batch": ti.batch,
+              "counts": ti.counts}
     return {"argument_shard_bytes": argument_bytes_by_group(compiled, groups)}
 
-  args = (state_like, frozen, batch_like)
-  out = compile_stats(step, args, inspect=shards)
+  args = (ti.state, ti.frozen, ti.accumulator, ti.batch, ti.counts)
+  out = compile_stats(programs.accumulate, args, inspect=shards)
   k = c.train.micro_batches
-  if memory_only:
-    out.update(memory_only=True, micro_batches=k, global_batch=c.train.global_batch,
-               images_per_step=c.train.global_batch)
+  out.update(micro_batches=k, global_batch=c.train.global_batch, images_per_step=c.train.global_batch)
+  if not out["fits"]:
     return out
-  if out["fits"]:
-    _correct_layer_loops(out, s, lambda model: jit_train_step(c, model, optimizer, s.mesh, ti.state_shardings,
-                                                              s.depth_grid), args)
-  platform = s.mesh.devices.flat[0].platform
-  scanned = k > 1 and platform != "cpu"
-  out.update(micro_batches=k, scanned_micro_batches=scanned, global_batch=c.train.global_batch)
-  if out["fits"] and scanned:
-    grads_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trainable)
-    loss_like = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-    update = compile_stats(jax.jit(lambda st, g, l: guarded_update(optimizer, st, g, l), donate_argnums=(0,)),
-                           (state_like, grads_like, loss_like))
-    out["loop_correction"] = {"update_flops": update["flops"], "update_bytes_accessed": update["bytes_accessed"],
-                              "update_est_s": update["est_step_s"], "reported_flops": out["flops"],
-                              "reported_est_step_s": out["est_step_s"]}
-    for key, ukey in (("flops", "flops"), ("bytes_accessed", "bytes_accessed"), ("est_step_s", "est_step_s")):
-      out[key] = k * (out[key] - update[ukey]) + update[ukey]
+  apply = compile_stats(programs.apply, (ti.state, ti.frozen, ti.accumulator))
+  out["apply"] = {key: apply.get(key) for key in ("fits", "error", "compile_s", "argument_gib", "temp_gib",
+                                                  "peak_gib", "flops", "bytes_accessed", "est_step_s")}
+  if not apply["fits"]:
+    out.update(fits=False, error=f"apply: {apply['error']}")
+    return out
+  out["accumulate_peak_gib"] = out["peak_gib"]
+  out["next_micro_batch_gib"] = shard_bytes(ti.batch) / GiB
+  out["peak_gib"] = max(out["peak_gib"] + out["next_micro_batch_gib"], apply["peak_gib"])
+  out["collectives"] = _add_collectives(k, out["collectives"], apply["collectives"])
+  if memory_only:
+    out["memory_only"] = True
+    return out
+  _correct_layer_loops(out, s, lambda model: jit_train_programs(c, model, ti.optimizer, s.mesh, ti.state,
+                                                                s.depth_grid).accumulate, args)
+  out["accumulate_cost"] = {key: out[key] for key in COST_KEYS}
+  for key in COST_KEYS:
+    out[key] = k * out[key] + apply[key]
   out["model_flops"], out["attention_flops"] = _train_flops(s, ti)
-  out["images_per_step"] = c.train.global_batch
   return out
 
 
@@ -214,7 +229,7 @@ def _train_flops(s: Setup, ti: TrainInputs | None = None) -> tuple[float, float]
   fn = make_train_step(plain, ti.optimizer, s.depth_grid, c.train.micro_batches, c.train.depth_loss_weight,
                        with_lm=c.stage == 2, lm_positions=c.train.lm_positions,
                        platform=s.mesh.devices.flat[0].platform)
-  rest, attention = model_flops_split(fn, ti.state, ti.frozen, ti.batch)
+  rest, attention = model_flops_split(fn, ti.state, ti.frozen, ti.full_batch)
   n = s.mesh.devices.size
   return (rest + attention) / n, attention / n
 
@@ -235,7 +250,7 @@ def inference_programs(s: Setup, max_new_tokens: int = 32, memory_only: bool = F
       model, p, ids, mask, pos, px, grid, max_new_tokens=max_new_tokens, depth_grid=s.depth_grid,
       depth_output_size=(h, w), images_per_row=1)
   prefill_fn = prefill_of(s.model)
-  # Compiled traced under the mesh (its platform picks the attention kernel, see `model_state.jit_train_step`);
+  # Compiled traced under the mesh (its platform picks the attention kernel, see `model_state.jit_train_programs`);
   # model FLOPs are counted on the plain trace, whose attention is the XLA form.
   prefill = jax.jit(sharding.in_mesh(prefill_fn, s.mesh))
   # inference takes the host processor's rows (float32), not the train batch's uint8 pixels

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -72,14 +74,32 @@ def batch_names(key: str) -> tuple[str | None, ...]:
   return (None, "batch") if key == "position_ids" else ("batch",)
 
 
+HOST_ONLY = ("skip_counts", "drawn_counts")  # per-batch loader counts, never sent to the devices
+
+
 def to_global(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard) -> dict[str, jax.Array]:
   """This process's rows (local_batch, ...) -> global arrays (global_batch, ...) sharded over the mesh."""
   out = {}
   for k, v in batch.items():
-    if k in ("skip_counts", "drawn_counts"):
+    if k in HOST_ONLY:
       continue
     names = batch_names(k)
     if k == "position_ids":
       v = np.moveaxis(v, 0, 1)  # (B, 3, L) -> (3, B, L)
     out[k] = distributed.global_array(v, mesh, names, len(names) - 1, shard)
   return out
+
+
+def micro_batches(batch: dict[str, np.ndarray], mesh, shard: distributed.DataShard, k: int) -> Iterator[dict[str, jax.Array]]:
+  """The K global micro-batches of a batch, each transferred when the caller asks for the next.
+
+  Micro-batch i is rows i, i + K, i + 2K, ... of this process's rows. The processes' rows are
+  contiguous blocks of the global batch, each divisible by K, so micro-batch i of the global batch is
+  its rows i, i + K, ... too, and every device keeps the rows it would hold of the whole batch.
+  """
+  if shard.local_batch % k:
+    raise ValueError(f"train.micro_batches={k} does not divide the {shard.local_batch} rows this process "
+                     f"loads of each batch: choose micro-batches that divide the rows per process")
+  micro_shard = dataclasses.replace(shard, local_batch=shard.local_batch // k)
+  for i in range(k):
+    yield to_global({n: v[i::k] for n, v in batch.items() if n not in HOST_ONLY}, mesh, micro_shard)

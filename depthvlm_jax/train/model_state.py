@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -20,7 +21,8 @@ from depthvlm_jax.runs.model_from_config import DTYPES, params_like
 from depthvlm_jax.train import distributed
 from depthvlm_jax.processing.device_patches import processor_for
 from depthvlm_jax.processing.image_processor import ImageProcessorConfig
-from depthvlm_jax.train.step import initial_state, make_train_step
+from depthvlm_jax.train.data import micro_batches, to_global
+from depthvlm_jax.train.step import initial_state, make_train_programs, row_counts, zero_accumulator
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +123,78 @@ def train_processor(config, model: DepthVLM) -> ImageProcessorConfig:
   return processor_for(model.config.vision, base)
 
 
-def jit_train_step(config, model: DepthVLM, optimizer, mesh, state_shardings, depth_grid: tuple[int, int],
-                   target: str | None = None):
-  """The jitted, donated train step the trainer runs (and `depthvlm_jax.aot` compiles for a slice).
+@dataclasses.dataclass
+class TrainPrograms:
+  """One bucket's update as the trainer runs it: `zeros`, then `accumulate` once per micro-batch,
+  then `apply` (see `step.make_train_programs`). Each is jitted (or compiled ahead of time); `apply`
+  does not depend on the bucket and is shared by the buckets of a run."""
 
-  Fixed state shardings in and out: step 2 reuses step 1's program instead of compiling again. The
+  accumulate: Any
+  apply: Any
+  zeros: Any  # () -> a zero accumulator on the trainable params' shardings
+  micro_batches: int
+  depth_grid: tuple[int, int]
+  merge: int  # the vision tower's spatial merge size
+  with_lm: bool
+  micro_bytes: int = 0  # per-device bytes of one micro-batch (set once compiled, for the peak)
+
+  def __call__(self, state, frozen, batch: dict[str, Any], mesh, shard: distributed.DataShard):
+    """One update from this process's rows of a global batch (host arrays): (state, metrics).
+
+    The denominators of the whole batch are counted on the host (`step.row_counts`, summed on the
+    devices); micro-batch i is rows i, i + K, i + 2K, ... of this process's rows (the rows of the
+    one-program step's micro-batch i), transferred when the loop reaches it. At most two micro-batches
+    are on the devices at once: the next is transferred while the current one runs, and the loop waits
+    for that one to finish before queuing another.
+    """
+    counts = to_global(row_counts(batch, self.depth_grid, self.merge, self.with_lm), mesh, shard)
+    acc, running = self.zeros(), None
+    for micro in micro_batches(batch, mesh, shard, self.micro_batches):
+      if running is not None:
+        jax.block_until_ready(running)
+      acc = self.accumulate(state, frozen, acc, micro, counts)
+      running = acc["terms"]["depth_count"]
+    return self.apply(state, frozen, acc)
+
+
+def accumulator_like(state, mesh) -> dict[str, Any]:
+  """The gradient accumulator of `state` (concrete or abstract) as abstract arrays with the shardings
+  the programs keep it in: float32 gradients sharded like the trainable params, replicated loss terms."""
+  replicated = sharding.activation_sharding(mesh)
+  acc = jax.eval_shape(zero_accumulator, state["params"])
+  return {"grads": jax.tree.map(lambda a, p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=p.sharding),
+                                acc["grads"], state["params"]),
+          "terms": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in acc["terms"].items()}}
+
+
+def jit_train_programs(config, model: DepthVLM, optimizer, mesh, state, depth_grid: tuple[int, int],
+                       apply=None, target: str | None = None) -> TrainPrograms:
+  """The jitted, donated programs of one update that the trainer runs (and `depthvlm_jax.aot` compiles
+  for a slice). state: the train state, concrete or abstract (shapes and shardings are read);
+  apply: another bucket's, to share.
+
+  Fixed shardings in and out: step 2 reuses step 1's programs instead of compiling again. The
   compile target is the platform of the mesh's devices (a TPU slice compiled from a CPU host is TPU),
-  or `target` ("tpu", "gpu") when given: the program that platform gets (kernels, micro-batch
-  loop), run on the mesh's own devices; the tests run the accelerators' step on CPU devices so.
+  or `target` ("tpu", "gpu") when given: the programs that platform gets (kernels, layouts), run on
+  the mesh's own devices; the tests run the accelerators' programs on CPU devices so.
   """
-  platform = target or mesh.devices.flat[0].platform
-  step_fn = make_train_step(model, optimizer, depth_grid, config.train.micro_batches,
-                            config.train.depth_loss_weight, with_lm=config.stage == 2,
-                            lm_positions=config.train.lm_positions, platform=platform,
-                            processor=train_processor(config, model))
-  # keep_unused: frozen weights a stage does not read (the LM head in stage 1) stay arguments, as they
-  # stay resident in HBM, so the compiled argument bytes are what the devices hold.
+  accumulate, apply_fn = make_train_programs(model, optimizer, depth_grid, config.train.depth_loss_weight,
+                                             with_lm=config.stage == 2, lm_positions=config.train.lm_positions,
+                                             processor=train_processor(config, model))
+  replicated = sharding.activation_sharding(mesh)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  acc_shardings = {"grads": state_shardings["params"], "terms": replicated}
+  # keep_unused: the optimizer moments (accumulate), the frozen weights (apply, and the LM head a stage-1
+  # step does not read) stay arguments, as they stay resident in HBM, so the compiled argument bytes
+  # are what the devices hold. The accumulator is donated to each `accumulate`, the state to `apply`.
   # Traced under the mesh: the model's activation constraints keep every row on its batch shard, the
   # model sees its platform (`sharding.compile_target`) and lays the fused attention kernels out over its axes.
-  return jax.jit(sharding.in_mesh(step_fn, mesh, target), donate_argnums=(0,), keep_unused=True,
-                 out_shardings=(state_shardings, sharding.activation_sharding(mesh)))
+  acc_jit = jax.jit(sharding.in_mesh(accumulate, mesh, target), donate_argnums=(2,), keep_unused=True,
+                    out_shardings=acc_shardings)
+  if apply is None:
+    apply = jax.jit(sharding.in_mesh(apply_fn, mesh, target), donate_argnums=(0,), keep_unused=True,
+                    out_shardings=(state_shardings, replicated))
+  params_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
+  zeros = jax.jit(lambda: zero_accumulator(params_like), out_shardings=acc_shardings)
+  return TrainPrograms(acc_jit, apply, zeros, config.train.micro_batches, depth_grid,
+                       model.config.vision.spatial_merge_size, config.stage == 2)

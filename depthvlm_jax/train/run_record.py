@@ -82,6 +82,15 @@ def _json_safe(obj: Any, path: str, flagged: list[str]) -> Any:
   return obj
 
 
+def write_atomic(path, text: str) -> None:
+  """Writes `text` to `path` (local or object store) through a temporary file beside it, so a reader
+  sees the old or the new file, never a partial one."""
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)  # a rename locally; a copy and delete on an object store, whose writes are whole objects anyway
+
+
 def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
   """results.json as strict JSON: a non-finite number becomes null and its key is listed in `nonfinite`."""
   flagged: list[str] = []
@@ -89,10 +98,7 @@ def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
   if flagged:
     safe["nonfinite"] = flagged
     log.warning("results.json: non-finite values written as null: %s", ", ".join(flagged))
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(safe, indent=2, allow_nan=False))
-  tmp.replace(path)  # a rename locally; a copy and delete on an object store, whose writes are whole objects anyway
+  write_atomic(path, json.dumps(safe, indent=2, allow_nan=False))
 
 
 DATA_COUNTS_FILE = "data_counts.json"
@@ -113,9 +119,7 @@ def write_data_counts(workdir: pathlib.Path, step: int, sources: list[str], skip
   steps = {k: v for k, v in steps.items() if int(k) in keep_steps}
   steps[str(step)] = {"sources": list(sources), "skipped": [[int(x) for x in row] for row in skipped],
                       "drawn": [int(x) for x in drawn]}
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps({"steps": steps}))
-  tmp.replace(path)
+  write_atomic(path, json.dumps({"steps": steps}))
 
 
 def read_data_counts(workdir: pathlib.Path, step: int, sources: list[str]) -> tuple[Any, Any] | None:

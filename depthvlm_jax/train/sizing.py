@@ -36,6 +36,7 @@ from depthvlm_jax.runs import freeze
 from depthvlm_jax.runs.model_from_config import params_like
 from depthvlm_jax.train import distributed, optim
 from depthvlm_jax.train.data import batch_names, example_specs
+from depthvlm_jax.train.run_record import write_atomic
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -124,34 +125,37 @@ def rows_options(global_batch: int, shards: int) -> list[tuple[int, int]]:
   return [(total // k, k) for k in _divisors(total)]
 
 
+IN_FLIGHT = 2  # micro-batches a device holds at once: the one running and the next, being transferred
+
+
 def derive(global_batch: int, rows: int, devices: int, *, slices: int = 1, tensor: int = 0,
            memory_bytes: float | None = None, memory_fraction: float = 0.85, state_bytes: float | None = None,
            row_bytes: float = 0, device_kind: str = "", how: str = "rows") -> Plan:
   """The plan for `devices` taking at most `rows` rows each per micro-batch (a pure function).
 
-  row_bytes: bytes of one row of the train batch (the largest bucket). The step takes the whole
-  global batch as its argument, so each device holds its share of every micro-batch at once.
+  row_bytes: bytes of one row of the train batch (the largest bucket). The trainer sends one
+  micro-batch at a time, so a device holds `IN_FLIGHT` micro-batches of its rows, not the whole batch.
   Raises SizingError naming the nearest global batches that split when this one does not, and when
-  the train state fully sharded plus the device's share of the batch exceed `memory_fraction` of
-  its memory, whatever the rows per micro-batch.
+  the train state fully sharded plus two micro-batches of one row exceed `memory_fraction` of the
+  device memory, whatever the rows per micro-batch.
   """
   if global_batch <= 0 or devices <= 0 or devices % slices:
     raise SizingError(f"train.global_batch={global_batch} over {devices} devices in {slices} slices: "
                       "expected positive numbers, devices a multiple of slices")
   shards, tensor = batch_shards(global_batch, devices, slices, tensor)
+  per_device, k = next((r, k) for r, k in rows_options(global_batch, shards) if r <= max(rows, 1))
   data_parallel = False
-  batch_share = row_bytes * global_batch / shards
   if memory_bytes and state_bytes is not None:
     budget = memory_fraction * memory_bytes
-    if state_bytes / devices + batch_share > budget:
-      need = math.ceil((state_bytes + row_bytes * global_batch) / budget)
+    least = IN_FLIGHT * row_bytes  # one row per device
+    if state_bytes / devices + least > budget:
+      need = f"at least {math.ceil(state_bytes / (budget - least))}" if budget > least else "more memory per"
       raise SizingError(
           f"the train state needs {state_bytes / GiB:.1f} GiB, {state_bytes / devices / GiB:.1f} GiB per device "
-          f"over {devices} devices, and the device's share of the batch {batch_share / GiB:.1f} GiB: more than "
-          f"{memory_fraction:.0%} of the {memory_bytes / GiB:.1f} GiB each has, at any row count: it needs at "
-          f"least {need} such devices")
-    data_parallel = state_bytes + batch_share <= DP_SHARE * budget
-  per_device, k = next((r, k) for r, k in rows_options(global_batch, shards) if r <= max(rows, 1))
+          f"over {devices} devices, and {IN_FLIGHT} micro-batches of one row {least / GiB:.2f} GiB: more than "
+          f"{memory_fraction:.0%} of the {memory_bytes / GiB:.1f} GiB each has, at any row count: it needs {need} "
+          "such devices")
+    data_parallel = state_bytes + IN_FLIGHT * row_bytes * per_device <= DP_SHARE * budget
   mesh = ({"data": shards, "fsdp": 1, "tensor": tensor} if data_parallel
           else {"data": slices, "fsdp": shards // slices, "tensor": tensor})
   return Plan(global_batch, devices, mesh, per_device, k, slices, device_kind, memory_bytes, None, how)
@@ -270,7 +274,8 @@ def _gib(x) -> str:
 
 # ---- compiling the train step ahead of time
 def batch_like(spec, model_config, global_batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global train batch of bucket `spec` as `data.to_global` lays it out, abstract and sharded."""
+  """A global train batch (or micro-batch) of `global_batch` rows of bucket `spec` as
+  `data.to_global` lays it out, abstract and sharded."""
   out = {}
   for k, (shape, dtype) in spec.batch_shapes(model_config, global_batch).items():
     if k == "position_ids":
@@ -280,29 +285,70 @@ def batch_like(spec, model_config, global_batch: int, mesh) -> dict[str, jax.Sha
   return out
 
 
+def counts_like(global_batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The per-row loss denominators of a global batch (`step.row_counts` through `data.to_global`), abstract."""
+  sh = sharding.activation_sharding(mesh, "batch", shape=(global_batch,))
+  return {k: jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=sh) for k in ("depth", "lm")}
+
+
 def peak_bytes(compiled) -> float:
   """Per-device peak of a compiled program: arguments + outputs - donated aliases + temporaries."""
   m = compiled.memory_analysis()
   return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
-def compile_steps(config, model, optimizer, mesh, state, frozen, specs) -> dict[tuple[int, int], Any]:
-  """{(H, W): compiled train step} for every bucket, compiled ahead of time (in threads: the compiler
-  releases the GIL) on the state's and frozen params' own shardings; `state` and `frozen` may be
-  concrete or abstract."""
-  from depthvlm_jax.train.model_state import jit_train_step
+def programs_peak_bytes(programs) -> float:
+  """Per-device peak of one update (`model_state.TrainPrograms`, compiled): the larger of `accumulate`
+  with the next micro-batch arriving (its bytes once more) and `apply`."""
+  return max(peak_bytes(programs.accumulate) + programs.micro_bytes, peak_bytes(programs.apply))
+
+
+def compile_steps(config, model, optimizer, mesh, state, frozen, specs,
+                  compiled: dict[tuple[int, int], Any] | None = None, apply=None) -> dict[tuple[int, int], Any]:
+  """{(H, W): `model_state.TrainPrograms`, compiled} for every bucket, ahead of time (in threads: the
+  compiler releases the GIL) on the state's and frozen params' own shardings; `state` and `frozen`
+  may be concrete or abstract. `apply` is compiled once and shared by the buckets.
+
+  compiled: {(H, W): compiled `accumulate`} already compiled for this config (the `auto` search's):
+  not compiled again (`accumulate` does not depend on the optimizer, only `apply` does).
+  apply: a compiled `apply` for this optimizer, not compiled again.
+  """
+  from depthvlm_jax.aot.compiling import shard_bytes
+  from depthvlm_jax.train.model_state import accumulator_like, jit_train_programs
   px = model.config.vision.image_token_pixels
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  acc = accumulator_like(state, mesh)
+  compiled = compiled or {}
+  k = config.train.micro_batches
+  micro_rows = config.train.global_batch // k
+  counts = counts_like(config.train.global_batch, mesh)
+
+  def programs_of(spec, apply=None):
+    h, w = spec.image_size
+    return jit_train_programs(config, model, optimizer, mesh, state, (h // px, w // px), apply=apply)
 
   def one(spec):
-    h, w = spec.image_size
-    step = jit_train_step(config, model, optimizer, mesh, state_sh, (h // px, w // px))
-    return step.lower(state, frozen, batch_like(spec, model.config, config.train.global_batch, mesh)).compile()
+    if tuple(spec.image_size) in compiled:
+      return compiled[tuple(spec.image_size)]
+    programs = programs_of(spec)
+    micro = batch_like(spec, model.config, micro_rows, mesh)
+    return programs.accumulate.lower(state, frozen, acc, micro, counts).compile()
 
-  workers = max(1, min(len(specs), os.cpu_count() or 1))
+  def apply_compiled():
+    programs = programs_of(specs[0])
+    return programs.apply.lower(state, frozen, acc).compile()
+
+  workers = max(1, min(len(specs) + 1, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    compiled = list(pool.map(one, specs))
-  return {tuple(spec.image_size): c for spec, c in zip(specs, compiled)}
+    pending = pool.submit(apply_compiled) if apply is None else None
+    accumulates = list(pool.map(one, specs))
+    apply = apply if pending is None else pending.result()
+  out = {}
+  for spec, acc in zip(specs, accumulates):
+    p = programs_of(spec, apply=apply)
+    p.accumulate = acc
+    p.micro_bytes = shard_bytes(batch_like(spec, model.config, micro_rows, mesh))
+    out[tuple(spec.image_size)] = p
+  return out
 
 
 def _cache_key(config, plan: Plan) -> dict[str, Any]:
@@ -316,10 +362,14 @@ def _cache_key(config, plan: Plan) -> dict[str, Any]:
   }, default=str))
 
 
-def settle_auto(config, plan: Plan, model, mesh, workdir: epath.Path | None) -> tuple[Plan, dict[int, Any]]:
+def settle_auto(config, plan: Plan, model, mesh,
+                workdir: epath.Path | None) -> tuple[Plan, dict[int, Any], dict[tuple[int, int], Any]]:
   """An "auto" plan's rows: from `<workdir>/sizing.json` when it was searched for the same devices,
-  model and batch, else `search_rows` compiling the step of the largest bucket for `mesh`.
-  Returns (plan, {rows: peak} of the compiles made; empty when read from the file)."""
+  model and batch, else `search_rows` compiling the update of the largest bucket for `mesh`.
+
+  Returns (plan, {rows: peak} of the compiles made, {(H, W): the compiled `accumulate` of the chosen
+  plan} for `compile_steps` to reuse); both dicts empty when read from the file.
+  """
   key = _cache_key(config, plan)
   path = workdir / CACHE_FILE if workdir is not None else None
   if path is not None and path.is_file():
@@ -329,33 +379,39 @@ def settle_auto(config, plan: Plan, model, mesh, workdir: epath.Path | None) -> 
       cached = {}
     if cached.get("key") == key:
       p = cached["plan"]
-      return with_rows(plan, p["per_device_rows"], p["micro_batches"], p["peak_bytes"], "auto (cached)"), {}
+      return with_rows(plan, p["per_device_rows"], p["micro_batches"], p["peak_bytes"], "auto (cached)"), {}, {}
   specs = example_specs(config, model.config)
   largest = max(specs, key=lambda s: (s.image_size[0] * s.image_size[1], s.seq_len))
+  # `accumulate` does not read the optimizer, and the optimizer state's shapes do not depend on the
+  # schedule: the programs compiled here are the trainer's, whatever its learning rate and steps.
   optimizer = optim.make_optimizer(optim.learning_rate_schedule(1e-3, 1000, 0.0), 1.0, 0.0)
   like, mask = params_like(config, model, mesh)
   trainable, frozen = freeze.split_params(like, mask)
   from depthvlm_jax.train.model_state import abstract_state
   state = abstract_state(optimizer, trainable, mesh)
+  bucket = tuple(largest.image_size)
+  made: dict[int, Any] = {}  # rows -> compiled programs
+  apply: dict[str, Any] = {}  # compiled once: it does not depend on the rows
 
   def peak_of(candidate: Plan) -> float | None:
+    c = with_plan(config, candidate)
     try:
-      compiled = compile_steps(with_plan(config, candidate), model, optimizer, mesh, state, frozen, [largest])
+      programs = compile_steps(c, model, optimizer, mesh, state, frozen, [largest], apply=apply.get("apply"))
     except Exception as e:  # noqa: BLE001 -- the compiler's out-of-memory refusal is a "does not fit"
       if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e) or "exceeds" in str(e):
         return None
       raise
-    peak = peak_bytes(compiled[tuple(largest.image_size)])
+    made[candidate.per_device_rows] = programs[bucket]
+    apply["apply"] = programs[bucket].apply
+    peak = programs_peak_bytes(programs[bucket])
     log.info("sizing: %d rows per device x %d micro-batches: peak %.2f GiB per device",
              candidate.per_device_rows, candidate.micro_batches, peak / GiB)
     return peak
 
   plan, peaks = search_rows(plan, peak_of, config.train.memory_fraction * plan.memory_bytes)
   if path is not None and distributed.is_main():
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "plan": plan.to_json(), "peaks": peaks}, indent=1))
-    tmp.replace(path)  # epath: a rename locally, a move on an object store
-  return plan, peaks
+    write_atomic(path, json.dumps({"key": key, "plan": plan.to_json(), "peaks": peaks}, indent=1))
+  return plan, peaks, {bucket: made[plan.per_device_rows].accumulate}
 
 
 def enable_compile_cache(path: str) -> str | None:

@@ -1,10 +1,19 @@
 """The pure, jitted train step: masked losses as (sum, count), gradient accumulation, NaN guard.
 
-`make_train_step` returns `train_step(state, batch) -> (state, metrics)`:
-  * the batch (global_batch examples) is split into `micro_batches` slices accumulated by
-    `lax.scan` (an unrolled loop on CPU, see `make_train_step`); loss numerators and denominators
-    are summed across slices and divided once, so K micro-batches give the same update as one
-    full batch;
+The trainer runs one update as a chain of small programs (`make_train_programs`), so that a device
+never holds more than one micro-batch of the global batch:
+  * `accumulate(state, frozen, acc, micro, counts) -> acc`, once per micro-batch: the gradient of
+    that micro-batch's loss, scaled by the global loss denominators (`counts`: per-row counts of the
+    whole global batch, from `row_counts` on the host), added to the float32 accumulator;
+  * `apply(state, frozen, acc) -> (state, metrics)`: the optimizer step on the accumulated gradient.
+Loss numerators and denominators are summed across micro-batches and divided once, so K micro-batches
+give the same update as one full batch.
+
+`make_train_step` returns the same update as one program, `train_step(state, frozen, batch)`, over
+the whole batch split into `micro_batches` slices accumulated by `lax.scan` (or a Python loop); it
+is the reference the split programs are tested against and what the model FLOPs are counted on.
+
+In both:
   * only the trainable subtree is differentiated (frozen towers get no gradient or optimizer state);
   * a non-finite loss or gradient leaves params and optimizer state untouched and counts in
     `state["skipped_updates"]`; it, or a non-finite update (which is applied, see the step),
@@ -107,6 +116,26 @@ def supervised_depth_images(batch: dict[str, jax.Array], depth_grid: tuple[int, 
   return batch["has_depth"] & grid_ok & any_valid
 
 
+def row_counts(batch: dict[str, np.ndarray], depth_grid: tuple[int, int], merge: int = 2,
+               with_lm: bool = True) -> dict[str, np.ndarray]:
+  """Host-side, per row of a host batch: what each row adds to the global loss denominators.
+
+  "depth" (B,) int32: 1 for an image with depth supervision (`supervised_depth_images`); "lm" (B,)
+  int32: its supervised next-token targets (zeros without the LM loss). Summed over the global batch
+  inside `accumulate`, they give every micro-batch the denominators of the whole batch.
+  """
+  h, w = depth_grid
+  grid = np.asarray(batch["image_grid_hw"])
+  depth = np.asarray(batch["depth"])
+  n = depth.shape[0]
+  grid_ok = (grid[:, 0] > 0) & (grid[:, 1] > 0) & (grid[:, 0] <= merge * h) & (grid[:, 1] <= merge * w)
+  # fmax skips NaN: a row's largest non-NaN value, NaN only when every value is (then no valid pixel)
+  any_valid = np.fmax.reduce(depth.reshape(n, -1), axis=1) > 0
+  labels = np.asarray(batch["labels"])
+  lm = (labels[:, 1:] != -100).sum(1) if with_lm else np.zeros(n)
+  return {"depth": (np.asarray(batch["has_depth"]) & grid_ok & any_valid).astype(np.int32), "lm": lm.astype(np.int32)}
+
+
 def combine(terms: dict[str, jax.Array], depth_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
   """total = lm_mean + w * depth_mean; a term with no supervision contributes 0."""
   depth = terms["depth_sum"] / jnp.maximum(terms["depth_count"], 1)
@@ -132,12 +161,83 @@ def _split_micro(batch, k: int):
   return out
 
 
+def _depth_weight(depth_weight: float, with_lm: bool) -> float:
+  # As the reference: the weight balances depth against LM; depth alone is used unweighted.
+  return depth_weight if with_lm else 1.0
+
+
+def _micro_gradient(model: DepthVLM, depth_grid: tuple[int, int], depth_weight: float, with_lm: bool,
+                    lm_positions: int, processor: ImageProcessorConfig | None) -> Callable:
+  """`grad(trainable, frozen, micro, depth_den, lm_den) -> (gradient, loss terms)` of one micro-batch:
+  its loss scaled by the global denominators, so the gradients of the micro-batches add up to the
+  gradient of the whole batch's loss."""
+  def scaled_loss(tp, frozen, mb, depth_den, lm_den):
+    terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm, lm_positions, processor)
+    return depth_weight * terms["depth_sum"] / depth_den + terms["lm_sum"] / lm_den, terms
+
+  return jax.grad(scaled_loss, has_aux=True)
+
+
+TERM_NAMES = ("depth_sum", "depth_count", "lm_sum", "lm_count")
+
+
+def zero_accumulator(trainable: Any) -> dict[str, Any]:
+  """The accumulator an update starts from: float32 zeros like the trainable params, zero loss terms."""
+  return {"grads": jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable),
+          "terms": {k: jnp.zeros((), jnp.float32) for k in TERM_NAMES}}
+
+
+def _add(acc: dict[str, Any], grads: Any, terms: dict[str, jax.Array]) -> dict[str, Any]:
+  return {"grads": jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc["grads"], grads),
+          "terms": {k: acc["terms"][k] + terms[k] for k in TERM_NAMES}}
+
+
+def _finish(optimizer: optax.GradientTransformation, state: dict[str, Any], acc: dict[str, Any],
+            depth_weight: float) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  terms = acc["terms"]
+  loss, parts = combine(terms, depth_weight)
+  new_state, metrics = guarded_update(optimizer, state, acc["grads"], loss)
+  metrics.update(parts, depth_images=terms["depth_count"], lm_tokens=terms["lm_count"])
+  return new_state, metrics
+
+
+def make_train_programs(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
+                        depth_weight: float, with_lm: bool, lm_positions: int = 0,
+                        processor: ImageProcessorConfig | None = None) -> tuple[Callable, Callable]:
+  """The jittable `(accumulate, apply)` of one update consumed one micro-batch at a time.
+
+  accumulate(state, frozen, acc, micro, counts) -> acc: `micro` one micro-batch (rows, ...),
+    `counts` the per-row `row_counts` of the whole global batch (tiny); reads `state["params"]` only.
+  apply(state, frozen, acc) -> (state, metrics): the update from the accumulated gradient (NaN guard
+    in `guarded_update`).
+  Both take the whole state and the frozen params, the arrays a device holds throughout, so their
+  compiled argument bytes are what the device holds while they run.
+  """
+  depth_weight = _depth_weight(depth_weight, with_lm)
+  grad_fn = _micro_gradient(model, depth_grid, depth_weight, with_lm, lm_positions, processor)
+
+  def accumulate(state: dict[str, Any], frozen: Any, acc: dict[str, Any], micro: dict[str, jax.Array],
+                 counts: dict[str, jax.Array]) -> dict[str, Any]:
+    depth_den = jnp.maximum(counts["depth"].sum(), 1).astype(jnp.float32)
+    lm_den = jnp.maximum(counts["lm"].sum(), 1).astype(jnp.float32) if with_lm else 1.0
+    grads, terms = grad_fn(state["params"], frozen, micro, depth_den, lm_den)
+    return _add(acc, grads, terms)
+
+  def apply(state: dict[str, Any], frozen: Any, acc: dict[str, Any]):
+    del frozen  # an argument only so that the compiled program counts it as resident
+    return _finish(optimizer, state, acc, depth_weight)
+
+  return accumulate, apply
+
+
 def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, depth_grid: tuple[int, int],
                     micro_batches: int, depth_weight: float, with_lm: bool, lm_positions: int = 0,
                     platform: str = "cpu", unroll_micro_batches: bool | None = None,
                     processor: ImageProcessorConfig | None = None) -> Callable:
-  """The jittable `train_step(state, frozen, batch) -> (state, metrics)`.
+  """The jittable `train_step(state, frozen, batch) -> (state, metrics)` over the whole global batch.
 
+  The same update as `make_train_programs` in one program (the trainer runs those: this one holds
+  the whole batch on the devices).
   processor: the normalisation of uint8 `pixels` batches (see `loss_terms`).
 
   platform: the compile target ("cpu", "tpu", "gpu"): the platform of the mesh's devices, not the
@@ -149,8 +249,9 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     keep the scan, whose program size does not grow with K.
   """
   unroll = (micro_batches == 1 or platform == "cpu") if unroll_micro_batches is None else unroll_micro_batches
-  # As the reference: the weight balances depth against LM; depth alone is used unweighted.
-  depth_weight = depth_weight if with_lm else 1.0
+  depth_weight = _depth_weight(depth_weight, with_lm)
+  grad_fn = _micro_gradient(model, depth_grid, depth_weight, with_lm, lm_positions, processor)
+
   def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
     trainable = state["params"]
     # Global denominators come from the batch itself, so every micro-batch can be scaled up front
@@ -158,31 +259,17 @@ def make_train_step(model: DepthVLM, optimizer: optax.GradientTransformation, de
     depth_den = jnp.maximum(supervised_depth_images(batch, depth_grid, model.config.vision.spatial_merge_size).sum(), 1).astype(jnp.float32)
     lm_den = jnp.maximum((batch["labels"][:, 1:] != -100).sum(), 1).astype(jnp.float32) if with_lm else 1.0
 
-    def scaled_loss(tp, mb):
-      terms = loss_terms(model, merge_params(tp, frozen), mb, depth_grid, with_lm, lm_positions, processor)
-      return depth_weight * terms["depth_sum"] / depth_den + terms["lm_sum"] / lm_den, terms
-
-    grad_fn = jax.grad(scaled_loss, has_aux=True)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-    zero_terms = {k: jnp.zeros((), jnp.float32) for k in ("depth_sum", "depth_count", "lm_sum", "lm_count")}
-
-    def body(carry, mb):
-      g, t = carry
-      g2, t2 = grad_fn(trainable, mb)
-      return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g, g2), {k: t[k] + t2[k] for k in t}), None
+    def body(acc, mb):
+      return _add(acc, *grad_fn(trainable, frozen, mb, depth_den, lm_den)), None
 
     micro = _split_micro(batch, micro_batches)
     if unroll:  # K copies of the step in one program: no while loop (see `make_train_step`)
-      carry = (zeros, zero_terms)
+      acc = zero_accumulator(trainable)
       for i in range(micro_batches):
-        carry, _ = body(carry, jax.tree.map(lambda x: x[i], micro))
-      grads, terms = carry
+        acc, _ = body(acc, jax.tree.map(lambda x: x[i], micro))
     else:
-      (grads, terms), _ = jax.lax.scan(body, (zeros, zero_terms), micro)
-    loss, parts = combine(terms, depth_weight)
-    new_state, metrics = guarded_update(optimizer, state, grads, loss)
-    metrics.update(parts, depth_images=terms["depth_count"], lm_tokens=terms["lm_count"])
-    return new_state, metrics
+      acc, _ = jax.lax.scan(body, zero_accumulator(trainable), micro)
+    return _finish(optimizer, state, acc, depth_weight)
 
   return train_step
 

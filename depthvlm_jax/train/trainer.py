@@ -34,12 +34,12 @@ from depthvlm_jax.runs import checkpoints, freeze
 from depthvlm_jax.runs.model_from_config import build_model
 from depthvlm_jax.train import distributed, optim, qa_eval, sizing, workdir_lock
 from depthvlm_jax.train.config_checks import plan_run, validate_config
-from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root, to_global
+from depthvlm_jax.train.data import data_sources, example_specs, synthetic_root
 from depthvlm_jax.train.depth_eval import evaluate_depth, make_eval_set
 from depthvlm_jax.train.metrics_log import MetricsLog
 from depthvlm_jax.train.model_state import restore_or_initialise, train_processor
 from depthvlm_jax.train.run_record import (DATA_COUNTS_FILE, check_resume_config, read_data_counts, read_workdir_config,
-                                           write_data_counts, write_results)
+                                           write_atomic, write_data_counts, write_results)
 from depthvlm_jax.train.step import max_supervised_tokens
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,10 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
       p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   changes = check_resume_config(read_workdir_config(workdir), config, workdir) if has_checkpoint else []
   model = build_model(config)
+  searched = {}  # programs the search compiled for the chosen plan, reused below
   if plan.how == "auto":  # rows per device from compiling the step, before any data is read
     try:
-      plan, _ = sizing.settle_auto(config, plan, model, mesh, workdir)
+      plan, _, searched = sizing.settle_auto(config, plan, model, mesh, workdir)
     except sizing.SizingError as e:
       raise ConfigError(str(e)) from None
     config = sizing.with_plan(config, plan)
@@ -120,16 +121,14 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
     if changes:
       log.info("resuming with changed settings: %s", "; ".join(changes))
   if distributed.is_main():  # the run's record changes only now that its parameters are in place
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config.to_json_best_effort(indent=2))
-    tmp.replace(workdir / "config.json")
+    write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   # Every bucket's step compiled now (ahead of time; a warm persistent cache loads them).
   if distributed.is_main():  # before the silence of the compiles (minutes for a paper model)
     print(f"compiling the train step for bucket{'s' if len(specs) > 1 else ''} "
           f"{', '.join('x'.join(map(str, sp.image_size)) for sp in specs)} (once per bucket, at start-up)", flush=True)
-  train_steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
-  plan = dataclasses.replace(plan, peak_bytes=max(sizing.peak_bytes(c) for c in train_steps.values()))
+  train_steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs, compiled=searched)
+  plan = dataclasses.replace(plan, peak_bytes=max(sizing.programs_peak_bytes(c) for c in train_steps.values()))
   log.info("%s", plan.line())
   # Held-out δ1: streamed sets, one step built for the run (compiled once per bucket) at the params'
   # shardings. Every held-out record is resized (aspect kept) into the first bucket.
@@ -173,7 +172,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, plan: sizing.Plan) ->
     skip_totals += batch["skip_counts"].sum(0)
     drawn_totals += batch["drawn_counts"].sum(0)
     bucket = batch["depth"].shape[1:]
-    state, m = train_steps[bucket](state, frozen, to_global(batch, mesh, shard))
+    state, m = train_steps[bucket](state, frozen, batch, mesh, shard)
     done = step + 1
     if unchecked is not None:
       stop_if_nonfinite(*unchecked)

@@ -20,12 +20,16 @@ from depthvlm_jax.train import model_state, trainer
 from tests.hostile.conftest import TRAIN_SETTINGS
 
 
-def stand_in_step(*args, **kwargs):
-  def step(state, frozen, batch):
+def stand_in_programs(*args, **kwargs):
+  """`make_train_programs`' stand-in: `accumulate` adds nothing, `apply` only advances the step counter."""
+  def accumulate(state, frozen, acc, micro, counts):
+    return acc
+
+  def apply(state, frozen, acc):
     zero = jnp.zeros((), jnp.float32)
     metrics = {k: zero for k in ("loss", "depth_loss", "lm_loss", "grad_norm", "param_norm", "update_norm")}
     return dict(state, step=state["step"] + 1), dict(metrics, nonfinite=state["nonfinite"])
-  return step
+  return accumulate, apply
 
 
 def stand_in_params(config, model, like, rng):
@@ -46,7 +50,7 @@ def main(workdir: str, data: str) -> None:
     for p in path:
       node = node[p]
     node[leaf] = value
-  model_state.make_train_step = stand_in_step
+  model_state.make_train_programs = stand_in_programs
   model_state.initial_params = stand_in_params
   trainer.evaluate_depth = stand_in_eval
   trainer.train_and_evaluate(config, workdir)

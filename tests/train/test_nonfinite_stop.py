@@ -23,17 +23,21 @@ SETTINGS = {"train.total_steps": 7, "ckpt_every": 2, "keep_ckpts": 10, "log_ever
             "data.synthetic_train": 16, "data.synthetic_test": 2, "train.max_nonfinite_steps": 3}
 
 
-def bad_steps_step(bad: tuple[int, int]):
-  """A `make_train_step` stand-in: the update of steps bad[0]..bad[1] (1-based) is non-finite."""
+def bad_steps_programs(bad: tuple[int, int]):
+  """A `make_train_programs` stand-in: `accumulate` adds nothing, the update `apply` makes at steps
+  bad[0]..bad[1] (1-based) is non-finite."""
   def make(*args, **kwargs):
-    def step(state, frozen, batch):
+    def accumulate(state, frozen, acc, micro, counts):
+      return acc
+
+    def apply(state, frozen, acc):
       done = state["step"] + 1
       finite = (done < bad[0]) | (done > bad[1])
       nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1)
       zero = jnp.zeros((), jnp.float32)
       metrics = {k: zero for k in ("loss", "depth_loss", "lm_loss", "grad_norm", "param_norm", "update_norm")}
       return dict(state, step=done, nonfinite=nonfinite), dict(metrics, finite=finite, nonfinite=nonfinite)
-    return step
+    return accumulate, apply
   return make
 
 
@@ -54,7 +58,7 @@ def run(tmp_path, monkeypatch):
                                                                    "best_constant_delta1": 0.25})
 
   def go(bad):
-    monkeypatch.setattr(model_state, "make_train_step", bad_steps_step(bad))
+    monkeypatch.setattr(model_state, "make_train_programs", bad_steps_programs(bad))
     workdir = tmp_path / f"run_{bad[0]}_{bad[1]}"
     try:
       return workdir, trainer.train_and_evaluate(config, str(workdir))

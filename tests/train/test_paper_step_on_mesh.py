@@ -7,10 +7,11 @@ trained on the depth and LM losses) is run as
       micro-batch, the CPU program (`make_train_step(..., platform="cpu")` under `jax.jit`);
   (b) the paper program, from the paper_4b preset's stage-2 config: each tower's repeated blocks in
       one `lax.scan`, remat policy `nothing_saveable`, the frozen tower stored in bfloat16
-      (`model.frozen_dtype`), two interleaved micro-batches accumulated by `lax.scan`, parameters
+      (`model.frozen_dtype`), two interleaved micro-batches accumulated in float32, parameters
       FSDP-sharded over the 8-device mesh of the trainer's `config_checks.make_mesh`, jitted by the
-      trainer's `model_state.jit_train_step` and traced for a TPU (`target="tpu"`), run on the 8
-      CPU devices; with the preset's bfloat16 compute, and once with float32 compute;
+      trainer's `model_state.jit_train_programs` (`accumulate` once per micro-batch, then `apply`, as
+      the trainer runs an update) and traced for a TPU (`target="tpu"`), run on the 8 CPU devices;
+      with the preset's bfloat16 compute, and once with float32 compute;
 on one batch of 16 from the input pipeline (synthetic RGB-D scenes, the fixed reply as LM labels,
 bucket 96x128). Both start from the same values: the frozen tower is the bfloat16 rounding of
 random float32 weights and (a) reads those rounded values in float32, so only the compute differs.
@@ -23,8 +24,8 @@ term) and passes as well (measured: worst leaf 2.7e-2 with bfloat16 compute); it
 time (another 35 s of compiling).
 
 Switches decided by the compile target (`sharding.compile_target`) and what (b) runs:
-  * micro-batch loop (`make_train_step`): the accelerators' `lax.scan`, not the CPU's unrolled loop
-    (asserted: while loops in (b), none in (a));
+  * the blocks of each tower: one `lax.scan` in (b), unrolled in (a) (asserted:
+    while loops in (b), none in (a));
   * 3x3 convolutions of the depth head (`depth_head.Conv2d`): autodiff's gradients, not the XLA:CPU
     kernels of `cpu_kernels` (asserted from the source locations of the lowered programs: (a)
     calls them, (b) does not);
@@ -78,8 +79,8 @@ from depthvlm_jax.processing.tokenizer import load_tokenizer
 from depthvlm_jax.runs import freeze
 from depthvlm_jax.runs.model_from_config import build_model, params_like
 from depthvlm_jax.train import config_checks, distributed, model_state
-from depthvlm_jax.train.data import example_specs, to_global
-from depthvlm_jax.train.step import initial_state, make_train_step
+from depthvlm_jax.train.data import example_specs, micro_batches, to_global
+from depthvlm_jax.train.step import initial_state, make_train_step, row_counts
 
 pytestmark = pytest.mark.slow
 
@@ -182,9 +183,11 @@ def reference():
 
 
 def paper_step(stage: int, compute_dtype: str, batch):
-  """(b): the trainer's jitted step of the paper config, traced for a TPU, on the 8-device mesh.
+  """(b): the trainer's jitted programs of the paper config (`accumulate` per micro-batch, then
+  `apply`), traced for a TPU, on the 8-device mesh.
 
-  Returns (Step, the state before and after, the frozen params) for the sharding checks.
+  Returns (Step, the state before and after, the frozen params) for the sharding checks; the Step's
+  program is the lowered `accumulate` (where the model runs).
   """
   c = paper_config(stage, compute_dtype)
   model = paper_model(c)
@@ -199,11 +202,14 @@ def paper_step(stage: int, compute_dtype: str, batch):
   opt_state = jax.jit(OPTIMIZER.init, out_shardings=shardings["opt_state"])(trainable)
   state = {k: v if k in ("params", "opt_state") else jax.device_put(v, shardings[k])
            for k, v in initial_state(trainable, opt_state).items()}
-  step = model_state.jit_train_step(c, model, OPTIMIZER, mesh, shardings, DEPTH_GRID, target="tpu")
-  global_batch = to_global(batch, mesh, distributed.data_shard(mesh, GLOBAL_BATCH))
-  lowered = step.trace(state, frozen, global_batch).lower()
+  programs = model_state.jit_train_programs(c, model, OPTIMIZER, mesh, state_like, DEPTH_GRID, target="tpu")
+  shard = distributed.data_shard(mesh, GLOBAL_BATCH)
+  # the first micro-batch and the batch's denominators exactly as `TrainPrograms.__call__` makes them
+  first = next(micro_batches(batch, mesh, shard, MICRO_BATCHES))
+  counts = to_global(row_counts(batch, DEPTH_GRID, model.config.vision.spatial_merge_size, stage == 2), mesh, shard)
+  lowered = programs.accumulate.trace(state, frozen, programs.zeros(), first, counts).lower()
   before = jax.tree.map(lambda x: x.sharding, state)
-  new_state, metrics = lowered.compile()(state, frozen, global_batch)  # donates `state`
+  new_state, metrics = programs(state, frozen, batch, mesh, shard)  # donates `state`
   start = {p: v for p, v in values.items() if mask[p]}
   return _host_step(start, new_state, metrics, lowered), before, new_state, frozen
 
@@ -246,10 +252,10 @@ def test_paper_step_on_mesh_equals_plain_step(loader_batch, reference, stage, co
   assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, after)) == jax.tree.leaves(before)
   assert {x.dtype for p, x in leaves.items() if p[0] == "frozen"} == {jnp.dtype(jnp.bfloat16)}
 
-  # (b) scans: the micro-batch loop and each tower's blocks (stage 2 also the decoder's backward);
-  # (a) has no loop at all
+  # (b) scans each tower's blocks (stage 2 also the decoder's backward); the micro-batches are the
+  # host's loop over `accumulate` calls; (a) has no loop at all
   loops = got.program.count("stablehlo.while")
-  assert loops >= (4 if stage == 2 else 3), loops
+  assert loops >= (3 if stage == 2 else 2), loops
   assert want.program.count("stablehlo.while") == 0
   # (b) runs the accelerators' code: the TPU resize and none of the XLA:CPU kernels (which (a) has)
   assert "_resize_axis_matmul" in function_names(got.program)

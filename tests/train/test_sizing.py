@@ -63,10 +63,11 @@ def test_batch_that_cannot_split_names_the_nearest_that_can():
 def test_state_that_fits_no_row_count_is_refused_before_work():
   with pytest.raises(sizing.SizingError, match=r"needs 111.8 GiB.*at any row count: it needs at least 9 such devices"):
     sizing.derive(640, 1, 8, memory_bytes=16 * GiB, state_bytes=120e9)
-  # the step holds the whole global batch: 320 rows of 45 MB per device do not fit next to the state
-  with pytest.raises(sizing.SizingError, match=r"share of the batch 13.4 GiB.*at least 9 such devices"):
-    sizing.derive(2560, 1, 8, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=45e6)
-  assert sizing.derive(2560, 1, 64, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=45e6).mesh["fsdp"] == 64
+  # a device holds two micro-batches, not the whole batch: 320 rows of 45 MB per device fit next to the
+  # state as 320 micro-batches of one row; rows so large that two of them do not fit are refused
+  assert sizing.derive(2560, 1, 8, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=45e6).micro_batches == 320
+  with pytest.raises(sizing.SizingError, match=r"2 micro-batches of one row 12.57 GiB.*at least 9 such devices"):
+    sizing.derive(2560, 1, 8, memory_bytes=16 * GiB, state_bytes=9e9, row_bytes=6.75e9)
 
 
 def test_search_rows_bisects_to_the_largest_that_fits():
@@ -182,34 +183,51 @@ def test_auto_search_fits_the_budget_and_a_restart_reads_its_choice(tmp_path):
   config, mesh, first = config_checks.plan_run(_config(global_batch=32, per_device_rows="auto", memory_budget_gib=large))
   assert first.how == "auto" and first.per_device_rows == 4 and first.mesh["fsdp"] == 8
   (tmp_path / "a").mkdir()
-  big, peaks = sizing.settle_auto(config, first, model, mesh, tmp_path / "a")
+  big, peaks, searched = sizing.settle_auto(config, first, model, mesh, tmp_path / "a")
   assert big.per_device_rows == 4 and big.micro_batches == 1 and peaks == {4: big.peak_bytes}
+  # the start-up compiles reuse the program the search compiled for the largest bucket
+  specs = example_specs(config, model.config)
+  (largest,) = searched  # the bucket the search compiles: the largest (the first of equal ones)
+  assert largest == tuple(specs[0].image_size)
+  from depthvlm_jax.runs import freeze
+  from depthvlm_jax.runs.model_from_config import params_like
+  from depthvlm_jax.train import optim
+  from depthvlm_jax.train.model_state import abstract_state
+  optimizer = optim.make_optimizer(optim.learning_rate_schedule(3e-4, 77, 0.1), 1.0, 0.0)  # the run's own
+  trainable, frozen = freeze.split_params(*params_like(config, model, mesh))
+  state = abstract_state(optimizer, trainable, mesh)
+  with CompileCounter() as count:
+    steps = sizing.compile_steps(sizing.with_plan(config, big), model, optimizer, mesh, state, frozen, specs,
+                                 compiled=searched)
+  assert count.compiles == len(specs) - 1 + 1  # the other buckets' `accumulate`, and `apply`
+  assert steps[largest].accumulate is searched[largest]
+  assert sizing.programs_peak_bytes(steps[largest]) == big.peak_bytes
   # a budget just under the 4-row peak
   budget = big.peak_bytes * 0.999
   small_config = _config(global_batch=32, per_device_rows="auto", memory_budget_gib=budget / 0.85 / GiB)
   small_config, mesh, plan = config_checks.plan_run(small_config)
   assert plan.mesh == first.mesh
   (tmp_path / "b").mkdir()
-  small, peaks = sizing.settle_auto(small_config, plan, model, mesh, tmp_path / "b")
+  small, peaks, _ = sizing.settle_auto(small_config, plan, model, mesh, tmp_path / "b")
   assert small.per_device_rows < 4 and small.peak_bytes <= budget
   assert small.per_device_rows * small.micro_batches == 4 and peaks[4] > budget
   assert all(peaks[r] > budget for r in peaks if r > small.per_device_rows)
   # a restart in the same workdir: the cached choice, no compile
   with CompileCounter() as count:
-    again, peaks = sizing.settle_auto(small_config, plan, model, mesh, tmp_path / "b")
+    again, peaks, searched = sizing.settle_auto(small_config, plan, model, mesh, tmp_path / "b")
   assert (again.per_device_rows, again.micro_batches, again.peak_bytes) == (
       small.per_device_rows, small.micro_batches, small.peak_bytes)
-  assert peaks == {} and again.how == "auto (cached)" and count.requests == 0
+  assert peaks == {} and searched == {} and again.how == "auto (cached)" and count.requests == 0
   assert "auto (cached)" in again.line() and "GiB per device" in again.line()
   # other devices or memory: searched again
-  other, peaks = sizing.settle_auto(config, first, model, mesh, tmp_path / "b")
+  other, peaks, _ = sizing.settle_auto(config, first, model, mesh, tmp_path / "b")
   assert peaks and other.how == "auto"
 
 
 @pytest.mark.slow
 def test_every_bucket_compiled_at_start_and_a_restart_loads_them(tmp_path, monkeypatch):
-  """`compile_steps` compiles one step per bucket; with the persistent cache on, a second start
-  (in-memory caches cleared) compiles none of them again."""
+  """`compile_steps` compiles one `accumulate` per bucket and one `apply`; with the persistent cache
+  on, a second start (in-memory caches cleared) compiles none of them again."""
   from depthvlm_jax.runs import freeze
   from depthvlm_jax.runs.model_from_config import params_like
   from depthvlm_jax.train import optim
@@ -233,12 +251,13 @@ def test_every_bucket_compiled_at_start_and_a_restart_loads_them(tmp_path, monke
     with CompileCounter() as cold:
       steps = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
     assert sorted(steps) == sorted(tuple(b) for b in config.data.buckets)
-    assert cold.compiles == len(specs) and cold.hits == 0
+    assert cold.compiles == len(specs) + 1 and cold.hits == 0  # one `accumulate` per bucket, one `apply`
+    assert len({id(p.apply) for p in steps.values()}) == 1
     jax.clear_caches()  # a new process: nothing in memory
     with CompileCounter() as warm:
       again = sizing.compile_steps(config, model, optimizer, mesh, state, frozen, specs)
-    assert warm.compiles == 0 and warm.hits == len(specs)
-    assert all(sizing.peak_bytes(again[b]) == sizing.peak_bytes(steps[b]) for b in steps)
+    assert warm.compiles == 0 and warm.hits == len(specs) + 1
+    assert all(sizing.programs_peak_bytes(again[b]) == sizing.programs_peak_bytes(steps[b]) for b in steps)
   finally:
     for k, v in old.items():
       jax.config.update(k, v)

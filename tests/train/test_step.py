@@ -1,4 +1,5 @@
-"""The train step: stage-1 freezing, accumulation == full batch, NaN guard, sharded == unsharded."""
+"""The train step: stage-1 freezing, accumulation == full batch, the trainer's one-micro-batch-per-call
+programs == the one-program step, NaN guard, sharded == unsharded."""
 
 import functools
 
@@ -14,7 +15,8 @@ from depthvlm_jax.model.inputs import make_model_inputs
 from depthvlm_jax.model.layers import abstract_params
 from depthvlm_jax.train import optim
 from depthvlm_jax.runs import freeze
-from depthvlm_jax.train.step import initial_state, loss_terms, make_train_step, max_supervised_tokens
+from depthvlm_jax.train.step import (initial_state, loss_terms, make_train_programs, make_train_step, max_supervised_tokens,
+                                     row_counts, supervised_depth_images, zero_accumulator)
 from tests.model import hf_reference as ref
 
 GRID = (4, 6)  # patches -> 2x3 tokens -> 64x96 depth
@@ -101,6 +103,55 @@ def test_micro_batches_equal_full_batch(setup, full_batch_sgd_step, micro, unrol
   np.testing.assert_allclose(float(mk["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def run_programs(model, params, rules, batch, micro, with_lm=False, opt=ADAMW):
+  """One update through `make_train_programs` as the trainer runs it: micro-batch i is rows i, i + K, ...
+  of the host batch, the denominators counted on the host."""
+  mask = freeze.trainable_mask(params, rules)
+  trainable, frozen = freeze.split_params(params, mask)
+  state = initial_state(trainable, opt.init(trainable))
+  accumulate, apply = (jax.jit(f) for f in make_train_programs(model, opt, (2, 3), 1.0, with_lm))
+  counts = row_counts(batch, (2, 3), model.config.vision.spatial_merge_size, with_lm)
+  acc = zero_accumulator(trainable)
+  for i in range(micro):
+    micro_batch = {k: v[:, i::micro] if k == "position_ids" else v[i::micro] for k, v in batch.items()}  # (3, B, L)
+    acc = accumulate(state, frozen, acc, micro_batch, counts)
+  state, metrics = apply(state, frozen, acc)
+  return freeze.merge_params(state["params"], frozen), state, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro", [1, 2])
+def test_programs_per_micro_batch_equal_the_one_program_step(setup, full_batch_sgd_step, micro):
+  """The trainer's update (one `accumulate` call per micro-batch, then `apply`) gives the update of
+  the one-program step over the whole batch."""
+  config, model, params = setup
+  batch, full, m1 = full_batch_sgd_step
+  got, _, mk = run_programs(model, params, STAGE2, batch, micro, with_lm=True, opt=SGD)
+  for k in ("loss", "depth_loss", "lm_loss", "depth_images", "lm_tokens"):
+    np.testing.assert_allclose(float(mk[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_row_counts_are_the_step_denominators(setup):
+  """The host's per-row counts sum to the denominators the one-program step computes on the devices,
+  rows without depth, with a grid outside the bucket and with no valid (or only NaN) depth included."""
+  config, model, _ = setup
+  batch = make_batch(config, n=6, seed=7)
+  batch["depth"] = batch["depth"].copy()
+  batch["depth"][1] = 0.0  # no valid pixel
+  batch["depth"][2] = np.nan  # no valid pixel either
+  batch["depth"][3, 40:] = np.nan  # NaN pixels and valid ones
+  batch["image_grid_hw"] = np.asarray([GRID] * 6, np.int32)
+  batch["image_grid_hw"][4] = (8, 6)  # taller than the bucket's (2, 3) tokens
+  counts = row_counts(batch, (2, 3), 2)
+  expected = np.asarray(supervised_depth_images({k: jax.numpy.asarray(v) for k, v in batch.items()}, (2, 3), 2))
+  np.testing.assert_array_equal(counts["depth"], expected.astype(np.int32))
+  assert counts["depth"].tolist() == [1, 0, 0, 1, 0, 0]  # row 5 has no depth (has_depth False)
+  np.testing.assert_array_equal(counts["lm"], (batch["labels"][:, 1:] != -100).sum(1))
+  assert not row_counts(batch, (2, 3), 2, with_lm=False)["lm"].any()
 
 
 @pytest.mark.slow
