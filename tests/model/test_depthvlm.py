@@ -2,6 +2,7 @@
 DPT head); one compilation per image-size bucket."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_scanned_layers_equal_unrolled():
   four compiles; `test_remat_and_bf16_options` takes the DPT head)."""
   import dataclasses
   from depthvlm_jax.model.depthvlm import random_params
-  tiny = Qwen3VLConfig.tiny(vocab_size=512)
+  tiny = Qwen3VLConfig.tiny()  # the full vocabulary: the prompts carry the real Qwen token ids
   config = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, depth=8, deepstack_visual_indexes=(1, 2, 5)),
                                text=dataclasses.replace(tiny.text, num_hidden_layers=8))
   head = DepthHeadConfig.tiny("mlp")
@@ -164,6 +165,8 @@ def test_scanned_layers_equal_unrolled():
 
   run = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
   (_, (logits, depth)), grads = run(params, plain)
+  # finite, so that the comparisons below compare numbers (NaN would equal NaN)
+  assert all(bool(jnp.isfinite(x).all()) for x in [logits, depth, *jax.tree.leaves(grads)])
   # (a remat policy and scan_tail share one compile: each is its own code path)
   for options in (dict(), dict(remat=True),
                   dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable", scan_tail=(1, 1))):
