@@ -62,6 +62,9 @@ def pytest_configure(config):
   # The fast tier, `python -m pytest -q -n 2 --dist loadfile -m "not slow" tests`, leaves these out.
   config.addinivalue_line("markers", "slow: compiles a model, trains, or starts processes (minutes); "
                           "left out by -m 'not slow', always run by CI")
+  # qwix 0.1.8 checks isinstance against flax's deprecated alias on every adapted layer (thousands
+  # of identical warnings per LoRA / int8 test); nothing of ours to change
+  config.addinivalue_line("filterwarnings", "ignore:'VariableState' was removed:DeprecationWarning")
   if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order above
     config.option.loadscopereorder = False
 

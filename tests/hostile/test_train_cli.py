@@ -17,12 +17,7 @@ from tests.hostile.conftest import error_line, run, train
 
 def config(**changes):
   c = ml_collections.ConfigDict(stage1.get_config().to_dict())
-  for dotted, value in changes.items():
-    *path, leaf = dotted.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(changes)  # dotted names, as on the command line
   return c
 
 

@@ -32,12 +32,7 @@ LORA = [f"--config.train.lora_rank={RANK}", "--config.train.lora_alpha=8.0"]
 
 def _config(stage_module, **changes):
   c = ml_collections.ConfigDict(stage_module.get_config().to_dict())
-  for dotted, value in changes.items():
-    *path, leaf = dotted.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(changes)  # dotted names, as on the command line
   return c
 
 
