@@ -12,13 +12,13 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
 from depthvlm_jax.train import distributed
 from tests.train import two_process_data as script
+from tests.train.processes import wait_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEADLINE_S = 240
@@ -65,14 +65,8 @@ def test_two_processes_size_half_each_and_load_the_single_process_batches(tmp_pa
   try:  # the reference meanwhile: one process, every record, the global batch
     single = {name: script.build(tmp_path, name, (0, 1), None) for name in numbers}
     want = {name: script.draw(ds, 2 * script.LOCAL_BATCH, script.STEPS) for name, ds in single.items()}
-    deadline = time.time() + DEADLINE_S
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-      time.sleep(0.2)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    wait_all(procs, DEADLINE_S)
   assert [p.returncode for p in procs] == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
   got = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
   for name in numbers:

@@ -12,7 +12,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from configs import stage1
 from depthvlm_jax.model.depthvlm import random_params
 from depthvlm_jax.train import optim
 from depthvlm_jax.runs import checkpoints, freeze, model_from_config
+from tests.train.processes import wait_all
 
 pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves this file out
 
@@ -58,17 +58,7 @@ def test_stage1_checkpoint_restores_into_stage2_across_two_processes(tmp_path):
   procs = [subprocess.Popen([sys.executable, "-m", "tests.train.two_process_restore", str(run1), str(run2), str(port),
                              str(i)], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
            for i, log in enumerate(logs)]
-  deadline = time.time() + 300
-  try:
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-      if any(p.poll() not in (None, 0) for p in procs):  # the other one would wait on collectives
-        break
-      time.sleep(0.2)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  wait_all(procs, 300)
   outputs = [log.read_text() for log in logs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-4000:]}"
